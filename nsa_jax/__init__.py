@@ -1,0 +1,15 @@
+"""Native Sparse Attention for JAX: compressed, selected and sliding-window attention, gated."""
+
+from nsa_jax import reference
+from nsa_jax.api import (compressed_attention, gate_and_combine, nsa_attention, select_blocks,
+                         selected_attention, sliding_window_attention)
+from nsa_jax.compression import compress
+from nsa_jax.compression import init_params as init_compress_params
+from nsa_jax.config import NSAConfig
+from nsa_jax.metadata import BlockSparseIndices, ReverseBlockMap, reblock, reverse_map
+
+__all__ = [
+    "BlockSparseIndices", "NSAConfig", "ReverseBlockMap", "compress", "compressed_attention",
+    "gate_and_combine", "init_compress_params", "nsa_attention", "reblock", "reference",
+    "reverse_map", "select_blocks", "selected_attention", "sliding_window_attention",
+]

@@ -1,0 +1,199 @@
+"""Public NSA functions: validate inputs, then dispatch on ``implementation``."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from nsa_jax import _checks, metadata, reference, xla
+from nsa_jax.config import NSAConfig
+from nsa_jax.metadata import BlockSparseIndices
+
+
+def _compressed_inputs(q, k_c, v_c=None):
+    _checks.rank("q", q, 4, "[B, T, HQ, D]")
+    _checks.rank("k_c", k_c, 4, "[B, N_c, H, D]")
+    _checks.floating("q", q)
+    _checks.floating("k_c", k_c)
+    arrays = {"q": q, "k_c": k_c}
+    if v_c is not None:
+        _checks.rank("v_c", v_c, 4, "[B, N_c, H, Dv]")
+        _checks.floating("v_c", v_c)
+        arrays["v_c"] = v_c
+        if v_c.shape[:3] != k_c.shape[:3]:
+            raise ValueError(f"k_c and v_c must agree on [B, N_c, H]: k_c {k_c.shape}, v_c {v_c.shape}")
+    _checks.same_dtype(**arrays)
+    if k_c.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k_c {k_c.shape}")
+    if k_c.shape[3] != q.shape[3]:
+        raise ValueError(f"q and k_c must have the same head dim D: q {q.shape}, k_c {k_c.shape}")
+    _checks.heads(q.shape[2], k_c.shape[2])
+
+
+def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, implementation=None,
+                         interpret: bool = False):
+    """Attention of every query over the compressed tokens it may see.
+
+    Args:
+      q: [B, T, HQ, D] queries. k_c, v_c: [B, N_c, H, D] and [B, N_c, H, Dv] from `compress`.
+      config: `NSAConfig`.
+      kv_len: key length S the compressed tokens came from (int or int32[B]); default T. Query t
+        sits at key position t + (S - T).
+      implementation: None, "xla" or "reference" ("triton"/"mosaic" once the kernels land).
+      interpret: run Pallas kernels in interpret mode (ignored by "xla" and "reference").
+
+    Returns:
+      o [B, T, HQ, Dv] in q.dtype (zero where no compressed token is visible) and
+      lse [B, T, HQ] float32 (-inf there).
+    """
+    _checks.config(config)
+    impl = _checks.implementation(implementation)
+    _compressed_inputs(q, k_c, v_c)
+    if impl == "reference":
+        return reference.compressed_attention(q, k_c, v_c, config=config, kv_len=kv_len)
+    B, T = q.shape[:2]
+    S, kv_arr = _checks.kv_len(kv_len, B, T, k_c.shape[1], config, causal=config.causal)
+    if T == 0:
+        return (jnp.zeros((*q.shape[:3], v_c.shape[3]), q.dtype),
+                jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
+    return xla.compressed_attention(q, k_c, v_c, config, S, kv_arr)
+
+
+def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implementation=None,
+                  interpret: bool = False) -> BlockSparseIndices:
+    """Top-n selection blocks per (batch, KV head, query tile), shared by the G heads of a group.
+
+    Args:
+      q: [B, T, HQ, D]. k_c: [B, N_c, H, D].
+      lse: optional [B, T, HQ] log-sum-exp from `compressed_attention`, saving its recomputation.
+      kv_len: as in `compressed_attention`.
+
+    Returns:
+      `BlockSparseIndices` with indices int32[B, H, ceil(T / select_q_tile), num_selected]. Not
+      differentiable (selection is discrete; gradients flow through the compressed branch).
+    """
+    _checks.config(config)
+    impl = _checks.implementation(implementation)
+    _compressed_inputs(q, k_c)
+    B, T, HQ = q.shape[:3]
+    if lse is not None and tuple(getattr(lse, "shape", ())) != (B, T, HQ):
+        raise ValueError(f"lse must have shape [B, T, HQ] = {(B, T, HQ)}, got {getattr(lse, 'shape', lse)}")
+    if impl == "reference":
+        return reference.select_blocks(q, k_c, config=config, lse=lse, kv_len=kv_len)
+    S, kv_arr = _checks.kv_len(kv_len, B, T, k_c.shape[1], config, causal=config.causal)
+    if T == 0:
+        H, n = k_c.shape[2], config.num_selected
+        return BlockSparseIndices(jnp.full((B, H, 0, n), -1, jnp.int32), jnp.zeros((B, H, 0), jnp.int32),
+                                  q_tile=config.select_q_tile, block_size=config.select_block)
+    return xla.select_blocks(q, k_c, config, S, kv_arr, lse)
+
+
+def _selection(sel, B: int, T: int, H: int, config: NSAConfig) -> BlockSparseIndices:
+    if isinstance(sel, BlockSparseIndices):
+        want = (B, H, -(-T // sel.q_tile))
+        if tuple(sel.indices.shape[:3]) != want or tuple(sel.counts.shape) != want:
+            raise ValueError(f"BlockSparseIndices must have indices [B, H, N_tiles, k] and counts "
+                             f"[B, H, N_tiles] with (B, H, N_tiles) = {want} (q_tile={sel.q_tile}), got "
+                             f"indices {sel.indices.shape}, counts {sel.counts.shape}")
+        return sel
+    shape = tuple(getattr(sel, "shape", ()))
+    if len(shape) != 4 or shape[:3] != (B, T, H):
+        raise ValueError(f"per-token indices must have shape [B, T, H, n] with (B, T, H) = "
+                         f"{(B, T, H)}, got {shape or type(sel).__name__}")
+    return metadata.from_per_token(sel, config.select_block)
+
+
+def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
+                       interpret: bool = False):
+    """Attention of each query over the keys of its tile's selected blocks (causal within them).
+
+    Args:
+      q: [B, T, HQ, D], k: [B, S, H, D], v: [B, S, H, Dv].
+      sel: `BlockSparseIndices` (e.g. from `select_blocks`) or per-token int32[B, T, H, n] block
+        ids of size ``config.select_block`` (-1 entries ignored). Used exactly as given.
+
+    Returns:
+      [B, T, HQ, Dv] in q.dtype; a query with no visible selected key gets zeros.
+    """
+    _checks.config(config)
+    impl = _checks.implementation(implementation)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    sel_bsi = _selection(sel, B, T, H, config)
+    if impl == "reference":
+        return reference.selected_attention(q, k, v, sel, config=config)
+    if T == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    return xla.selected_attention(q, k, v, sel_bsi, config)
+
+
+def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
+                             interpret: bool = False):
+    """Sliding-window branch: causal keys t - w < s <= t; non-causal |s - t| < w.
+
+    Returns [B, T, HQ, Dv] in q.dtype; zeros when ``config.window == 0``.
+    """
+    _checks.config(config)
+    impl = _checks.implementation(implementation)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    if impl == "reference":
+        return reference.sliding_window_attention(q, k, v, config=config)
+    if T == 0 or S == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    return xla.sliding_window_attention(q, k, v, config)
+
+
+def gate_and_combine(o_c, o_s, o_w, g=None):
+    """o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa (float32 sum, result in o_c.dtype).
+
+    Args:
+      o_c, o_s, o_w: [B, T, HQ, Dv] branch outputs.
+      g: [B, T, HQ, 3] gates in [0, 1] (order: compressed, selected, window); None = 1/3 each.
+    """
+    for name, o in (("o_c", o_c), ("o_s", o_s), ("o_w", o_w)):
+        _checks.rank(name, o, 4, "[B, T, HQ, Dv]")
+        _checks.floating(name, o)
+    if not (o_c.shape == o_s.shape == o_w.shape):
+        raise ValueError(f"branch outputs must share one shape: o_c {o_c.shape}, o_s {o_s.shape}, "
+                         f"o_w {o_w.shape}")
+    _checks.gates(g, *o_c.shape[:3])
+    f32 = jnp.float32
+    if g is None:
+        out = (o_c.astype(f32) + o_s.astype(f32) + o_w.astype(f32)) / 3.0
+    else:
+        g = g.astype(f32)
+        out = g[..., 0:1] * o_c.astype(f32) + g[..., 1:2] * o_s.astype(f32) + g[..., 2:3] * o_w.astype(f32)
+    return out.astype(o_c.dtype)
+
+
+def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None,
+                  implementation=None, interpret: bool = False):
+    """Native Sparse Attention: compressed, selected and sliding-window branches, gated.
+
+    Args:
+      q: [B, T, HQ, D] queries; k: [B, S, H, D] keys; v: [B, S, H, Dv] values (S >= T if causal;
+        query t sits at key position t + S - T).
+      g: [B, T, HQ, 3] gates (compressed, selected, window) or None for 1/3 each.
+      config: `NSAConfig`.
+      segment_ids: packed sequences; not supported yet (raises NotImplementedError if given).
+      compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
+      implementation: None (fastest available; "xla" until the Pallas kernels land), "xla",
+        "reference", "triton" or "mosaic".
+      interpret: run Pallas kernels in interpret mode.
+
+    Returns:
+      [B, T, HQ, Dv] in q.dtype. Differentiable in q, k, v, g and compress_params.
+    """
+    _checks.config(config)
+    impl = _checks.implementation(implementation)
+    _checks.segment_ids(segment_ids)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    _checks.gates(g, B, T, HQ)
+    if impl == "reference":
+        return reference.nsa_attention(q, k, v, g, config=config, compress_params=compress_params)
+    from nsa_jax.compression import compress
+    k_c, v_c = compress(k, v, config=config, params=compress_params)
+    kw = dict(config=config, implementation=impl, interpret=interpret)
+    o_c, lse_c = compressed_attention(q, k_c, v_c, kv_len=S, **kw)
+    sel = select_blocks(q, k_c, lse=lse_c, kv_len=S, **kw)
+    o_s = selected_attention(q, k, v, sel, **kw)
+    o_w = sliding_window_attention(q, k, v, **kw)
+    return gate_and_combine(o_c, o_s, o_w, g)

@@ -1,0 +1,131 @@
+"""Compact block-sparse metadata (DESIGN.md §4): the contract between selection and kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import _checks
+
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockSparseIndices:
+    """Selected KV blocks per (batch, KV head, query tile).
+
+    Attributes:
+      indices: int32[B, H, N_tiles, k], block ids sorted ascending, unique, -1 after ``counts``.
+      counts: int32[B, H, N_tiles], valid entries per row.
+      q_tile: queries per tile (1 = per-token selection); static.
+      block_size: keys per block the ids refer to; static.
+    """
+
+    indices: jax.Array
+    counts: jax.Array
+    q_tile: int = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_tiles(self) -> int:
+        return self.indices.shape[2]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ReverseBlockMap:
+    """For each KV block, the query tiles that selected it (compressed-row layout, O(T) memory).
+
+    Attributes:
+      tiles: int32[B, H, N_tiles * k], query tile ids grouped by KV block (ascending within a
+        block), -1 at the end for unused slots.
+      offsets: int32[B, H, N_kv + 1], block ``j`` owns ``tiles[..., offsets[j]:offsets[j+1]]``.
+      q_tile, block_size: as in `BlockSparseIndices`; static.
+    """
+
+    tiles: jax.Array
+    offsets: jax.Array
+    q_tile: int = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def counts(self) -> jax.Array:
+        return jnp.diff(self.offsets, axis=-1)
+
+
+def compact(ids, valid):
+    """Sorts ``ids`` [..., m] ascending, drops invalid entries and duplicates, pads with -1.
+
+    Returns (indices [..., m], counts [...]).
+    """
+    s = jnp.sort(jnp.where(valid, ids, _BIG), axis=-1)
+    dup = s[..., 1:] == s[..., :-1]
+    s = jnp.concatenate([s[..., :1], jnp.where(dup, _BIG, s[..., 1:])], axis=-1)
+    s = jnp.sort(s, axis=-1)
+    kept = s < _BIG
+    return jnp.where(kept, s, -1).astype(jnp.int32), kept.sum(-1, dtype=jnp.int32)
+
+
+def from_per_token(indices, block_size: int) -> BlockSparseIndices:
+    """Per-token indices int32[B, T, H, n] (PyTorch layout, -1 anywhere) -> q_tile = 1 metadata."""
+    _checks.rank("indices", indices, 4, "[B, T, H, n]")
+    if not jnp.issubdtype(indices.dtype, jnp.integer):
+        raise TypeError(f"indices.dtype={indices.dtype} must be an integer type")
+    ids = jnp.moveaxis(jnp.asarray(indices, jnp.int32), 1, 2)  # [B, H, T, n]
+    ids, counts = compact(ids, ids >= 0)
+    return BlockSparseIndices(ids, counts, q_tile=1, block_size=block_size)
+
+
+def expand(sel: BlockSparseIndices, block_k: int) -> BlockSparseIndices:
+    """Re-blocks to smaller KV tiles: each block becomes ``block_size // block_k`` consecutive ids."""
+    if sel.block_size % block_k:
+        raise ValueError(f"block_k={block_k} must divide block_size={sel.block_size}")
+    r = sel.block_size // block_k
+    ids = sel.indices[..., None] * r + jnp.arange(r, dtype=jnp.int32)  # [B, H, N_tiles, k, r]
+    ids = jnp.where(sel.indices[..., None] >= 0, ids, -1)
+    ids = ids.reshape(*sel.indices.shape[:-1], -1)
+    # Rows are sorted with -1 last, so expanded rows stay sorted with -1 last.
+    return BlockSparseIndices(ids, sel.counts * r, q_tile=sel.q_tile, block_size=block_k)
+
+
+def contract(sel: BlockSparseIndices, block_k: int, num_kv_blocks: int | None = None) -> BlockSparseIndices:
+    """Re-blocks to larger KV tiles: ids map to ``id * block_size // block_k``, deduplicated.
+
+    The last dimension is bounded statically by min(k, num_kv_blocks) when ``num_kv_blocks`` (the
+    number of ``block_k`` tiles in the sequence) is given.
+    """
+    if block_k % sel.block_size:
+        raise ValueError(f"block_k={block_k} must be a multiple of block_size={sel.block_size}")
+    k = sel.indices.shape[-1]
+    ids, counts = compact(sel.indices * sel.block_size // block_k, sel.indices >= 0)
+    if num_kv_blocks is not None and num_kv_blocks < k:
+        ids = ids[..., :num_kv_blocks]
+    return BlockSparseIndices(ids, counts, q_tile=sel.q_tile, block_size=block_k)
+
+
+def reblock(sel: BlockSparseIndices, block_k: int, num_kv_blocks: int | None = None) -> BlockSparseIndices:
+    """Expansion or contraction, whichever ``block_k`` needs; identity when it equals block_size."""
+    if block_k == sel.block_size:
+        return sel
+    if block_k < sel.block_size:
+        return expand(sel, block_k)
+    return contract(sel, block_k, num_kv_blocks)
+
+
+def reverse_map(sel: BlockSparseIndices, num_kv_blocks: int) -> ReverseBlockMap:
+    """The query tiles that selected each KV block, for deterministic dK/dV without atomics."""
+    B, H, N_tiles, k = sel.indices.shape
+    blocks = sel.indices.reshape(B, H, N_tiles * k)
+    key = jnp.where(blocks >= 0, blocks, num_kv_blocks)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    tile_of_slot = jnp.repeat(jnp.arange(N_tiles, dtype=jnp.int32), k)
+    sorted_key = jnp.take_along_axis(key, order, axis=-1)
+    tiles = jnp.where(sorted_key < num_kv_blocks, tile_of_slot[order], -1)
+    edges = jnp.arange(num_kv_blocks + 1, dtype=key.dtype)
+    search = jax.vmap(jax.vmap(lambda a: jnp.searchsorted(a, edges, side="left")))
+    offsets = search(sorted_key).astype(jnp.int32)
+    return ReverseBlockMap(tiles.astype(jnp.int32), offsets, q_tile=sel.q_tile,
+                           block_size=sel.block_size)

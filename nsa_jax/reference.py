@@ -1,0 +1,261 @@
+"""Dense jnp reference for every NSA piece and their composition (DESIGN.md §3).
+
+Written for clarity, not speed: float32 throughout, ``precision=HIGHEST``, and masks over the full
+[T, S] (or [T, N_c]) grid built straight from the rules in DESIGN.md. Every other implementation
+is tested against these functions; they share no code with them beyond input validation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nsa_jax import _checks
+from nsa_jax.compression import check_params
+from nsa_jax.config import NSAConfig
+from nsa_jax.metadata import BlockSparseIndices
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _f32(*xs):
+    return tuple(jnp.asarray(x, jnp.float32) for x in xs)
+
+
+def _positions(B: int, T: int, S, kv_len=None):
+    """[B, T] key position of each query: t + (S - T)."""
+    t = jnp.arange(T)[None, :]
+    if kv_len is None:
+        return jnp.broadcast_to(t + (S - T), (B, T))
+    return t + (jnp.asarray(kv_len)[:, None] - T)
+
+
+def _softmax_attend(logits, mask, v):
+    """logits [B, H, G, T, L] masked by ``mask``; v [B, H, L, Dv] -> (o, lse, probabilities)."""
+    s = jnp.where(mask, logits, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True, initial=-jnp.inf))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(s - m)
+    denom = e.sum(-1, keepdims=True)
+    has_key = denom > 0
+    denom = jnp.where(has_key, denom, 1.0)
+    p = e / denom
+    o = jnp.einsum("bhgtl,bhlv->bhgtv", p, v, precision=_HI)
+    lse = jnp.where(has_key, m + jnp.log(denom), -jnp.inf)[..., 0]
+    return o, lse, p
+
+
+def _to_heads(q, H: int):
+    """[B, T, HQ, D] -> [B, H, G, T, D]."""
+    B, T, HQ, D = q.shape
+    return q.reshape(B, T, H, HQ // H, D).transpose(0, 2, 3, 1, 4)
+
+
+def _from_heads(o):
+    B, H, G, T, Dv = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * G, Dv)
+
+
+def compress(k, v, *, config: NSAConfig, params=None):
+    """Reference compression: gathers each block of keys by explicit indices, then applies phi."""
+    _checks.config(config)
+    B, S, H, D = k.shape
+    Dv = v.shape[3]
+    check_params(config, params, H, D, Dv)
+    l, d = config.compress_block, config.compress_stride
+    N_c = config.num_compressed(S)
+    idx = np.arange(N_c)[:, None] * d + np.arange(l)[None, :]  # [N_c, l]
+    out = []
+    for x, which in ((k, "k"), (v, "v")):
+        blocks = jnp.asarray(x, jnp.float32)[:, idx]  # [B, N_c, l, H, E]
+        mean = blocks.sum(axis=2) / l
+        if config.compress_method == "mean":
+            y = mean
+        elif config.compress_method == "linear":
+            w = jnp.asarray(params[f"w_{which}"], jnp.float32)  # [H, E, E]
+            y = jnp.einsum("bnhe,hef->bnhf", mean, w, precision=_HI)
+        else:
+            p = {n: jnp.asarray(params[f"{n}_{which}"], jnp.float32)
+                 for n in ("pos", "w1", "b1", "w2", "b2")}
+            E = x.shape[3]
+            w1 = p["w1"].reshape(l, E, E)  # flattened (position, feature) input
+            h = jnp.einsum("bnlhe,lef->bnhf", blocks + p["pos"][:, None, :], w1, precision=_HI)
+            h = jax.nn.gelu(h + p["b1"])
+            y = mean + jnp.einsum("bnhe,ef->bnhf", h, p["w2"], precision=_HI) + p["b2"]
+        out.append(y.astype(x.dtype))
+    return tuple(out)
+
+
+def _compressed(q, k_c, v_c, config: NSAConfig, S, kv_len):
+    """Dense compressed branch: (o [B, H, G, T, Dv], lse [B, H, G, T], p [B, H, G, T, N_c])."""
+    B, T, HQ, D = q.shape
+    N_c, H = k_c.shape[1], k_c.shape[2]
+    q, k_c, v_c = _f32(q, k_c, v_c)
+    logits = jnp.einsum("bhgtd,bnhd->bhgtn", _to_heads(q, H), k_c,
+                        precision=_HI) * config.softmax_scale(D)
+    i = jnp.arange(N_c)
+    first_key = i * config.compress_stride
+    last_key = first_key + config.compress_block - 1
+    pos = _positions(B, T, S, kv_len)  # [B, T]
+    if config.causal:
+        visible = last_key[None, None, :] <= pos[:, :, None]  # [B, T, N_c]
+    else:
+        length = jnp.full((B,), S) if kv_len is None else jnp.asarray(kv_len)
+        visible = jnp.broadcast_to(last_key[None, None, :] < length[:, None, None], (B, T, N_c))
+    return _softmax_attend(logits, visible[:, None, None], v_c.transpose(0, 2, 1, 3))
+
+
+def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None):
+    """Reference compressed branch: (o [B, T, HQ, Dv] in q.dtype, lse [B, T, HQ] float32)."""
+    S, kv_arr = _checks.kv_len(kv_len, q.shape[0], q.shape[1], k_c.shape[1], config,
+                               causal=config.causal)
+    o, lse, _ = _compressed(q, k_c, v_c, config, S, kv_arr)
+    return _from_heads(o).astype(q.dtype), _from_heads(lse[..., None])[..., 0]
+
+
+def overlap_weights(config: NSAConfig, N_c: int, N_s: int) -> np.ndarray:
+    """W[i, j] = |keys(i) ∩ block j| / l, straight from the definition of the block score."""
+    l, d, ls = config.compress_block, config.compress_stride, config.select_block
+    W = np.zeros((N_c, N_s), np.float32)
+    for i in range(N_c):
+        for j in range(N_s):
+            lo = max(i * d, j * ls)
+            hi = min(i * d + l, (j + 1) * ls)
+            W[i, j] = max(0, hi - lo) / l
+    return W
+
+
+def block_scores(q, k_c, *, config: NSAConfig, kv_len=None):
+    """Selection scores [B, H, N_tiles, N_s]: compressed probability mass on each block's keys,
+    summed over the G heads of a KV head and the queries of a tile (padding rows excluded)."""
+    B, T, HQ, D = q.shape
+    N_c, H = k_c.shape[1], k_c.shape[2]
+    S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
+    N_s = -(-S // config.select_block)
+    qt = config.select_q_tile
+    N_tiles = -(-T // qt)
+    _, _, p = _compressed(q, k_c, k_c[..., :1], config, S, kv_arr)  # p [B, H, G, T, N_c]
+    W = jnp.asarray(overlap_weights(config, N_c, N_s))
+    per_token = jnp.einsum("bhgtn,ns->bhts", p, W, precision=_HI)  # summed over G
+    tile_of_t = jnp.arange(T) // qt
+    one_hot_tiles = (tile_of_t[:, None] == jnp.arange(N_tiles)[None, :]).astype(jnp.float32)
+    return jnp.einsum("bhts,tu->bhus", per_token, one_hot_tiles, precision=_HI)
+
+
+def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int):
+    """Eligible and forced blocks [B, N_tiles, N_s] for each query tile."""
+    qt, ls = config.select_q_tile, config.select_block
+    N_tiles = -(-T // qt)
+    pos = _positions(B, T, S, kv_len)
+    first = pos[:, ::qt][:, :N_tiles]  # [B, N_tiles] position of a tile's first query
+    last = pos[:, jnp.minimum(jnp.arange(N_tiles) * qt + qt - 1, T - 1)]
+    j = jnp.arange(N_s)[None, None, :]
+    length = jnp.full((B,), S) if kv_len is None else jnp.asarray(kv_len)
+    exists = j * ls < length[:, None, None]
+    eligible = exists & ((j * ls <= last[..., None]) if config.causal else True)
+    forced = j < config.num_initial
+    if config.num_local >= 1:
+        overlaps_tile = (j >= first[..., None] // ls) & (j <= last[..., None] // ls)
+        just_before = (j < first[..., None] // ls) & (j >= first[..., None] // ls - (config.num_local - 1))
+        forced = forced | overlaps_tile | just_before
+    return eligible, forced & eligible
+
+
+def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None) -> BlockSparseIndices:
+    """Reference selection: stable descending sort of (forced, score), lower block id on ties.
+
+    ``lse`` is accepted for signature parity; the reference recomputes the probabilities.
+    """
+    del lse
+    B, T, HQ, D = q.shape
+    N_c = k_c.shape[1]
+    S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
+    N_s = -(-S // config.select_block)
+    n = config.num_selected
+    scores = jax.lax.stop_gradient(block_scores(q, k_c, config=config, kv_len=kv_len))
+    eligible, forced = _selection_rules(B, T, S, kv_arr, config, N_s)
+    key = jnp.where(forced[:, None], jnp.inf, jnp.where(eligible[:, None], scores, -jnp.inf))
+    order = jnp.argsort(-key, axis=-1, stable=True)[..., :n]  # [B, H, N_tiles, <=n]
+    chosen = jnp.take_along_axis(key, order, axis=-1) > -jnp.inf
+    ids = jnp.sort(jnp.where(chosen, order, N_s), axis=-1)
+    ids = jnp.where(ids < N_s, ids, -1)
+    if ids.shape[-1] < n:
+        ids = jnp.pad(ids, [(0, 0)] * 3 + [(0, n - ids.shape[-1])], constant_values=-1)
+    return BlockSparseIndices(ids.astype(jnp.int32), chosen.sum(-1).astype(jnp.int32),
+                              q_tile=config.select_q_tile, block_size=config.select_block)
+
+
+def selected_token_mask(sel, B: int, T: int, S: int, H: int, block_size: int):
+    """bool [B, H, T, S]: key s belongs to a block selected for query t (no causal rule)."""
+    if isinstance(sel, BlockSparseIndices):
+        ids, block_size = sel.indices, sel.block_size  # [B, H, N_tiles, k]
+        tile_of_t = jnp.arange(T) // sel.q_tile
+        ids = ids[:, :, tile_of_t]  # [B, H, T, k]
+    else:
+        ids = jnp.moveaxis(jnp.asarray(sel), 1, 2)  # [B, T, H, n] -> [B, H, T, n]
+    block_of_s = jnp.arange(S) // block_size
+    return (ids[..., None] == block_of_s).any(axis=-2)  # -1 never matches
+
+
+def _dense_branch(q, k, v, mask, config: NSAConfig):
+    """Attention of q over k, v under a dense [B, H or 1, T, S] mask -> [B, T, HQ, Dv]."""
+    H = k.shape[2]
+    qf, kf, vf = _f32(q, k, v)
+    logits = jnp.einsum("bhgtd,bshd->bhgts", _to_heads(qf, H), kf,
+                        precision=_HI) * config.softmax_scale(q.shape[-1])
+    o, _, _ = _softmax_attend(logits, mask[:, :, None], vf.transpose(0, 2, 1, 3))
+    return _from_heads(o).astype(q.dtype)
+
+
+def _causal_mask(T: int, S: int):
+    pos = jnp.arange(T)[:, None] + (S - T)
+    return pos >= jnp.arange(S)[None, :]
+
+
+def selected_attention(q, k, v, sel, *, config: NSAConfig):
+    """Reference selected branch; ``sel`` is `BlockSparseIndices` or per-token int32[B, T, H, n]."""
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    mask = selected_token_mask(sel, B, T, S, H, config.select_block)
+    if config.causal:
+        mask = mask & _causal_mask(T, S)
+    return _dense_branch(q, k, v, mask, config)
+
+
+def sliding_window_attention(q, k, v, *, config: NSAConfig):
+    """Reference window branch: causal keys t - w < s <= t, non-causal |s - t| < w."""
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    if config.window == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    diff = (jnp.arange(T)[:, None] + (S - T)) - jnp.arange(S)[None, :]
+    if config.causal:
+        mask = (diff >= 0) & (diff < config.window)
+    else:
+        mask = jnp.abs(diff) < config.window
+    return _dense_branch(q, k, v, mask[None, None], config)
+
+
+def gate_and_combine(o_c, o_s, o_w, g=None):
+    """o = g_cmp * o_cmp + g_slc * o_slc + g_swa * o_swa; g=None weighs each branch 1/3."""
+    branches = jnp.stack(_f32(o_c, o_s, o_w), axis=-1)  # [B, T, HQ, Dv, 3]
+    if g is None:
+        weights = jnp.full((3,), 1.0 / 3.0)
+        out = jnp.einsum("bthvc,c->bthv", branches, weights, precision=_HI)
+    else:
+        out = jnp.einsum("bthvc,bthc->bthv", branches, jnp.asarray(g, jnp.float32), precision=_HI)
+    return out.astype(o_c.dtype)
+
+
+def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None):
+    """Reference NSA: compress, compressed branch, top-n selection, selected and window branches,
+    gated sum."""
+    _checks.config(config)
+    _checks.segment_ids(segment_ids)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    _checks.gates(g, B, T, HQ)
+    k_c, v_c = compress(k, v, config=config, params=compress_params)
+    o_c, lse_c = compressed_attention(q, k_c, v_c, config=config, kv_len=S)
+    sel = select_blocks(q, k_c, config=config, lse=lse_c, kv_len=S)
+    o_s = selected_attention(q, k, v, sel, config=config)
+    o_w = sliding_window_attention(q, k, v, config=config)
+    return gate_and_combine(o_c, o_s, o_w, g)

@@ -1,0 +1,319 @@
+"""The "xla" implementation: tiled, never dense. Peak memory grows O(T) for a fixed config.
+
+Every branch walks query tiles with `lax.map`, scores each tile against only the keys it may see
+(all compressed tokens, a gather of the selected blocks, or a band of the window) and runs the
+shared masked-softmax core `attend`. Tile bodies are rematerialised in the backward pass, so
+gradients keep the same memory bound.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from nsa_jax.config import NSAConfig
+from nsa_jax.metadata import BlockSparseIndices, compact
+
+# Query rows (tile size times tiles per step) one loop step handles.
+ROWS_PER_STEP = 64
+
+
+def precision_for(dtype):
+    """float32 inputs get float32 products (no TF32 on GPU); half inputs use the matrix units."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def attend(q, k, v, mask, scale: float):
+    """Masked softmax attention with float32 statistics.
+
+    Args:
+      q: [X, G, M, D] query rows (G heads sharing the keys).
+      k: [X, L, D] keys; v: [X, L, Dv] values.
+      mask: bool, broadcastable to [X, G, M, L].
+
+    Returns:
+      o [X, G, M, Dv] float32 (zero for rows without a visible key) and lse [X, G, M] float32
+      (-inf for those rows).
+    """
+    prec = precision_for(q.dtype)
+    s = jnp.einsum("xgmd,xld->xgml", q, k, precision=prec,
+                   preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, -jnp.inf)
+    m = lax.stop_gradient(jnp.max(s, axis=-1, initial=-jnp.inf))  # [X, G, M]
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    l = p.sum(-1)
+    l_safe = jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("xgml,xlv->xgmv", p.astype(v.dtype), v, precision=prec,
+                   preferred_element_type=jnp.float32) / l_safe[..., None]
+    lse = jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf)
+    return o, lse
+
+
+def query_positions(B: int, T: int, S, kv_len=None):
+    """Key position of each query: t + (S - T), per batch row when ``kv_len`` is int32[B]."""
+    t = jnp.arange(T, dtype=jnp.int32)[None, :]
+    if kv_len is None:
+        return jnp.broadcast_to(t + (S - T), (B, T))
+    return t + (kv_len[:, None] - T)
+
+
+def _tiles(x, tile: int, axis: int):
+    """Splits ``axis`` into [n, tile] (zero padded) and moves n to the front."""
+    n = -(-x.shape[axis] // tile)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, n * tile - x.shape[axis])
+    x = jnp.pad(x, pad)
+    x = x.reshape(*x.shape[:axis], n, tile, *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _untile(x, axis: int, length: int):
+    """Inverse of `_tiles`: [n, ..., tile, ...] with the tile at ``axis`` (counted without n)."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+    return lax.slice_in_dim(x, 0, length, axis=axis)
+
+
+def _grouped(q, H: int):
+    """[B, T, HQ, D] -> [B, H, G, T, D]; query head h uses KV head h // G."""
+    B, T, HQ, D = q.shape
+    return q.reshape(B, T, H, HQ // H, D).transpose(0, 2, 3, 1, 4)
+
+
+def _ungrouped(o):
+    """[B, H, G, T, Dv] -> [B, T, HQ, Dv]."""
+    B, H, G, T, Dv = o.shape
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * G, Dv)
+
+
+def _map_tiles(body, *xs):
+    return lax.map(jax.checkpoint(body), xs)
+
+
+def compressed_visible(pos, N_c: int, cfg: NSAConfig, kv_len=None):
+    """[B, M] positions -> bool [B, M, N_c]: compressed token i is visible to the query at pos."""
+    last = jnp.arange(N_c, dtype=jnp.int32) * cfg.compress_stride + cfg.compress_block - 1
+    if cfg.causal:
+        return last[None, None, :] <= pos[:, :, None]
+    if kv_len is None:
+        return jnp.ones((*pos.shape, N_c), bool)
+    return jnp.broadcast_to(last[None, None, :] < kv_len[:, None, None], (*pos.shape, N_c))
+
+
+def _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len):
+    """Logits of a tile of grouped queries [B, H, G, M, D] against kc [B, H, N_c, D]."""
+    B, H, G, M, D = q_tile.shape
+    N_c = kc.shape[2]
+    vis = compressed_visible(pos_tile, N_c, cfg, kv_len)  # [B, M, N_c]
+    mask = jnp.broadcast_to(vis[:, None, None], (B, H, 1, M, N_c)).reshape(B * H, 1, M, N_c)
+    return q_tile.reshape(B * H, G, M, D), kc.reshape(B * H, N_c, D), mask
+
+
+def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None):
+    B, T, HQ, D = q.shape
+    H, N_c, Dv = k_c.shape[2], k_c.shape[1], v_c.shape[3]
+    scale = cfg.softmax_scale(D)
+    pos = query_positions(B, T, S, kv_len)
+    kc = k_c.transpose(0, 2, 1, 3)  # [B, H, N_c, D]
+    vc = v_c.transpose(0, 2, 1, 3).reshape(B * H, N_c, Dv)
+    tile = min(ROWS_PER_STEP, T)
+
+    def body(args):
+        q_tile, pos_tile = args  # [B, H, G, tile, D], [B, tile]
+        qx, kx, mask = _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len)
+        o, lse = attend(qx, kx, vc, mask, scale)
+        G = q_tile.shape[2]
+        return o.reshape(B, H, G, tile, Dv), lse.reshape(B, H, G, tile)
+
+    o, lse = _map_tiles(body, _tiles(_grouped(q, H), tile, 3), _tiles(pos, tile, 1))
+    o = _ungrouped(_untile(o, 3, T))
+    lse = _untile(lse, 3, T)  # [B, H, G, T]
+    return o.astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(B, T, HQ)
+
+
+def block_scores_from_probs(p, cfg: NSAConfig, N_s: int):
+    """Compressed probabilities [..., N_c] -> selection-block scores [..., N_s].
+
+    Compressed token i covers r = l / d stride chunks i .. i + r - 1 of d keys each; every chunk
+    lies inside one selection block because l' is a multiple of d. So each chunk receives 1 / r of
+    the token's probability, and a block's score is the sum over its l' / d chunks.
+    """
+    l, d, ls = cfg.compress_block, cfg.compress_stride, cfg.select_block
+    r, per_block = l // d, ls // d
+    N_c = p.shape[-1]
+    n_chunks = N_s * per_block
+    lead = p.shape[:-1]
+    chunks = jnp.zeros((*lead, max(n_chunks, N_c + r - 1)), jnp.float32)
+    for m in range(r):
+        chunks = chunks.at[..., m: m + N_c].add(p / r)
+    return chunks[..., :n_chunks].reshape(*lead, N_s, per_block).sum(-1)
+
+
+def selection_masks(tile_first, tile_last, N_s: int, cfg: NSAConfig, kv_len_blocks):
+    """Eligible and forced blocks for tiles spanning key positions [tile_first, tile_last].
+
+    Args:
+      tile_first, tile_last: int32[B, C] positions of each tile's first and last query.
+      kv_len_blocks: int32[B, 1, 1], number of blocks holding keys (ceil(S / l')).
+
+    Returns:
+      (eligible, forced) bool [B, C, N_s].
+    """
+    ls = cfg.select_block
+    j = jnp.arange(N_s, dtype=jnp.int32)[None, None, :]
+    eligible = j < kv_len_blocks
+    if cfg.causal:
+        eligible &= j * ls <= tile_last[..., None]
+    forced = j < cfg.num_initial
+    if cfg.num_local >= 1:
+        first_blk = (tile_first // ls)[..., None]
+        last_blk = (tile_last // ls)[..., None]
+        forced |= (j >= first_blk - (cfg.num_local - 1)) & (j <= last_blk)
+    return eligible, forced & eligible
+
+
+def top_blocks(scores, eligible, forced, n: int):
+    """Top-n eligible blocks (forced first, ties to the lower id) -> sorted ids and counts."""
+    key = jnp.where(forced, jnp.inf, jnp.where(eligible, scores, -jnp.inf))
+    if key.shape[-1] < n:
+        key = jnp.pad(key, [(0, 0)] * (key.ndim - 1) + [(0, n - key.shape[-1])],
+                      constant_values=-jnp.inf)
+    vals, ids = lax.top_k(key, n)
+    return compact(ids.astype(jnp.int32), vals > -jnp.inf)
+
+
+def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
+    B, T, HQ, D = q.shape
+    H, N_c = k_c.shape[2], k_c.shape[1]
+    G = HQ // H
+    qt, ls = cfg.select_q_tile, cfg.select_block
+    N_s = -(-S // ls)
+    N_tiles = -(-T // qt)
+    C = max(1, ROWS_PER_STEP // qt)  # tiles per loop step
+    scale = cfg.softmax_scale(D)
+    pos = query_positions(B, T, S, kv_len)
+    kv_blocks = (jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len)
+    kv_blocks = (-(-kv_blocks // ls))[:, None, None]
+    kc = lax.stop_gradient(k_c).transpose(0, 2, 1, 3)  # [B, H, N_c, D]
+    qg = _grouped(lax.stop_gradient(q), H)  # [B, H, G, T, D]
+    # Rows past T are padding; they must not add to their tile's score.
+    real = jnp.arange(N_tiles * qt) < T
+    if lse is None:
+        lse_g = None
+    else:
+        lse_g = lax.stop_gradient(lse).reshape(B, T, H, G).transpose(0, 2, 3, 1)  # [B, H, G, T]
+    tile_first = jnp.arange(N_tiles, dtype=jnp.int32) * qt
+    tile_last = jnp.minimum(tile_first + qt - 1, T - 1)
+    offset = pos[:, :1]  # [B, 1]
+
+    def body(args):
+        q_c, pos_c, real_c, first_c, last_c = args[:5]
+        # q_c [B, H, G, C*qt, D], pos_c [B, C*qt], real_c [C*qt], first_c/last_c [C]
+        qx, kx, mask = _compressed_scores(q_c, kc, pos_c, cfg, scale, kv_len)
+        s = jnp.einsum("xgmd,xnd->xgmn", qx, kx, precision=precision_for(q.dtype),
+                       preferred_element_type=jnp.float32) * scale
+        s = jnp.where(mask, s, -jnp.inf)
+        if lse_g is None:
+            lse_c = jax.nn.logsumexp(s, axis=-1, keepdims=True)
+        else:
+            lse_c = args[5].reshape(B * H, G, -1)[..., None]
+        p = jnp.where(mask & jnp.isfinite(lse_c), jnp.exp(s - jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)), 0.0)
+        p = jnp.where(real_c[None, None, :, None], p, 0.0)
+        p = p.reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))  # [B, H, C, N_c]
+        scores = block_scores_from_probs(p, cfg, N_s)  # [B, H, C, N_s]
+        eligible, forced = selection_masks(first_c[None] + offset, last_c[None] + offset, N_s, cfg,
+                                           kv_blocks)  # [B, C, N_s]
+        return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected)
+
+    rows = C * qt
+    xs = [_tiles(qg, rows, 3), _tiles(pos, rows, 1), _tiles(real, rows, 0),
+          _tiles(tile_first, C, 0), _tiles(tile_last, C, 0)]
+    if lse_g is not None:
+        xs.append(_tiles(lse_g, rows, 3))
+    idx, cnt = lax.map(body, tuple(xs))  # [n, B, H, C, n_sel], [n, B, H, C]
+    idx = _untile(idx, 2, N_tiles)
+    cnt = _untile(cnt, 2, N_tiles)
+    return BlockSparseIndices(idx, cnt, q_tile=qt, block_size=ls)
+
+
+def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig):
+    B, T, HQ, D = q.shape
+    S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
+    G = HQ // H
+    qt, bs = sel.q_tile, sel.block_size
+    N_tiles, n_sel = sel.indices.shape[2], sel.indices.shape[3]
+    C = max(1, ROWS_PER_STEP // qt)
+    L = n_sel * bs
+    scale = cfg.softmax_scale(D)
+    pos = query_positions(B, T, S)
+    kh = k.transpose(0, 2, 1, 3)  # [B, H, S, D]
+    vh = v.transpose(0, 2, 1, 3)
+    # Queries padded up to whole tiles (and whole steps of C tiles).
+    qg = _grouped(q, H)  # [B, H, G, T, D]
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, N_tiles * qt - T), (0, 0)))
+    qg = qg.reshape(B, H, G, N_tiles, qt, D).transpose(0, 1, 3, 2, 4, 5)  # [B, H, N_tiles, G, qt, D]
+    pos = jnp.pad(pos, ((0, 0), (0, N_tiles * qt - T)), constant_values=-1)
+    pos = pos.reshape(B, N_tiles, qt)
+    offs = jnp.arange(bs, dtype=jnp.int32)
+
+    def body(args):
+        q_c, pos_c, ids_c = args  # [B, H, C, G, qt, D], [B, C, qt], [B, H, C, n_sel]
+        s_pos = (ids_c[..., None] * bs + offs).reshape(B, H, C * L)  # key positions
+        ok = (jnp.repeat(ids_c >= 0, bs, axis=-1).reshape(B, H, C * L)) & (s_pos < S)
+        s_idx = jnp.where(ok, s_pos, 0)
+        k_c = jnp.take_along_axis(kh, s_idx[..., None], axis=2).reshape(B * H * C, L, D)
+        v_c = jnp.take_along_axis(vh, s_idx[..., None], axis=2).reshape(B * H * C, L, Dv)
+        ok = ok.reshape(B, H, C, 1, 1, L)
+        s_pos = s_pos.reshape(B, H, C, 1, 1, L)
+        mask = ok
+        if cfg.causal:
+            mask = mask & (s_pos <= pos_c[:, None, :, None, :, None])
+        mask = jnp.broadcast_to(mask, (B, H, C, 1, qt, L)).reshape(B * H * C, 1, qt, L)
+        o, _ = attend(q_c.reshape(B * H * C, G, qt, D), k_c, v_c, mask, scale)
+        return o.reshape(B, H, C, G, qt, Dv)
+
+    o = _map_tiles(body, _tiles(qg, C, 2), _tiles(pos, C, 1), _tiles(sel.indices, C, 2))
+    o = _untile(o, 2, N_tiles)  # [B, H, N_tiles, G, qt, Dv]
+    o = o.transpose(0, 1, 3, 2, 4, 5).reshape(B, H, G, N_tiles * qt, Dv)[:, :, :, :T]
+    return _ungrouped(o).astype(q.dtype)
+
+
+def sliding_window_attention(q, k, v, cfg: NSAConfig):
+    B, T, HQ, D = q.shape
+    S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
+    w = cfg.window
+    if w == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    scale = cfg.softmax_scale(D)
+    tile = min(ROWS_PER_STEP, T)
+    n = -(-T // tile)
+    reach = w - 1 if not cfg.causal else 0  # keys after the query that are in the window
+    L = tile + w - 1 + reach
+    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (w - 1, n * tile - T + reach), (0, 0)))
+    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (w - 1, n * tile - T + reach), (0, 0)))
+    offs = jnp.arange(L, dtype=jnp.int32)
+    qpos = jnp.arange(tile, dtype=jnp.int32)
+
+    def body(args):
+        q_tile, t0 = args  # [B, H, G, tile, D], scalar first query index
+        p0 = t0 + (S - T)
+        # Padded coordinates are shifted by w - 1, so padded index p0 holds key p0 - w + 1.
+        k_t = lax.dynamic_slice_in_dim(kh, p0, L, axis=2)  # [B, H, L, D]
+        v_t = lax.dynamic_slice_in_dim(vh, p0, L, axis=2)
+        s_pos = p0 - (w - 1) + offs  # [L]
+        t_pos = p0 + qpos  # [tile]
+        diff = t_pos[:, None] - s_pos[None, :]
+        mask = (s_pos >= 0) & (s_pos < S)
+        mask = mask[None, :] & ((diff >= 0) & (diff < w) if cfg.causal else (jnp.abs(diff) < w))
+        G = q_tile.shape[2]
+        o, _ = attend(q_tile.reshape(B * H, G, tile, D), k_t.reshape(B * H, L, D),
+                      v_t.reshape(B * H, L, Dv), mask[None, None], scale)
+        return o.reshape(B, H, G, tile, Dv)
+
+    starts = jnp.arange(n, dtype=jnp.int32) * tile
+    o = _map_tiles(body, _tiles(_grouped(q, H), tile, 3), starts)
+    return _ungrouped(_untile(o, 3, T)).astype(q.dtype)
