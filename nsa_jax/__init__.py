@@ -7,9 +7,10 @@ from nsa_jax.compression import compress
 from nsa_jax.compression import init_params as init_compress_params
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices, ReverseBlockMap, reblock, reverse_map
+from nsa_jax.module import NSAAttention
 
 __all__ = [
-    "BlockSparseIndices", "NSAConfig", "ReverseBlockMap", "compress", "compressed_attention",
+    "BlockSparseIndices", "NSAAttention", "NSAConfig", "ReverseBlockMap", "compress", "compressed_attention",
     "gate_and_combine", "init_compress_params", "nsa_attention", "reblock", "reference",
     "reverse_map", "select_blocks", "selected_attention", "sliding_window_attention",
 ]
