@@ -144,7 +144,7 @@ def block_scores(q, k_c, *, config: NSAConfig, kv_len=None):
 
 
 def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int):
-    """Eligible and forced blocks [B, N_tiles, N_s] for each query tile."""
+    """Eligible, forced and own (overlapping the tile) blocks [B, N_tiles, N_s] per query tile."""
     qt, ls = config.select_q_tile, config.select_block
     N_tiles = -(-T // qt)
     pos = _positions(B, T, S, kv_len)
@@ -155,15 +155,19 @@ def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int):
     exists = j * ls < length[:, None, None]
     eligible = exists & ((j * ls <= last[..., None]) if config.causal else True)
     forced = j < config.num_initial
+    overlaps_tile = (j >= first[..., None] // ls) & (j <= last[..., None] // ls)
     if config.num_local >= 1:
-        overlaps_tile = (j >= first[..., None] // ls) & (j <= last[..., None] // ls)
         just_before = (j < first[..., None] // ls) & (j >= first[..., None] // ls - (config.num_local - 1))
         forced = forced | overlaps_tile | just_before
-    return eligible, forced & eligible
+    else:
+        overlaps_tile = jnp.zeros_like(overlaps_tile)
+    return eligible, forced & eligible, overlaps_tile & eligible
 
 
 def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None) -> BlockSparseIndices:
-    """Reference selection: stable descending sort of (forced, score), lower block id on ties.
+    """Reference selection: stable descending sort of (own block, other forced block, score),
+    lower block id on ties. A tile's own blocks outrank other forced blocks, which matters only
+    when a tile straddling a block boundary (decode offset) forces more than n blocks.
 
     ``lse`` is accepted for signature parity; the reference recomputes the probabilities.
     """
@@ -174,10 +178,13 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None) -> BlockS
     N_s = -(-S // config.select_block)
     n = config.num_selected
     scores = jax.lax.stop_gradient(block_scores(q, k_c, config=config, kv_len=kv_len))
-    eligible, forced = _selection_rules(B, T, S, kv_arr, config, N_s)
-    key = jnp.where(forced[:, None], jnp.inf, jnp.where(eligible[:, None], scores, -jnp.inf))
-    order = jnp.argsort(-key, axis=-1, stable=True)[..., :n]  # [B, H, N_tiles, <=n]
-    chosen = jnp.take_along_axis(key, order, axis=-1) > -jnp.inf
+    eligible, forced, own = (m[:, None] for m in _selection_rules(B, T, S, kv_arr, config, N_s))
+    # Rank 0: own blocks, 1: other forced blocks, 2: eligible by score, 3: not selectable.
+    rank = jnp.where(own, 0, jnp.where(forced, 1, jnp.where(eligible, 2, 3)))
+    rank = jnp.broadcast_to(rank, scores.shape)
+    by_score = jnp.where(rank == 2, -scores, 0.0)  # forced blocks are not ordered by score
+    order = jnp.lexsort((by_score, rank), axis=-1)[..., :n]  # stable: ties keep the lower id
+    chosen = jnp.take_along_axis(rank, order, axis=-1) < 3
     ids = jnp.sort(jnp.where(chosen, order, N_s), axis=-1)
     ids = jnp.where(ids < N_s, ids, -1)
     if ids.shape[-1] < n:

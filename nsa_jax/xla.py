@@ -172,13 +172,29 @@ def selection_masks(tile_first, tile_last, N_s: int, cfg: NSAConfig, kv_len_bloc
     if cfg.num_local >= 1:
         first_blk = (tile_first // ls)[..., None]
         last_blk = (tile_last // ls)[..., None]
-        forced |= (j >= first_blk - (cfg.num_local - 1)) & (j <= last_blk)
-    return eligible, forced & eligible
+        forced = forced | ((j >= first_blk - (cfg.num_local - 1)) & (j <= last_blk))
+    shape = (*tile_last.shape, N_s)
+    return jnp.broadcast_to(eligible, shape), jnp.broadcast_to(forced & eligible, shape)
 
 
-def top_blocks(scores, eligible, forced, n: int):
-    """Top-n eligible blocks (forced first, ties to the lower id) -> sorted ids and counts."""
-    key = jnp.where(forced, jnp.inf, jnp.where(eligible, scores, -jnp.inf))
+def tile_blocks(tile_first, tile_last, N_s: int, cfg: NSAConfig):
+    """bool [B, C, N_s]: the blocks a tile's own queries sit in."""
+    ls = cfg.select_block
+    j = jnp.arange(N_s, dtype=jnp.int32)[None, None, :]
+    return (j >= (tile_first // ls)[..., None]) & (j <= (tile_last // ls)[..., None])
+
+
+def top_blocks(scores, eligible, forced, n: int, own=None):
+    """Top-n eligible blocks (forced first, ties to the lower id) -> sorted ids and counts.
+
+    When a tile's forced blocks outnumber n (only possible for a query tile that straddles a block
+    boundary, i.e. a decode offset S - T that is not a multiple of l'), the tile's ``own`` blocks
+    win over the other forced ones, so no query loses its own block.
+    """
+    key = jnp.where(eligible, scores, -jnp.inf)
+    key = jnp.where(forced, jnp.finfo(jnp.float32).max, key)
+    if own is not None:
+        key = jnp.where(forced & own, jnp.inf, key)
     if key.shape[-1] < n:
         key = jnp.pad(key, [(0, 0)] * (key.ndim - 1) + [(0, n - key.shape[-1])],
                       constant_values=-jnp.inf)
@@ -225,9 +241,11 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
         p = jnp.where(real_c[None, None, :, None], p, 0.0)
         p = p.reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))  # [B, H, C, N_c]
         scores = block_scores_from_probs(p, cfg, N_s)  # [B, H, C, N_s]
-        eligible, forced = selection_masks(first_c[None] + offset, last_c[None] + offset, N_s, cfg,
-                                           kv_blocks)  # [B, C, N_s]
-        return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected)
+        first, last = first_c[None] + offset, last_c[None] + offset  # [B, C]
+        eligible, forced = selection_masks(first, last, N_s, cfg, kv_blocks)  # [B, C, N_s]
+        own = tile_blocks(first, last, N_s, cfg) if cfg.num_local >= 1 else None
+        return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected,
+                          None if own is None else own[:, None])
 
     rows = C * qt
     xs = [_tiles(qg, rows, 3), _tiles(pos, rows, 1), _tiles(real, rows, 0),

@@ -1,0 +1,51 @@
+"""Shared fixtures: implementations under test, tolerances, random inputs, comparison helpers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ON_GPU = jax.default_backend() == "gpu"
+
+# Every implementation the suite compares with the reference; the Pallas ones join when they land.
+IMPLEMENTATIONS = ["xla"]
+
+# Max error allowed, as a fraction of the reference's largest magnitude.
+FWD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2.5e-2, jnp.float16: 4e-3}
+GRAD_TOL = {jnp.float32: 5e-5, jnp.bfloat16: 5e-2, jnp.float16: 8e-3}
+
+DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not ON_GPU:
+            item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
+
+
+def normal(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def upcast(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        tree)
+
+
+def assert_close(actual, expected, tol: float, name: str = ""):
+    """max |actual - expected| <= tol * max(|expected|, 1e-3); NaN anywhere fails."""
+    actual = np.asarray(jnp.asarray(actual, jnp.float32))
+    expected = np.asarray(jnp.asarray(expected, jnp.float32))
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert not np.isnan(actual).any(), f"{name}: NaN in result"
+    assert not np.isnan(expected).any(), f"{name}: NaN in reference"
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-3)
+    err = float(np.abs(actual - expected).max(initial=0.0))
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def assert_bit_identical(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
