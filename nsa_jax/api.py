@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from nsa_jax import _checks, metadata, reference, xla
+from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices
 
@@ -189,7 +190,6 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
     _checks.gates(g, B, T, HQ)
     if impl == "reference":
         return reference.nsa_attention(q, k, v, g, config=config, compress_params=compress_params)
-    from nsa_jax.compression import compress
     k_c, v_c = compress(k, v, config=config, params=compress_params)
     kw = dict(config=config, implementation=impl, interpret=interpret)
     o_c, lse_c = compressed_attention(q, k_c, v_c, kv_len=S, **kw)
