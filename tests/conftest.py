@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+
+# Scatter-adds in XLA's GPU gradients use atomics unless asked not to; tests demand bit-identical
+# reruns, as users who need reproducible "xla" gradients on GPU should (see README).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 

@@ -41,4 +41,5 @@ def test_xla_backward_memory_is_linear_in_T():
 def test_reference_memory_is_quadratic():
     """Shows the measurement can tell the two apart."""
     small, large = _temp_bytes(_reference, 1024), _temp_bytes(_reference, 4096)
-    assert large >= 12 * small, (small, large)
+    # 4x the length: quadratic growth gives ~16x (11x measured on an H100, where XLA fuses more).
+    assert large >= 8 * small, (small, large)
