@@ -79,10 +79,10 @@ def implementation(impl) -> str:
         return "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={impl!r} is unknown; use None or one of {IMPLEMENTATIONS}")
-    if impl in ("triton", "mosaic"):
+    if impl == "mosaic":
         raise NotImplementedError(
-            f"implementation={impl!r} is not yet available: the Pallas kernels have not landed; "
-            f"use implementation='xla' (or None)")
+            "implementation='mosaic' is not yet available: the Mosaic GPU kernels have not "
+            "landed; use implementation='triton' or 'xla'")
     return impl
 
 

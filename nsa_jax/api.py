@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax import _checks, metadata, reference, xla
+from nsa_jax import _checks, metadata, pallas_triton, reference, xla
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices
@@ -39,7 +39,7 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
       config: `NSAConfig`.
       kv_len: key length S the compressed tokens came from (int or int32[B]); default T. Query t
         sits at key position t + (S - T).
-      implementation: None, "xla" or "reference" ("triton"/"mosaic" once the kernels land).
+      implementation: None, "xla", "reference" or "triton" ("mosaic" once its kernels land).
       interpret: run Pallas kernels in interpret mode (ignored by "xla" and "reference").
 
     Returns:
@@ -56,6 +56,9 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     if T == 0:
         return (jnp.zeros((*q.shape[:3], v_c.shape[3]), q.dtype),
                 jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
+    if impl == "triton":
+        pallas_triton.check_available(interpret)
+        return pallas_triton.compressed_attention(q, k_c, v_c, config, S, kv_arr, interpret)
     return xla.compressed_attention(q, k_c, v_c, config, S, kv_arr)
 
 
@@ -71,6 +74,7 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     Returns:
       `BlockSparseIndices` with indices int32[B, H, ceil(T / select_q_tile), num_selected]. Not
       differentiable (selection is discrete; gradients flow through the compressed branch).
+      "triton" scores tile by tile in XLA for now (no Pallas scoring kernel yet).
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
@@ -123,6 +127,9 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
         return reference.selected_attention(q, k, v, sel, config=config)
     if T == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    if impl == "triton":
+        pallas_triton.check_available(interpret)
+        return pallas_triton.selected_attention(q, k, v, sel_bsi, config, interpret)
     return xla.selected_attention(q, k, v, sel_bsi, config)
 
 
@@ -137,8 +144,11 @@ def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     if impl == "reference":
         return reference.sliding_window_attention(q, k, v, config=config)
-    if T == 0 or S == 0:
+    if T == 0 or S == 0 or config.window == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    if impl == "triton":
+        pallas_triton.check_available(interpret)
+        return pallas_triton.sliding_window_attention(q, k, v, config, interpret)
     return xla.sliding_window_attention(q, k, v, config)
 
 
@@ -176,8 +186,9 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
       config: `NSAConfig`.
       segment_ids: packed sequences; not supported yet (raises NotImplementedError if given).
       compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
-      implementation: None (fastest available; "xla" until the Pallas kernels land), "xla",
-        "reference", "triton" or "mosaic".
+      implementation: None ("xla" until the Pallas kernels are benchmarked faster), "xla",
+        "reference", "triton" (Pallas forward kernels; gradients from the "xla" path for now) or
+        "mosaic" (not yet available).
       interpret: run Pallas kernels in interpret mode.
 
     Returns:

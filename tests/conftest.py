@@ -15,8 +15,12 @@ import pytest  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
 
-# Every implementation the suite compares with the reference; the Pallas ones join when they land.
-IMPLEMENTATIONS = ["xla"]
+# Every implementation the suite compares with the reference, as keyword arguments. On CPU the
+# Pallas kernels run in interpret mode, on small shapes only (see `impl_cases`).
+IMPLEMENTATIONS = {
+    "xla": dict(implementation="xla"),
+    "triton": dict(implementation="triton", interpret=not ON_GPU),
+}
 
 # Max error allowed, as a fraction of the reference's largest magnitude.
 FWD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2.5e-2, jnp.float16: 4e-3}

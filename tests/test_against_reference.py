@@ -71,12 +71,20 @@ HALF_CASES = [CASES[0], CASES[2]]
 
 
 def _dtype_cases():
-    out = [pytest.param(c, "f32", id=f"{c.id}-f32") for c in CASES]
-    out += [pytest.param(c, dt, id=f"{c.id}-{dt}") for c in HALF_CASES for dt in ("bf16", "f16")]
+    """(implementation kwargs, case, dtype) triples. Interpret mode is slow, so on CPU the Pallas
+    implementations see every case in float32 and one case in half precision."""
+    out = []
+    for name, kw in IMPLEMENTATIONS.items():
+        interpreted = kw.get("interpret", False)
+        for c in CASES:
+            out.append(pytest.param(kw, c, "f32", id=f"{name}-{c.id}-f32"))
+        for c in HALF_CASES[:1] if interpreted else HALF_CASES:
+            for dt in ("bf16", "f16"):
+                out.append(pytest.param(kw, c, dt, id=f"{name}-{c.id}-{dt}"))
     return out
 
 
-@pytest.fixture(params=IMPLEMENTATIONS)
+@pytest.fixture(params=list(IMPLEMENTATIONS.values()), ids=list(IMPLEMENTATIONS))
 def impl(request):
     return request.param
 
@@ -97,7 +105,7 @@ def _vjp_check(fn, ref_fn, args, ref_args, dtype, seed, names):
     return out, ref_out, grads
 
 
-@pytest.mark.parametrize("case,dt", _dtype_cases())
+@pytest.mark.parametrize("impl,case,dt", _dtype_cases())
 def test_compressed_attention(impl, case, dt):
     dtype = DTYPES[dt]
     cfg = case.config()
@@ -105,7 +113,7 @@ def test_compressed_attention(impl, case, dt):
     k_c, v_c = nsa_jax.compress(k, v, config=cfg)
     S = k.shape[1]
     fn = jax.jit(lambda q, kc, vc: nsa_jax.compressed_attention(q, kc, vc, config=cfg, kv_len=S,
-                                                                 implementation=impl))
+                                                                 **impl))
     o, lse = fn(q, k_c, v_c)
     ro, rlse = reference.compressed_attention(*upcast((q, k_c, v_c)), config=cfg, kv_len=S)
     assert o.dtype == dtype and lse.dtype == jnp.float32
@@ -135,18 +143,18 @@ def assert_same_selection(sel, ref_sel, scores):
             f"selection differs at {idx}: {sorted(a)} vs {sorted(b)}, scores {row[only]}")
 
 
-@pytest.mark.parametrize("case,dt", _dtype_cases())
+@pytest.mark.parametrize("impl,case,dt", [p for p in _dtype_cases() if not p.values[0].get("interpret")])
 def test_select_blocks(impl, case, dt):
     dtype = DTYPES[dt]
     cfg = case.config()
     q, k, v, _ = case.inputs(2, dtype)
     k_c, v_c = nsa_jax.compress(k, v, config=cfg)
     S = k.shape[1]
-    _, lse = nsa_jax.compressed_attention(q, k_c, v_c, config=cfg, kv_len=S, implementation=impl)
+    _, lse = nsa_jax.compressed_attention(q, k_c, v_c, config=cfg, kv_len=S, **impl)
     fn = jax.jit(lambda q, kc, lse: nsa_jax.select_blocks(q, kc, config=cfg, lse=lse, kv_len=S,
-                                                          implementation=impl))
+                                                          **impl))
     sel = fn(q, k_c, lse)
-    without_lse = nsa_jax.select_blocks(q, k_c, config=cfg, kv_len=S, implementation=impl)
+    without_lse = nsa_jax.select_blocks(q, k_c, config=cfg, kv_len=S, **impl)
     ref_sel = reference.select_blocks(*upcast((q, k_c)), config=cfg, kv_len=S)
     scores = reference.block_scores(*upcast((q, k_c)), config=cfg, kv_len=S)
     assert_same_selection(sel, ref_sel, scores)
@@ -169,14 +177,14 @@ def _random_selection(case, seed, S):
                                       block_size=case.ls)
 
 
-@pytest.mark.parametrize("case,dt", _dtype_cases())
+@pytest.mark.parametrize("impl,case,dt", _dtype_cases())
 def test_selected_attention(impl, case, dt):
     dtype = DTYPES[dt]
     cfg = case.config()
     q, k, v, _ = case.inputs(3, dtype)
     sel = _random_selection(case, 3, k.shape[1])
     fn = jax.jit(lambda q, k, v, sel: nsa_jax.selected_attention(q, k, v, sel, config=cfg,
-                                                                  implementation=impl))
+                                                                  **impl))
     ref = lambda q, k, v: reference.selected_attention(q, k, v, sel, config=cfg)
     o, ro, _ = _vjp_check(lambda q, k, v: fn(q, k, v, sel), ref, (q, k, v), upcast((q, k, v)),
                           dtype, 3, "q k v".split())
@@ -195,30 +203,30 @@ def test_selected_attention_per_token_indices(impl, case):
     idx = rng.integers(-1, -(-S // case.ls), size=(case.B, case.T, case.H, case.n + 2)).astype(np.int32)
     idx[..., -1] = idx[..., 0]  # a duplicate in every row: must not be counted twice
     idx = jnp.asarray(idx)
-    o = nsa_jax.selected_attention(q, k, v, idx, config=cfg, implementation=impl)
+    o = nsa_jax.selected_attention(q, k, v, idx, config=cfg, **impl)
     ro = reference.selected_attention(q, k, v, idx, config=cfg)
     assert_close(o, ro, FWD_TOL[jnp.float32], "o")
 
 
-@pytest.mark.parametrize("case,dt", _dtype_cases())
+@pytest.mark.parametrize("impl,case,dt", _dtype_cases())
 def test_sliding_window_attention(impl, case, dt):
     dtype = DTYPES[dt]
     cfg = case.config()
     q, k, v, _ = case.inputs(5, dtype)
     fn = jax.jit(lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg,
-                                                                   implementation=impl))
+                                                                   **impl))
     ref = lambda q, k, v: reference.sliding_window_attention(q, k, v, config=cfg)
     o, ro, _ = _vjp_check(fn, ref, (q, k, v), upcast((q, k, v)), dtype, 5, "q k v".split())
     assert_close(o, ro, FWD_TOL[dtype], "o")
     assert_bit_identical(fn(q, k, v), fn(q, k, v))
 
 
-@pytest.mark.parametrize("case,dt", _dtype_cases())
+@pytest.mark.parametrize("impl,case,dt", _dtype_cases())
 def test_nsa_attention(impl, case, dt):
     dtype = DTYPES[dt]
     cfg = case.config()
     q, k, v, g = case.inputs(6, dtype)
-    fn = jax.jit(lambda q, k, v, g: nsa_jax.nsa_attention(q, k, v, g, config=cfg, implementation=impl))
+    fn = jax.jit(lambda q, k, v, g: nsa_jax.nsa_attention(q, k, v, g, config=cfg, **impl))
     ref = lambda q, k, v, g: reference.nsa_attention(q, k, v, g, config=cfg)
     o, ro, grads = _vjp_check(fn, ref, (q, k, v, g), upcast((q, k, v, g)), dtype, 6, "q k v g".split())
     assert o.dtype == dtype
@@ -229,6 +237,8 @@ def test_nsa_attention(impl, case, dt):
 @pytest.mark.parametrize("method", ["mean", "linear", "mlp"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.id)
 def test_nsa_attention_compress_params(impl, case, method):
+    if impl.get("interpret") and method != "mlp":
+        pytest.skip("interpret mode: the kernels do not see the compression method; mlp covers it")
     """Gradients reach the compression parameters (through the compressed branch)."""
     cfg = case.config(compress_method=method)
     q, k, v, g = case.inputs(7, jnp.float32)
@@ -236,7 +246,7 @@ def test_nsa_attention_compress_params(impl, case, method):
     # Perturb away from the identity-like initialisation so the test sees real parameters.
     params = jax.tree.map(lambda p: p + 0.1 * normal(jax.random.key(p.size), p.shape), params)
     fn = lambda q, k, v, g, p: nsa_jax.nsa_attention(q, k, v, g, config=cfg, compress_params=p,
-                                                     implementation=impl)
+                                                     **impl)
     ref = lambda q, k, v, g, p: reference.nsa_attention(q, k, v, g, config=cfg, compress_params=p)
     o, ro, grads = _vjp_check(jax.jit(fn), ref, (q, k, v, g, params), (q, k, v, g, params),
                               jnp.float32, 7, "q k v g params".split())

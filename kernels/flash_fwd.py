@@ -1,0 +1,200 @@
+"""One flash-attention forward core for all three NSA branches (Pallas, Triton lowering).
+
+A program owns one (batch, KV head, query tile). Its rows are the tile's queries times the G query
+heads of that KV head (row r is query r // G, head r % G), so every KV block is loaded once for
+the whole group. It walks either a list of KV blocks (block-sparse metadata) or a contiguous
+range derived from its query positions, masks each score with a token-level rule, and keeps the
+softmax statistics in float32.
+
+The token rule: key index j sits at position ``j * key_stride + key_offset`` (stride 1, offset 0
+for raw keys; stride d, offset l - 1 for compressed tokens, whose position is their last key), is
+valid for ``j < num_keys``, and is visible to a query at position p when it is causal-visible
+(position <= p) and inside the window (p - position < w, or |p - position| < w non-causal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlashConfig:
+    """Tiling of the forward core; not semantics.
+
+    Attributes:
+      block_q: queries per program (power of two); rows per program are block_q * G_pad.
+      block_k: keys per KV block (power of two, >= 16).
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"FlashConfig.{name}={v!r} must be a positive power of two")
+        if self.block_k < 16:
+            raise ValueError(f"FlashConfig.block_k={self.block_k} must be >= 16")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"FlashConfig.num_stages={self.num_stages!r} must be a positive int")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MaskRule:
+    """Static token-level rule (see the module docstring)."""
+
+    num_keys: int
+    key_stride: int = 1
+    key_offset: int = 0
+    causal: bool = True
+    window: int = 0  # 0: no window limit
+
+
+def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
+            use_table: bool):
+    if use_table:
+        off_ref, tab_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    else:
+        off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = q_ref.shape[0]
+    q = q_ref[...]  # [rows, D]
+    q_pos = off_ref[b] + i * block_q + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G  # [rows]
+    Dv = v_ref.shape[-1]
+
+    def visit(blk, carry):
+        acc, m, l = carry  # [rows, Dv], [rows], [rows]
+        start = pl.multiple_of(blk * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
+        v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
+        s = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [rows, BK]
+        j = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+        k_pos = j * rule.key_stride + rule.key_offset  # [BK]
+        diff = q_pos[:, None] - k_pos[None, :]  # [rows, BK]
+        ok = (j < rule.num_keys)[None, :]
+        if rule.causal:
+            ok = ok & (diff >= 0)
+            if rule.window:
+                ok = ok & (diff < rule.window)
+        elif rule.window:
+            ok = ok & (jnp.abs(diff) < rule.window)
+        s = jnp.where(ok, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])  # [rows, BK]
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return acc, m_new, l
+
+    init = (jnp.zeros((rows, Dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    if use_table:
+        def body(e, carry):
+            return visit(tab_ref[e], carry)
+        acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
+    else:
+        first, last = off_ref[b] + i * block_q, off_ref[b] + i * block_q + block_q - 1
+        # Key indices that can be visible to some row of this tile.
+        if rule.causal:
+            hi_key = (last - rule.key_offset) // rule.key_stride + 1
+            lo_key = ((first - rule.window + 1 - rule.key_offset) // rule.key_stride
+                      if rule.window else 0)
+        else:
+            hi_key = ((last + rule.window - 1 - rule.key_offset) // rule.key_stride + 1
+                      if rule.window else rule.num_keys)
+            lo_key = ((first - rule.window + 1 - rule.key_offset) // rule.key_stride
+                      if rule.window else 0)
+        lo = jnp.maximum(lo_key, 0) // block_k
+        hi = jnp.minimum(jnp.maximum(hi_key, 0), rule.num_keys)
+        hi = (hi + block_k - 1) // block_k
+        acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), lambda n, c: visit(n, c), init)
+    has_key = l > 0
+    l_safe = jnp.where(has_key, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+
+
+def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
+                  table=None, counts=None, table_q_tile: int = 1, interpret: bool = False):
+    """Grouped flash attention over a block list or a block range.
+
+    Args:
+      q: [B, T, HQ, D]; k: [B, N, H, D]; v: [B, N, H, Dv] (N keys or compressed tokens).
+      offsets: int32[B], key position of query 0 (S - T).
+      rule: the token-level mask rule.
+      scale: softmax scale.
+      config: tiling; ``config.block_k`` is the KV block the table ids refer to.
+      table, counts: optional int32[B, H, N_tiles, K] sorted KV block ids (-1 padded) and
+        int32[B, H, N_tiles]; query tile ``table_q_tile`` (a multiple of ``config.block_q``).
+        Without them each program walks the range of blocks its rule can see.
+
+    Returns:
+      o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
+    """
+    B, T, HQ, D = q.shape
+    N, H, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if N == 0 or T == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
+    G = HQ // H
+    bq, bk = config.block_q, config.block_k
+    G_p, D_p, Dv_p = _pow2(G), max(16, _pow2(D)), max(16, _pow2(Dv))
+    if table is not None and table_q_tile % bq:
+        raise ValueError(f"table query tile {table_q_tile} must be a multiple of block_q={bq}")
+    if bq * G_p < 16:  # tl.dot needs at least 16 rows: pad the group with zero heads
+        G_p = 16 // bq
+    rows = bq * G_p
+    n_qt = -(-T // bq)
+    n_kb = -(-N // bk)
+    # [B, H, n_qt * bq * G_p, D]: rows of one program are contiguous.
+    qg = q.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, n_qt * bq - T), (0, G_p - G), (0, D_p - D)))
+    qg = qg.reshape(B, H, n_qt * bq * G_p, D_p)
+    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, n_kb * bk - N), (0, D_p - D)))
+    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, n_kb * bk - N), (0, Dv_p - Dv)))
+    in_specs = [pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, n_kb * bk, D_p), lambda b, h, i: (b, h, 0, 0)),
+                pl.BlockSpec((None, None, n_kb * bk, Dv_p), lambda b, h, i: (b, h, 0, 0))]
+    args = [qg, kh, vh]
+    per = 1
+    if table is not None:
+        K = table.shape[-1]
+        K_p = _pow2(K)
+        tab = jnp.pad(table, ((0, 0), (0, 0), (0, 0), (0, K_p - K)), constant_values=-1)
+        per = table_q_tile // bq
+        in_specs = [pl.BlockSpec((None, None, None, K_p), lambda b, h, i: (b, h, i // per, 0)),
+                    pl.BlockSpec((None, None, None, 1), lambda b, h, i: (b, h, i // per, 0))] + in_specs
+        args = [tab, counts[..., None]] + args
+    kernel = functools.partial(_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
+                               use_table=table is not None)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(B, H, n_qt),
+        in_specs=[pl.BlockSpec()] + in_specs,
+        out_specs=[pl.BlockSpec((None, None, rows, Dv_p), lambda b, h, i: (b, h, i, 0)),
+                   pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct((B, H, n_qt * rows, Dv_p), q.dtype),
+                   jax.ShapeDtypeStruct((B, H, n_qt * rows), jnp.float32)],
+        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
+                                                num_stages=config.num_stages),
+        interpret=interpret,
+        name="nsa_flash_fwd",
+    )(offsets.astype(jnp.int32), *args)
+    o = o.reshape(B, H, n_qt * bq, G_p, Dv_p)[:, :, :T, :G, :Dv].transpose(0, 2, 1, 3, 4)
+    lse = lse.reshape(B, H, n_qt * bq, G_p)[:, :, :T, :G].transpose(0, 2, 1, 3)
+    return o.reshape(B, T, HQ, Dv), lse.reshape(B, T, HQ)
