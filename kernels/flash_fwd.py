@@ -74,6 +74,8 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = q_ref.shape[0]
     q = q_ref[...]  # [rows, D]
+    # float32 inputs get float32 products; Triton would otherwise use TF32.
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     q_pos = off_ref[b] + i * block_q + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G  # [rows]
     Dv = v_ref.shape[-1]
 
@@ -82,7 +84,7 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
         start = pl.multiple_of(blk * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
         v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
-        s = pltriton.dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [rows, BK]
+        s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale  # [rows, BK]
         j = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
         k_pos = j * rule.key_stride + rule.key_offset  # [BK]
         diff = q_pos[:, None] - k_pos[None, :]  # [rows, BK]
@@ -99,7 +101,7 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
         alpha = jnp.exp(m - m_safe)
         p = jnp.exp(s - m_safe[:, None])  # [rows, BK]
         l = l * alpha + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v, precision=prec).astype(jnp.float32)
         return acc, m_new, l
 
     init = (jnp.zeros((rows, Dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
