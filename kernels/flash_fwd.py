@@ -24,10 +24,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlashConfig:
     """Tiling of the forward core; not semantics.
@@ -65,6 +61,35 @@ class MaskRule:
     window: int = 0  # 0: no window limit
 
 
+def visible(rule: MaskRule, q_pos, start, block_k: int):
+    """bool [rows, BK]: which keys ``start .. start + BK - 1`` each row (at ``q_pos``) may see."""
+    j = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+    k_pos = j * rule.key_stride + rule.key_offset  # [BK]
+    diff = q_pos[:, None] - k_pos[None, :]  # [rows, BK]
+    ok = (j < rule.num_keys)[None, :]
+    if rule.causal:
+        ok = ok & (diff >= 0)
+        if rule.window:
+            ok = ok & (diff < rule.window)
+    elif rule.window:
+        ok = ok & (jnp.abs(diff) < rule.window)
+    return ok
+
+
+def block_range(rule: MaskRule, first, last, block_k: int):
+    """[lo, hi) of the KV blocks holding keys visible to some query at positions first..last."""
+    if rule.causal:
+        hi_key = (last - rule.key_offset) // rule.key_stride + 1
+    elif rule.window:
+        hi_key = (last + rule.window - 1 - rule.key_offset) // rule.key_stride + 1
+    else:
+        hi_key = rule.num_keys
+    lo_key = (first - rule.window + 1 - rule.key_offset) // rule.key_stride if rule.window else 0
+    lo = jnp.maximum(lo_key, 0) // block_k
+    hi = (jnp.minimum(jnp.maximum(hi_key, 0), rule.num_keys) + block_k - 1) // block_k
+    return lo, jnp.maximum(hi, lo)
+
+
 def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
             use_table: bool):
     if use_table:
@@ -85,17 +110,7 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
         k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
         v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
         s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale  # [rows, BK]
-        j = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
-        k_pos = j * rule.key_stride + rule.key_offset  # [BK]
-        diff = q_pos[:, None] - k_pos[None, :]  # [rows, BK]
-        ok = (j < rule.num_keys)[None, :]
-        if rule.causal:
-            ok = ok & (diff >= 0)
-            if rule.window:
-                ok = ok & (diff < rule.window)
-        elif rule.window:
-            ok = ok & (jnp.abs(diff) < rule.window)
-        s = jnp.where(ok, s, -jnp.inf)
+        s = jnp.where(visible(rule, q_pos, start, block_k), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp(m - m_safe)
@@ -111,25 +126,33 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
             return visit(tab_ref[e], carry)
         acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
     else:
-        first, last = off_ref[b] + i * block_q, off_ref[b] + i * block_q + block_q - 1
-        # Key indices that can be visible to some row of this tile.
-        if rule.causal:
-            hi_key = (last - rule.key_offset) // rule.key_stride + 1
-            lo_key = ((first - rule.window + 1 - rule.key_offset) // rule.key_stride
-                      if rule.window else 0)
-        else:
-            hi_key = ((last + rule.window - 1 - rule.key_offset) // rule.key_stride + 1
-                      if rule.window else rule.num_keys)
-            lo_key = ((first - rule.window + 1 - rule.key_offset) // rule.key_stride
-                      if rule.window else 0)
-        lo = jnp.maximum(lo_key, 0) // block_k
-        hi = jnp.minimum(jnp.maximum(hi_key, 0), rule.num_keys)
-        hi = (hi + block_k - 1) // block_k
-        acc, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), lambda n, c: visit(n, c), init)
+        first = off_ref[b] + i * block_q
+        lo, hi = block_range(rule, first, first + block_q - 1, block_k)
+        acc, m, l = lax.fori_loop(lo, hi, visit, init)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+
+
+def group_rows(x, H: int, T_p: int, G_p: int, D_p: int):
+    """[B, T, H*G, D] -> [B, H, T_p * G_p, D_p], zero padded; row r is query r // G_p, head r % G_p,
+    so the rows of one program are contiguous."""
+    B, T, HQ, D = x.shape
+    G = HQ // H
+    x = x.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, T_p - T), (0, G_p - G), (0, D_p - D)))
+    return x.reshape(B, H, T_p * G_p, D_p)
+
+
+def heads_major(x, N_p: int, D_p: int):
+    """[B, N, H, D] -> [B, H, N_p, D_p], zero padded."""
+    N, D = x.shape[1], x.shape[3]
+    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, N_p - N), (0, D_p - D)))
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
@@ -155,7 +178,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
         return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
     G = HQ // H
     bq, bk = config.block_q, config.block_k
-    G_p, D_p, Dv_p = _pow2(G), max(16, _pow2(D)), max(16, _pow2(Dv))
+    G_p, D_p, Dv_p = pow2(G), max(16, pow2(D)), max(16, pow2(Dv))
     if table is not None and table_q_tile % bq:
         raise ValueError(f"table query tile {table_q_tile} must be a multiple of block_q={bq}")
     if bq * G_p < 16:  # tl.dot needs at least 16 rows: pad the group with zero heads
@@ -163,12 +186,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     rows = bq * G_p
     n_qt = -(-T // bq)
     n_kb = -(-N // bk)
-    # [B, H, n_qt * bq * G_p, D]: rows of one program are contiguous.
-    qg = q.reshape(B, T, H, G, D).transpose(0, 2, 1, 3, 4)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, n_qt * bq - T), (0, G_p - G), (0, D_p - D)))
-    qg = qg.reshape(B, H, n_qt * bq * G_p, D_p)
-    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, n_kb * bk - N), (0, D_p - D)))
-    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, n_kb * bk - N), (0, Dv_p - Dv)))
+    qg = group_rows(q, H, n_qt * bq, G_p, D_p)
+    kh, vh = heads_major(k, n_kb * bk, D_p), heads_major(v, n_kb * bk, Dv_p)
     in_specs = [pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
                 pl.BlockSpec((None, None, n_kb * bk, D_p), lambda b, h, i: (b, h, 0, 0)),
                 pl.BlockSpec((None, None, n_kb * bk, Dv_p), lambda b, h, i: (b, h, 0, 0))]
@@ -176,7 +195,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     per = 1
     if table is not None:
         K = table.shape[-1]
-        K_p = _pow2(K)
+        K_p = pow2(K)
         tab = jnp.pad(table, ((0, 0), (0, 0), (0, 0), (0, K_p - K)), constant_values=-1)
         per = table_q_tile // bq
         in_specs = [pl.BlockSpec((None, None, None, K_p), lambda b, h, i: (b, h, i // per, 0)),

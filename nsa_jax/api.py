@@ -74,7 +74,6 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     Returns:
       `BlockSparseIndices` with indices int32[B, H, ceil(T / select_q_tile), num_selected]. Not
       differentiable (selection is discrete; gradients flow through the compressed branch).
-      "triton" scores tile by tile in XLA for now (no Pallas scoring kernel yet).
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
@@ -89,6 +88,9 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
         H, n = k_c.shape[2], config.num_selected
         return BlockSparseIndices(jnp.full((B, H, 0, n), -1, jnp.int32), jnp.zeros((B, H, 0), jnp.int32),
                                   q_tile=config.select_q_tile, block_size=config.select_block)
+    if impl == "triton":
+        pallas_triton.check_available(interpret)
+        return pallas_triton.select_blocks(q, k_c, config, S, kv_arr, lse, interpret)
     return xla.select_blocks(q, k_c, config, S, kv_arr, lse)
 
 

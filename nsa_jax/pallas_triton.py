@@ -2,7 +2,8 @@
 
 Forward runs the kernels. Until the backward kernels land, gradients are the "xla" path's
 gradients of the same function (the same semantics, computed tile by tile in XLA).
-Selection scores are computed tile by tile in XLA (`xla.select_blocks`).
+Block scoring runs the compressed-mass kernel; the linear map onto selection blocks and top-n
+stay in XLA.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import numpy as np
 
 from nsa_jax import metadata, xla
 from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.block_scores import compressed_mass
 from nsa_jax.kernels.flash_fwd import FlashConfig, MaskRule, flash_forward
 
 ROWS = 64  # query rows (queries x group heads) per program
+# Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
+# are scored in chunks of query tiles.
+MASS_BYTES = 1 << 29
 
 
 def _pow2(n: int) -> int:
@@ -62,11 +67,15 @@ def _with_xla_gradient(kernel_fn, xla_fn, num_diff: int):
     return f
 
 
+def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
+    return MaskRule(num_keys=N_c, key_stride=cfg.compress_stride,
+                    key_offset=cfg.compress_block - 1, causal=cfg.causal)
+
+
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False):
     B, T, HQ, D = q.shape
     H = k_c.shape[2]
-    rule = MaskRule(num_keys=k_c.shape[1], key_stride=cfg.compress_stride,
-                    key_offset=cfg.compress_block - 1, causal=cfg.causal)
+    rule = _compressed_rule(cfg, k_c.shape[1])
     if not cfg.causal and kv_len is not None:
         raise NotImplementedError("implementation='triton': non-causal compressed attention with "
                                   "per-row kv_len is not supported yet")
@@ -133,3 +142,48 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False):
         return xla.sliding_window_attention(q, k, v, cfg)
 
     return _with_xla_gradient(kernel, ref, 3)(q, k, v, _offsets(B, T, S))
+
+
+def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpret=False):
+    B, T, HQ, D = q.shape
+    N_c, H = k_c.shape[1], k_c.shape[2]
+    q, k_c = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_c)
+    if lse is None:
+        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, interpret)
+    lse = jax.lax.stop_gradient(lse)
+    qt = cfg.select_q_tile
+    N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
+    offsets = _offsets(B, T, S, kv_len)
+    rule = _compressed_rule(cfg, N_c)
+    tiling = FlashConfig(block_q=max(1, ROWS // _pow2(HQ // H)), block_k=64)
+    # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
+    per_tile = B * H * max(N_c, 1) * 4
+    chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))
+    n_chunks = -(-N_tiles // chunk_tiles)
+    T_c = chunk_tiles * qt
+    pad = n_chunks * T_c - T
+    q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    lse_p = jnp.pad(lse, ((0, 0), (0, pad), (0, 0)), constant_values=-jnp.inf)
+    n_kv_blocks = xla.kv_blocks(B, S, cfg, kv_len)
+
+    def chunk(c):
+        start = c * T_c
+        q_c = jax.lax.dynamic_slice_in_dim(q_p, start, T_c, axis=1)
+        lse_c = jax.lax.dynamic_slice_in_dim(lse_p, start, T_c, axis=1)
+        mass = compressed_mass(q_c, k_c, lse_c, offsets + start, rule=rule,
+                               scale=cfg.softmax_scale(D), q_tile=qt, config=tiling,
+                               interpret=interpret)  # [B, H, chunk_tiles, N_c]
+        scores = xla.block_scores_from_probs(mass, cfg, N_s)  # [B, H, chunk_tiles, N_s]
+        t0 = start + jnp.arange(chunk_tiles, dtype=jnp.int32) * qt
+        first = t0[None] + offsets[:, None]
+        last = jnp.minimum(t0 + qt - 1, T - 1)[None] + offsets[:, None]
+        return xla.choose_blocks(scores, first, last, cfg, n_kv_blocks)
+
+    if n_chunks == 1:
+        ids, counts = chunk(0)
+    else:
+        ids, counts = jax.lax.map(chunk, jnp.arange(n_chunks))  # [n, B, H, chunk_tiles, ...]
+        ids = jnp.moveaxis(ids, 0, 2).reshape(B, H, n_chunks * chunk_tiles, -1)
+        counts = jnp.moveaxis(counts, 0, 2).reshape(B, H, n_chunks * chunk_tiles)
+    return metadata.BlockSparseIndices(ids[:, :, :N_tiles], counts[:, :, :N_tiles], q_tile=qt,
+                                       block_size=cfg.select_block)

@@ -202,6 +202,21 @@ def top_blocks(scores, eligible, forced, n: int, own=None):
     return compact(ids.astype(jnp.int32), vals > -jnp.inf)
 
 
+def choose_blocks(scores, tile_first, tile_last, cfg: NSAConfig, kv_len_blocks):
+    """Block scores [B, H, C, N_s] of tiles spanning positions [tile_first, tile_last] ([B, C])
+    -> (ids [B, H, C, n], counts [B, H, C])."""
+    N_s = scores.shape[-1]
+    eligible, forced = selection_masks(tile_first, tile_last, N_s, cfg, kv_len_blocks)
+    own = tile_blocks(tile_first, tile_last, N_s, cfg)[:, None] if cfg.num_local >= 1 else None
+    return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected, own)
+
+
+def kv_blocks(B: int, S: int, cfg: NSAConfig, kv_len=None):
+    """int32[B, 1, 1]: selection blocks holding keys, ceil(S / l') per batch row."""
+    length = jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len
+    return (-(-length // cfg.select_block))[:, None, None]
+
+
 def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
     B, T, HQ, D = q.shape
     H, N_c = k_c.shape[2], k_c.shape[1]
@@ -212,8 +227,7 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
     C = max(1, ROWS_PER_STEP // qt)  # tiles per loop step
     scale = cfg.softmax_scale(D)
     pos = query_positions(B, T, S, kv_len)
-    kv_blocks = (jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len)
-    kv_blocks = (-(-kv_blocks // ls))[:, None, None]
+    n_kv_blocks = kv_blocks(B, S, cfg, kv_len)
     kc = lax.stop_gradient(k_c).transpose(0, 2, 1, 3)  # [B, H, N_c, D]
     qg = _grouped(lax.stop_gradient(q), H)  # [B, H, G, T, D]
     # Rows past T are padding; they must not add to their tile's score.
@@ -241,11 +255,7 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
         p = jnp.where(real_c[None, None, :, None], p, 0.0)
         p = p.reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))  # [B, H, C, N_c]
         scores = block_scores_from_probs(p, cfg, N_s)  # [B, H, C, N_s]
-        first, last = first_c[None] + offset, last_c[None] + offset  # [B, C]
-        eligible, forced = selection_masks(first, last, N_s, cfg, kv_blocks)  # [B, C, N_s]
-        own = tile_blocks(first, last, N_s, cfg) if cfg.num_local >= 1 else None
-        return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected,
-                          None if own is None else own[:, None])
+        return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg, n_kv_blocks)
 
     rows = C * qt
     xs = [_tiles(qg, rows, 3), _tiles(pos, rows, 1), _tiles(real, rows, 0),

@@ -143,7 +143,7 @@ def assert_same_selection(sel, ref_sel, scores):
             f"selection differs at {idx}: {sorted(a)} vs {sorted(b)}, scores {row[only]}")
 
 
-@pytest.mark.parametrize("impl,case,dt", [p for p in _dtype_cases() if not p.values[0].get("interpret")])
+@pytest.mark.parametrize("impl,case,dt", _dtype_cases())
 def test_select_blocks(impl, case, dt):
     dtype = DTYPES[dt]
     cfg = case.config()

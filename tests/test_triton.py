@@ -1,0 +1,62 @@
+"""Cases specific to the "triton" implementation (the shared suite covers the rest)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax import pallas_triton, reference
+from nsa_jax.kernels.flash_fwd import FlashConfig
+from conftest import FWD_TOL, IMPLEMENTATIONS, assert_close, normal
+
+TRITON = IMPLEMENTATIONS["triton"]
+
+
+def _inputs(T, HQ=4, H=2, D=16, Dv=16, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (normal(ks[0], (1, T, HQ, D)), normal(ks[1], (1, T, H, D)), normal(ks[2], (1, T, H, Dv)))
+
+
+def test_scoring_in_chunks_matches_one_pass(monkeypatch):
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=16, select_block=32, num_selected=3,
+                            select_q_tile=16)
+    q, k, v = _inputs(150)
+    k_c, _ = nsa_jax.compress(k, v, config=cfg)
+    whole = nsa_jax.select_blocks(q, k_c, config=cfg, **TRITON)
+    monkeypatch.setattr(pallas_triton, "MASS_BYTES", 2 * 9 * 4 * 3)  # 3 tiles per chunk
+    chunked = nsa_jax.select_blocks(q, k_c, config=cfg, **TRITON)
+    np.testing.assert_array_equal(np.asarray(chunked.indices), np.asarray(whole.indices))
+    np.testing.assert_array_equal(np.asarray(chunked.counts), np.asarray(whole.counts))
+    ref = reference.select_blocks(q, k_c, config=cfg)
+    np.testing.assert_array_equal(np.asarray(whole.counts), np.asarray(ref.counts))
+
+
+@pytest.mark.parametrize("select_block", [128, 48])
+def test_selected_blocks_reblocked_to_the_kernel_tile(select_block):
+    """Selection blocks larger than the kernel's KV tile are expanded (128 -> 64), and sizes that
+    are not a power of two use the largest power-of-two tile dividing them (48 -> 16)."""
+    cfg = nsa_jax.NSAConfig(select_block=select_block, num_selected=4, select_q_tile=1)
+    q, k, v = _inputs(300, HQ=4, H=1)
+    k_c, _ = nsa_jax.compress(k, v, config=cfg)
+    sel = reference.select_blocks(q, k_c, config=cfg)
+    o = nsa_jax.selected_attention(q, k, v, sel, config=cfg, **TRITON)
+    assert_close(o, reference.selected_attention(q, k, v, sel, config=cfg), FWD_TOL[jnp.float32], "o")
+
+
+def test_select_block_without_a_16_key_tile_is_refused():
+    cfg = nsa_jax.NSAConfig(compress_block=8, compress_stride=8, select_block=24, num_selected=4)
+    q, k, v = _inputs(64)
+    k_c, _ = nsa_jax.compress(k, v, config=cfg)
+    sel = reference.select_blocks(q, k_c, config=cfg)
+    with pytest.raises(NotImplementedError, match="select_block divisible by 16, got 24"):
+        nsa_jax.selected_attention(q, k, v, sel, config=cfg, **TRITON)
+
+
+@pytest.mark.parametrize("field,value", [("block_q", 48), ("block_k", 8), ("num_warps", 3),
+                                         ("num_stages", 0)])
+def test_flash_config_validation(field, value):
+    with pytest.raises(ValueError, match=f"FlashConfig.{field}={value}"):
+        FlashConfig(**{field: value})
