@@ -38,8 +38,7 @@ def test_xla_backward_memory_is_linear_in_T():
     assert large <= 5 * small, (small, large)
 
 
-def test_reference_memory_is_quadratic():
-    """Shows the measurement can tell the two apart."""
-    small, large = _temp_bytes(_reference, 1024), _temp_bytes(_reference, 4096)
-    # 4x the length: quadratic growth gives ~16x (11x measured on an H100, where XLA fuses more).
-    assert large >= 8 * small, (small, large)
+def test_reference_memory_is_far_larger():
+    """Shows the measurement can tell the two apart: the dense reference materialises [T, S]
+    arrays (its growth from 1k to 4k is 16x on CPU, 7-11x on an H100, where XLA fuses more)."""
+    assert _temp_bytes(_reference, 4096) >= 10 * _temp_bytes(_xla, 4096)
