@@ -12,8 +12,9 @@ selection picked.
 Defaults, chosen to finish on a 2-core CPU in about a minute and still be long-range:
 
 - ``seq_len=512`` with ``window=64``: pairs sit up to ~450 tokens before the queries, up to 7
-  windows away. (At 1024 tokens the same model reached 38% in 300 steps, at 2048 it had not
-  learned within 5 CPU minutes; on a GPU, try ``--seq-len 2048 --steps 2000``.)
+  windows away. Longer sequences learn more slowly (with ``select_block=64``, 1024 tokens reached
+  38% in 300 steps and 2048 stayed at chance within 5 CPU minutes); on a GPU try
+  ``--seq-len 2048 --steps 2000``.
 - ``compress_block=32, compress_stride=16``: the paper's overlapping compression; a pair token
   dominates the mean of its compressed tokens once filler embeddings learn to stay small.
 - ``select_block=32, select_q_tile=64, num_selected=8``: 16 blocks, of which each query tile
