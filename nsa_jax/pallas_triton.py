@@ -15,16 +15,12 @@ import numpy as np
 from nsa_jax import metadata, xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.block_scores import compressed_mass
-from nsa_jax.kernels.flash_fwd import FlashConfig, MaskRule, flash_forward
+from nsa_jax.kernels.flash_fwd import FlashConfig, MaskRule, flash_forward, pow2
 
 ROWS = 64  # query rows (queries x group heads) per program
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
 MASS_BYTES = 1 << 29
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def check_available(interpret: bool) -> None:
@@ -35,7 +31,7 @@ def check_available(interpret: bool) -> None:
 
 
 def _range_config(G: int) -> FlashConfig:
-    return FlashConfig(block_q=max(1, ROWS // _pow2(G)), block_k=64)
+    return FlashConfig(block_q=max(1, ROWS // pow2(G)), block_k=64)
 
 
 def _offsets(B: int, T: int, S: int, kv_len=None):
@@ -100,7 +96,7 @@ def _selected_tiling(sel: metadata.BlockSparseIndices, G: int) -> FlashConfig:
         raise NotImplementedError(
             f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
     bq = 1
-    while bq * 2 <= sel.q_tile and sel.q_tile % (bq * 2) == 0 and bq * 2 * _pow2(G) <= ROWS:
+    while bq * 2 <= sel.q_tile and sel.q_tile % (bq * 2) == 0 and bq * 2 * pow2(G) <= ROWS:
         bq *= 2
     return FlashConfig(block_q=bq, block_k=bk)
 
@@ -155,7 +151,7 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpr
     N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
     offsets = _offsets(B, T, S, kv_len)
     rule = _compressed_rule(cfg, N_c)
-    tiling = FlashConfig(block_q=max(1, ROWS // _pow2(HQ // H)), block_k=64)
+    tiling = _range_config(HQ // H)
     # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
     per_tile = B * H * max(N_c, 1) * 4
     chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))
