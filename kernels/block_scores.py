@@ -16,8 +16,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.flash_fwd import (FlashConfig, MaskRule, block_range, group_rows, heads_major,
-                                       pow2, visible)
+from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, block_range, group_rows,
+                                       heads_major, pow2, visible, walk_range)
 
 
 def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, out_ref, *, rule: MaskRule, scale: float, G: int,
@@ -25,17 +25,20 @@ def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, out_ref, *, rule: MaskRule, sca
     b, i = pl.program_id(0), pl.program_id(2)
     rows = q_ref.shape[0]
     q = q_ref[...]  # [rows, D]
-    lse = lse_ref[...]  # [rows]; +inf for rows that must not count
+    lse2 = lse_ref[...] * LOG2E  # [rows]; +inf for rows that must not count
     prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     first = off_ref[b] + i * block_q
+    last = first + block_q - 1
     q_pos = first + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G
-    lo, hi = block_range(rule, first, first + block_q - 1, block_k)
+    scale2 = scale * LOG2E
 
-    def visit(blk, carry):
+    def visit(blk, carry, masked=True):
         start = pl.multiple_of(blk * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
-        s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale  # [rows, BK]
-        p = jnp.where(visible(rule, q_pos, start, block_k), jnp.exp(s - lse[:, None]), 0.0)
+        s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale2  # [rows, BK]
+        p = jnp.exp2(s - lse2[:, None])
+        if masked:
+            p = jnp.where(visible(rule, q_pos, start, block_k), p, 0.0)
         out_ref[pl.ds(start, block_k)] = jnp.sum(p, axis=0)
         return carry
 
@@ -44,8 +47,9 @@ def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, out_ref, *, rule: MaskRule, sca
             (block_k,), jnp.float32)
         return carry
 
+    lo, hi = block_range(rule, first, last, block_k)
     lax.fori_loop(0, lo, clear, 0)
-    lax.fori_loop(lo, hi, visit, 0)
+    walk_range(rule, first, last, block_k, visit, 0)
     lax.fori_loop(hi, num_kv_blocks, clear, 0)
 
 
@@ -58,7 +62,7 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
       offsets: int32[B], key position of query 0.
       rule: visibility of compressed tokens (stride d, offset l - 1).
       q_tile: queries per selection tile.
-      config: tiling; ``block_q`` is capped so that it divides ``q_tile``.
+      config: tiling; ``block_q`` is lowered to the largest power of two dividing ``q_tile``.
 
     Returns:
       float32 [B, H, ceil(T / q_tile), N_c].
@@ -70,9 +74,7 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
     if N_c == 0 or T == 0:
         return jnp.zeros((B, H, n_tiles, N_c), jnp.float32)
     G_p, D_p, bk = pow2(G), max(16, pow2(D)), config.block_k
-    bq = 1
-    while q_tile % (bq * 2) == 0 and bq * 2 <= config.block_q and bq * 2 * G_p <= 128:
-        bq *= 2
+    bq = min(config.block_q, q_tile & -q_tile)
     if bq * G_p < 16:  # tl.dot needs at least 16 rows: pad the group with zero heads
         G_p = 16 // bq
     rows = bq * G_p

@@ -23,6 +23,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FlashConfig:
@@ -90,31 +93,64 @@ def block_range(rule: MaskRule, first, last, block_k: int):
     return lo, jnp.maximum(hi, lo)
 
 
+def full_range(rule: MaskRule, first, last, lo, hi, block_k: int):
+    """[flo, fhi) inside [lo, hi): the KV blocks every query at positions first..last sees whole,
+    so their scores need no mask."""
+    stride, off = rule.key_stride, rule.key_offset
+    top = first if rule.causal else (first + rule.window - 1 if rule.window else None)
+    if top is None:
+        n_full = jnp.int32(rule.num_keys)
+    else:  # keys j with j * stride + off <= top
+        n_full = jnp.clip(jnp.maximum(top - off, -1) // stride + 1, 0, rule.num_keys)
+    fhi = n_full // block_k
+    if rule.window:  # keys j with j * stride + off > last - w
+        lo_key = jnp.maximum(-((off + rule.window - 1 - last) // stride), 0)
+        flo = (lo_key + block_k - 1) // block_k
+    else:
+        flo = lo
+    flo = jnp.clip(flo, lo, hi)
+    return flo, jnp.clip(fhi, flo, hi)
+
+
+def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry):
+    """Runs ``carry = visit(blk, carry, masked)`` over the blocks that queries first..last can
+    see, with ``masked=False`` (static) for the blocks they see whole."""
+    lo, hi = block_range(rule, first, last, block_k)
+    flo, fhi = full_range(rule, first, last, lo, hi, block_k)
+    carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
+    carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
+    return lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
+
+
 def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
             use_table: bool):
     if use_table:
         off_ref, tab_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     else:
         off_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, i = pl.program_id(0), pl.program_id(2)
     rows = q_ref.shape[0]
     q = q_ref[...]  # [rows, D]
     # float32 inputs get float32 products; Triton would otherwise use TF32.
     prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    q_pos = off_ref[b] + i * block_q + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G  # [rows]
+    first = off_ref[b] + i * block_q
+    q_pos = first + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G  # [rows]
     Dv = v_ref.shape[-1]
+    # Scores in log2 units: exp2 is one instruction, exp is a libdevice call.
+    scale2 = scale * LOG2E
 
-    def visit(blk, carry):
-        acc, m, l = carry  # [rows, Dv], [rows], [rows]
+    def visit(blk, carry, masked=True):
+        acc, m, l = carry  # [rows, Dv], [rows], [rows]; m in log2 units
         start = pl.multiple_of(blk * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
         v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
-        s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale  # [rows, BK]
-        s = jnp.where(visible(rule, q_pos, start, block_k), s, -jnp.inf)
+        s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale2  # [rows, BK]
+        if masked:
+            s = jnp.where(visible(rule, q_pos, start, block_k), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])  # [rows, BK]
+        alpha = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])  # [rows, BK]
         l = l * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + pltriton.dot(p.astype(v.dtype), v, precision=prec).astype(jnp.float32)
         return acc, m_new, l
@@ -126,13 +162,11 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
             return visit(tab_ref[e], carry)
         acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
     else:
-        first = off_ref[b] + i * block_q
-        lo, hi = block_range(rule, first, first + block_q - 1, block_k)
-        acc, m, l = lax.fori_loop(lo, hi, visit, init)
+        acc, m, l = walk_range(rule, first, first + block_q - 1, block_k, visit, init)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has_key, m + jnp.log(l_safe), -jnp.inf)
+    lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
 
 
 def group_rows(x, H: int, T_p: int, G_p: int, D_p: int):

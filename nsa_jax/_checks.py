@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.tiling import TritonTilings
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 IMPLEMENTATIONS = ("reference", "xla", "triton", "mosaic")
@@ -15,6 +16,11 @@ def config(cfg) -> NSAConfig:
     if not isinstance(cfg, NSAConfig):
         raise TypeError(f"config must be an nsa_jax.NSAConfig, got {type(cfg).__name__}")
     return cfg
+
+
+def tilings(t) -> None:
+    if t is not None and not isinstance(t, TritonTilings):
+        raise TypeError(f"tilings must be an nsa_jax.TritonTilings or None, got {type(t).__name__}")
 
 
 def floating(name: str, x) -> None:

@@ -31,7 +31,7 @@ def _compressed_inputs(q, k_c, v_c=None):
 
 
 def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, implementation=None,
-                         interpret: bool = False):
+                         interpret: bool = False, tilings=None):
     """Attention of every query over the compressed tokens it may see.
 
     Args:
@@ -41,6 +41,8 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
         sits at key position t + (S - T).
       implementation: None, "xla", "reference" or "triton" ("mosaic" once its kernels land).
       interpret: run Pallas kernels in interpret mode (ignored by "xla" and "reference").
+      tilings: `TritonTilings` for the "triton" kernels (speed only); None picks the default for
+        the GPU generation. Every function below takes the same ``interpret`` and ``tilings``.
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype (zero where no compressed token is visible) and
@@ -48,6 +50,7 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
+    _checks.tilings(tilings)
     _compressed_inputs(q, k_c, v_c)
     if impl == "reference":
         return reference.compressed_attention(q, k_c, v_c, config=config, kv_len=kv_len)
@@ -58,12 +61,12 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
                 jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
     if impl == "triton":
         pallas_triton.check_available(interpret)
-        return pallas_triton.compressed_attention(q, k_c, v_c, config, S, kv_arr, interpret)
+        return pallas_triton.compressed_attention(q, k_c, v_c, config, S, kv_arr, interpret, tilings)
     return xla.compressed_attention(q, k_c, v_c, config, S, kv_arr)
 
 
 def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implementation=None,
-                  interpret: bool = False) -> BlockSparseIndices:
+                  interpret: bool = False, tilings=None) -> BlockSparseIndices:
     """Top-n selection blocks per (batch, KV head, query tile), shared by the G heads of a group.
 
     Args:
@@ -77,6 +80,7 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
+    _checks.tilings(tilings)
     _compressed_inputs(q, k_c)
     B, T, HQ = q.shape[:3]
     if lse is not None and tuple(getattr(lse, "shape", ())) != (B, T, HQ):
@@ -90,7 +94,7 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
                                   q_tile=config.select_q_tile, block_size=config.select_block)
     if impl == "triton":
         pallas_triton.check_available(interpret)
-        return pallas_triton.select_blocks(q, k_c, config, S, kv_arr, lse, interpret)
+        return pallas_triton.select_blocks(q, k_c, config, S, kv_arr, lse, interpret, tilings)
     return xla.select_blocks(q, k_c, config, S, kv_arr, lse)
 
 
@@ -110,7 +114,7 @@ def _selection(sel, B: int, T: int, H: int, config: NSAConfig) -> BlockSparseInd
 
 
 def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
-                       interpret: bool = False):
+                       interpret: bool = False, tilings=None):
     """Attention of each query over the keys of its tile's selected blocks (causal within them).
 
     Args:
@@ -123,6 +127,7 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
+    _checks.tilings(tilings)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     sel_bsi = _selection(sel, B, T, H, config)
     if impl == "reference":
@@ -131,18 +136,19 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
     if impl == "triton":
         pallas_triton.check_available(interpret)
-        return pallas_triton.selected_attention(q, k, v, sel_bsi, config, interpret)
+        return pallas_triton.selected_attention(q, k, v, sel_bsi, config, interpret, tilings)
     return xla.selected_attention(q, k, v, sel_bsi, config)
 
 
 def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
-                             interpret: bool = False):
+                             interpret: bool = False, tilings=None):
     """Sliding-window branch: causal keys t - w < s <= t; non-causal |s - t| < w.
 
     Returns [B, T, HQ, Dv] in q.dtype; zeros when ``config.window == 0``.
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
+    _checks.tilings(tilings)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     if impl == "reference":
         return reference.sliding_window_attention(q, k, v, config=config)
@@ -150,7 +156,7 @@ def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
     if impl == "triton":
         pallas_triton.check_available(interpret)
-        return pallas_triton.sliding_window_attention(q, k, v, config, interpret)
+        return pallas_triton.sliding_window_attention(q, k, v, config, interpret, tilings)
     return xla.sliding_window_attention(q, k, v, config)
 
 
@@ -178,7 +184,7 @@ def gate_and_combine(o_c, o_s, o_w, g=None):
 
 
 def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None,
-                  implementation=None, interpret: bool = False):
+                  implementation=None, interpret: bool = False, tilings=None):
     """Native Sparse Attention: compressed, selected and sliding-window branches, gated.
 
     Args:
@@ -192,19 +198,21 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         "reference", "triton" (Pallas forward kernels; gradients from the "xla" path for now) or
         "mosaic" (not yet available).
       interpret: run Pallas kernels in interpret mode.
+      tilings: `TritonTilings` for the "triton" kernels; None: the GPU generation's default.
 
     Returns:
       [B, T, HQ, Dv] in q.dtype. Differentiable in q, k, v, g and compress_params.
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
+    _checks.tilings(tilings)
     _checks.segment_ids(segment_ids)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     _checks.gates(g, B, T, HQ)
     if impl == "reference":
         return reference.nsa_attention(q, k, v, g, config=config, compress_params=compress_params)
     k_c, v_c = compress(k, v, config=config, params=compress_params)
-    kw = dict(config=config, implementation=impl, interpret=interpret)
+    kw = dict(config=config, implementation=impl, interpret=interpret, tilings=tilings)
     o_c, lse_c = compressed_attention(q, k_c, v_c, kv_len=S, **kw)
     sel = select_blocks(q, k_c, lse=lse_c, kv_len=S, **kw)
     o_s = selected_attention(q, k, v, sel, **kw)

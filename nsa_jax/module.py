@@ -51,7 +51,7 @@ class NSAAttention(nnx.Module):
       out_features: output width, default ``in_features``.
       use_rope: rotate q and k by their positions before attention.
       rope_base: RoPE frequency base.
-      implementation: passed to `nsa_attention`.
+      implementation, tilings: passed to `nsa_attention`.
       dtype: compute dtype of projections and attention (None: the input's dtype).
       param_dtype: parameter dtype.
       rngs: `nnx.Rngs` for initialisation.
@@ -60,7 +60,7 @@ class NSAAttention(nnx.Module):
     def __init__(self, in_features: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  config: NSAConfig, *, v_head_dim: int | None = None, out_features: int | None = None,
                  use_rope: bool = True, rope_base: float = 10000.0, implementation: str | None = None,
-                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 tilings=None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         _checks.config(config)
         for name, val in (("in_features", in_features), ("num_heads", num_heads),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -69,13 +69,14 @@ class NSAAttention(nnx.Module):
         _checks.heads(num_heads, num_kv_heads)
         if implementation is not None and implementation not in _checks.IMPLEMENTATIONS:
             _checks.implementation(implementation)
+        _checks.tilings(tilings)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         out_features = in_features if out_features is None else out_features
         self.config = config
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
         self.use_rope, self.rope_base = use_rope, rope_base
-        self.implementation = implementation
+        self.implementation, self.tilings = implementation, tilings
         self.dtype = dtype
         lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(in_features, num_heads * head_dim, **lin)
@@ -107,5 +108,5 @@ class NSAAttention(nnx.Module):
         g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32)).reshape(B, T, self.num_heads, 3)
         params = {name: p[...] for name, p in self.compress_params.items()} or None
         o = nsa_attention(q, k, v, g.astype(q.dtype), config=self.config, compress_params=params,
-                          implementation=self.implementation)
+                          implementation=self.implementation, tilings=self.tilings)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))

@@ -15,9 +15,8 @@ import numpy as np
 from nsa_jax import metadata, xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.block_scores import compressed_mass
-from nsa_jax.kernels.flash_fwd import FlashConfig, MaskRule, flash_forward, pow2
-
-ROWS = 64  # query rows (queries x group heads) per program
+from nsa_jax.kernels.flash_fwd import MaskRule, flash_forward
+from nsa_jax.kernels.tiling import TritonTilings, default_tilings
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
 MASS_BYTES = 1 << 29
@@ -30,8 +29,8 @@ def check_available(interpret: bool) -> None:
             f"{jax.default_backend()!r}); pass interpret=True to run the kernels in interpret mode")
 
 
-def _range_config(G: int) -> FlashConfig:
-    return FlashConfig(block_q=max(1, ROWS // pow2(G)), block_k=64)
+def tilings_or_default(tilings: TritonTilings | None) -> TritonTilings:
+    return default_tilings() if tilings is None else tilings
 
 
 def _offsets(B: int, T: int, S: int, kv_len=None):
@@ -68,14 +67,15 @@ def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
                     key_offset=cfg.compress_block - 1, causal=cfg.causal)
 
 
-def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False):
+def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False,
+                         tilings=None):
     B, T, HQ, D = q.shape
     H = k_c.shape[2]
     rule = _compressed_rule(cfg, k_c.shape[1])
     if not cfg.causal and kv_len is not None:
         raise NotImplementedError("implementation='triton': non-causal compressed attention with "
                                   "per-row kv_len is not supported yet")
-    tiling = _range_config(HQ // H)
+    tiling = tilings_or_default(tilings).compressed.flash(HQ // H)
     scale = cfg.softmax_scale(D)
 
     def kernel(q, k_c, v_c, offsets):
@@ -89,22 +89,15 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, inter
     return _with_xla_gradient(kernel, ref, 3)(q, k_c, v_c, _offsets(B, T, S, kv_len))
 
 
-def _selected_tiling(sel: metadata.BlockSparseIndices, G: int) -> FlashConfig:
-    bk = sel.block_size & -sel.block_size  # largest power of two dividing the block size
-    bk = min(bk, 64)
-    if bk < 16:
-        raise NotImplementedError(
-            f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
-    bq = 1
-    while bq * 2 <= sel.q_tile and sel.q_tile % (bq * 2) == 0 and bq * 2 * pow2(G) <= ROWS:
-        bq *= 2
-    return FlashConfig(block_q=bq, block_k=bk)
-
-
-def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, interpret=False):
+def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, interpret=False,
+                       tilings=None):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
-    tiling = _selected_tiling(sel, HQ // H)
+    if sel.block_size & -sel.block_size < 16:
+        raise NotImplementedError(
+            f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
+    tiling = tilings_or_default(tilings).selected.flash(HQ // H, q_tile=sel.q_tile,
+                                                        block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, tiling.block_k, -(-S // tiling.block_k))
     rule = MaskRule(num_keys=S, causal=cfg.causal)
     scale = cfg.softmax_scale(D)
@@ -122,11 +115,11 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     return _with_xla_gradient(kernel, ref, 3)(q, k, v, blocks.indices, blocks.counts)
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False):
+def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False, tilings=None):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     rule = MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window)
-    tiling = _range_config(HQ // H)
+    tiling = tilings_or_default(tilings).window.flash(HQ // H)
     scale = cfg.softmax_scale(D)
 
     def kernel(q, k, v, offsets):
@@ -140,18 +133,19 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False):
     return _with_xla_gradient(kernel, ref, 3)(q, k, v, _offsets(B, T, S))
 
 
-def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpret=False):
+def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpret=False,
+                  tilings=None):
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     q, k_c = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_c)
     if lse is None:
-        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, interpret)
+        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, interpret, tilings)
     lse = jax.lax.stop_gradient(lse)
     qt = cfg.select_q_tile
     N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
     offsets = _offsets(B, T, S, kv_len)
     rule = _compressed_rule(cfg, N_c)
-    tiling = _range_config(HQ // H)
+    tiling = tilings_or_default(tilings).scoring.flash(HQ // H, q_tile=qt)
     # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
     per_tile = B * H * max(N_c, 1) * 4
     chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))

@@ -1,0 +1,95 @@
+"""Frozen, validated tilings of the Triton-lowered kernels, with a default per GPU generation.
+
+A tiling is speed only, never semantics: every valid tiling gives the same results up to float
+rounding order. `nsa-jax bench --tune` sweeps a few candidates per kernel on the GPU at hand and
+prints the best as a `TritonTilings(...)` literal to pass as ``tilings=``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from nsa_jax.kernels.flash_fwd import FlashConfig, pow2
+
+
+def _pow2_field(cls: str, name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value & (value - 1):
+        raise ValueError(f"{cls}.{name}={value!r} must be a power of two >= {minimum}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Tiling:
+    """Tiling of one kernel.
+
+    Attributes:
+      rows: query rows per program, i.e. queries x (padded) group heads; a program owns
+        ``rows // pow2(G)`` queries (at least one) of one KV head.
+      block_k: keys (or compressed tokens) per KV block.
+      num_warps, num_stages: Triton launch parameters.
+    """
+
+    rows: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        _pow2_field("Tiling", "rows", self.rows, 16)
+        _pow2_field("Tiling", "block_k", self.block_k, 16)
+        _pow2_field("Tiling", "num_warps", self.num_warps, 1)
+        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
+            raise ValueError(f"Tiling.num_stages={self.num_stages!r} must be a positive int")
+
+    def flash(self, G: int, *, q_tile: int | None = None, block_k_divides: int | None = None) -> FlashConfig:
+        """The kernel config for groups of G heads.
+
+        ``q_tile``: block_q must divide it (block-list walks). ``block_k_divides``: block_k is
+        lowered to the largest power of two dividing it (selection blocks); the result must stay
+        >= 16.
+        """
+        bq = max(1, self.rows // pow2(G))
+        if q_tile is not None:
+            bq = min(bq, q_tile & -q_tile)
+        bk = self.block_k
+        if block_k_divides is not None:
+            bk = min(bk, block_k_divides & -block_k_divides)
+        return FlashConfig(block_q=bq, block_k=bk, num_warps=self.num_warps,
+                           num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TritonTilings:
+    """One `Tiling` per kernel of the "triton" implementation."""
+
+    compressed: Tiling = Tiling()
+    selected: Tiling = Tiling()
+    window: Tiling = Tiling()
+    scoring: Tiling = Tiling()
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, Tiling):
+                raise TypeError(f"TritonTilings.{f.name} must be a Tiling, got {type(value).__name__}")
+
+
+# Hopper (sm90): the best of `nsa-jax bench --tune` on an H100 80GB HBM3 (benchmarks/RESULTS.md).
+SM90 = TritonTilings(
+    compressed=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
+    selected=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
+    window=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
+    scoring=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
+)
+# Other generations (Ampere, Ada, ...): not measured here; small tiles that fit any of them.
+GENERIC = TritonTilings()
+
+
+def default_tilings(device=None) -> TritonTilings:
+    """The default tilings for ``device`` (default: the first JAX device)."""
+    device = jax.devices()[0] if device is None else device
+    capability = str(getattr(device, "compute_capability", "") or "")
+    if capability.split(".")[0] == "9":
+        return SM90
+    return GENERIC
