@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from nsa_jax import demo
+from nsa_jax import bench, demo
 from nsa_jax._checks import IMPLEMENTATIONS
 
 
@@ -28,7 +28,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", default="nsa_demo_out", help="directory for loss.png and selection.png")
     sub.add_argument("--implementation", default=None, choices=IMPLEMENTATIONS,
                      help="NSA implementation; None picks the fastest available")
-    sub.set_defaults(error=sub.error)
+    sub.set_defaults(error=sub.error, run=_demo)
+
+    sub = commands.add_parser(
+        "bench", help="time NSA forward (whole layer and per branch) against dense attention",
+        description="Time the NSA forward, whole layer and each branch, against dense causal "
+                    "attention (cuDNN on a GPU) in the same process; print tables and write "
+                    "bench.json and bench.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--lengths", type=int, nargs="+",
+                     default=[8192, 16384, 32768, 65536, 131072], help="sequence lengths T")
+    sub.add_argument("--shapes", nargs="+", default=["64x4", "32x8"],
+                     help="HQxH or HQxHxD (B=1, D=128 unless given)")
+    sub.add_argument("--reps", type=int, default=5, help="timed runs per row (median reported)")
+    sub.add_argument("--tune", action="store_true",
+                     help="sweep tilings per kernel first (needs implementation triton)")
+    sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
+    sub.add_argument("--implementation", default=None, choices=("xla", "triton"),
+                     help="NSA implementation; default triton on a GPU, xla otherwise")
+    sub.add_argument("--out", default="nsa_bench_out", help="directory for bench.json and bench.png")
+    sub.set_defaults(error=sub.error, run=_bench)
     return parser
 
 
@@ -46,6 +65,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if min(args.lengths) < 1 or args.reps < 1 or args.tune_length < 1:
+        args.error(f"--lengths, --reps and --tune-length must be positive, got {args.lengths}, "
+                   f"{args.reps}, {args.tune_length}")
+    try:
+        shapes = [bench.Shape.parse(s) for s in args.shapes]
+    except ValueError as err:
+        args.error(str(err))
+    if args.tune and args.implementation == "xla":
+        args.error("--tune sweeps the triton kernels' tilings; it needs --implementation triton")
+    bench.run(lengths=args.lengths, shapes=shapes, reps=args.reps,
+              implementation=args.implementation,
+              tune_length=args.tune_length if args.tune else None, out=args.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``nsa-jax`` on ``argv`` (default: the process arguments) and returns the exit code."""
     parser = _parser()
@@ -53,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return _demo(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

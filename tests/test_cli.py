@@ -1,8 +1,13 @@
-"""`nsa-jax demo` end to end on a tiny setting (the full demo is the README's first command)."""
+"""`nsa-jax demo` and `nsa-jax bench` end to end on tiny settings (the full demo is the README's
+first command; the full benchmark needs a GPU)."""
 
 from __future__ import annotations
 
-from nsa_jax import cli
+import json
+
+import pytest
+
+from nsa_jax import bench, cli
 
 
 def test_demo_smoke(tmp_path, capsys):
@@ -18,3 +23,35 @@ def test_demo_smoke(tmp_path, capsys):
 def test_no_command_prints_help_and_fails(capsys):
     assert cli.main([]) == 2
     assert "demo" in capsys.readouterr().err
+
+
+def test_bench_smoke(tmp_path, capsys):
+    """`nsa-jax bench` on a tiny shape: every row measured, nothing failed, JSON and PNG written."""
+    assert cli.main(["bench", "--lengths", "130", "--shapes", "4x2x16", "--reps", "1",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "HQ4-H2-D16" in out and "failed" not in out
+    record = json.loads((tmp_path / "bench.json").read_text())
+    rows = record["shapes"]["HQ4-H2-D16"]["results"]["130"]
+    assert set(rows) == set(bench.ROWS)
+    for name, row in rows.items():
+        assert row["error"] is None and row["ms"] > 0, name
+    assert rows["dense"]["tflops"] > 0 and rows["window"]["tflops"] > 0
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shapes", "64x5"], "HQ must be a positive multiple of H"),
+    (["--shapes", "sixty"], "must read HQxH"),
+    (["--lengths", "0"], "must be positive"),
+    (["--tune", "--implementation", "xla"], "needs --implementation triton"),
+])
+def test_bench_rejects(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_shape_parse():
+    assert bench.Shape.parse("32x8") == bench.Shape(HQ=32, H=8, D=128)
+    assert bench.Shape.parse("4x2x64").name == "HQ4-H2-D64"

@@ -1,0 +1,296 @@
+"""`nsa-jax bench`: NSA forward, whole layer and per branch, against dense causal attention.
+
+Every figure comes from one process: dense causal `jax.nn.dot_product_attention` (cuDNN on a GPU)
+and the NSA functions on the same inputs, each compiled ahead of time, then timed as the median
+of ``reps`` runs after one warm-up. Peak memory is XLA's buffer assignment of the compiled
+function (arguments + outputs + temporaries); Pallas kernels keep their tiles on chip.
+
+Useful FLOPs (DESIGN.md §7): dense causal ``2*HQ*T*T*D``; selected ``4*HQ*T*n*l'*D``; window
+``4*HQ*T*w*D``; compressed ``2*HQ*T*N_c*D`` (a query sees half the compressed tokens on average);
+scoring recomputes the compressed logits, ``HQ*T*N_c*D``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nsa_jax import api
+from nsa_jax.compression import compress
+from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.tiling import Tiling, TritonTilings, default_tilings
+
+ROWS = ("dense", "nsa_qt64", "nsa_per_token", "compressed", "scoring_qt64", "scoring_per_token",
+        "selected_qt64", "selected_per_token", "window")
+# Rows a tiling of each kernel affects, timed together by `tune`.
+TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64", "scoring_per_token"),
+            "selected": ("selected_qt64", "selected_per_token"), "window": ("window",)}
+CANDIDATES = tuple(Tiling(rows=r, block_k=bk, num_warps=w, num_stages=s) for r, bk, w, s in (
+    (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
+    (128, 128, 8, 2), (64, 128, 4, 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """B=1 attention shape: HQ query heads sharing H KV heads of head dim D (= Dv)."""
+
+    HQ: int
+    H: int
+    D: int = 128
+
+    @property
+    def name(self) -> str:
+        return f"HQ{self.HQ}-H{self.H}-D{self.D}"
+
+    @classmethod
+    def parse(cls, text: str) -> Shape:
+        """'HQxH' or 'HQxHxD', e.g. '64x4' or '32x8x128'."""
+        try:
+            parts = [int(p) for p in text.lower().split("x")]
+            shape = cls(*parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"shape {text!r} must read HQxH or HQxHxD, e.g. 64x4") from None
+        if min(parts) < 1 or shape.HQ % shape.H:
+            raise ValueError(f"shape {text!r}: HQ must be a positive multiple of H")
+        return shape
+
+
+@dataclasses.dataclass
+class Row:
+    ms: float | None = None
+    tflops: float | None = None
+    peak_bytes: int | None = None
+    error: str | None = None
+
+
+def _time_ms(compiled, args, reps: int) -> float:
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def _peak_bytes(compiled) -> int | None:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes)
+
+
+def _measure(fn: Callable, args, reps: int, flops: float | None) -> Row:
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+        ms = _time_ms(compiled, args, reps)
+    except Exception as err:  # a tiling that does not fit this GPU (e.g. shared memory) fails here
+        return Row(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    return Row(ms=ms, tflops=None if flops is None else flops / ms / 1e9,
+               peak_bytes=_peak_bytes(compiled))
+
+
+def _inputs(shape: Shape, T: int, dtype):
+    ks = jax.random.split(jax.random.key(T), 4)
+    q = jax.random.normal(ks[0], (1, T, shape.HQ, shape.D), dtype)
+    k = jax.random.normal(ks[1], (1, T, shape.H, shape.D), dtype)
+    v = jax.random.normal(ks[2], (1, T, shape.H, shape.D), dtype)
+    g = jax.nn.sigmoid(jax.random.normal(ks[3], (1, T, shape.HQ, 3))).astype(dtype)
+    return q, k, v, g
+
+
+def _dense_impl() -> str | None:
+    return "cudnn" if jax.default_backend() == "gpu" else None
+
+
+def prepare(shape: Shape, T: int, *, config: NSAConfig, implementation: str, dtype=jnp.bfloat16):
+    """Inputs of every row at length T: q, k, v, g, the compressed tokens, the compressed
+    log-sum-exp and both selections (default tilings; a tiling does not change them)."""
+    q, k, v, g = _inputs(shape, T, dtype)
+    kw = dict(implementation=implementation)
+    k_c, v_c = jax.jit(lambda k, v: compress(k, v, config=config))(k, v)
+    _, lse = jax.jit(lambda q, kc, vc: api.compressed_attention(q, kc, vc, config=config, **kw))(
+        q, k_c, v_c)
+    data = dict(q=q, k=k, v=v, g=g, k_c=k_c, v_c=v_c, lse=lse)
+    for q_tile in (64, 1):
+        cfg = dataclasses.replace(config, select_q_tile=q_tile)
+        data[f"sel_{q_tile}"] = jax.jit(lambda q, kc, lse: api.select_blocks(
+            q, kc, config=cfg, lse=lse, **kw))(q, k_c, lse)
+    return data
+
+
+def measure_length(shape: Shape, data: dict, *, config: NSAConfig, implementation: str,
+                   tilings: TritonTilings | None, reps: int,
+                   rows: Sequence[str] = ROWS) -> dict[str, Row]:
+    """Times ``rows`` (names from `ROWS`) on ``data`` from `prepare`; returns name -> Row."""
+    q, k, v, g, k_c, v_c, lse = (data[n] for n in ("q", "k", "v", "g", "k_c", "v_c", "lse"))
+    T, HQ, D = q.shape[1], shape.HQ, shape.D
+    N_c = k_c.shape[1]
+    cfg64 = dataclasses.replace(config, select_q_tile=64)
+    cfg1 = dataclasses.replace(config, select_q_tile=1)
+    kw = dict(implementation=implementation, tilings=tilings)
+    sel = {"qt64": data["sel_64"], "per_token": data["sel_1"]}
+    n, ls, w = config.num_selected, config.select_block, config.window
+    dense_impl = _dense_impl()
+    specs = {
+        "dense": (lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=dense_impl), (q, k, v), 2 * HQ * T * T * D),
+        "nsa_qt64": (lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=cfg64, **kw),
+                     (q, k, v, g), None),
+        "nsa_per_token": (lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=cfg1, **kw),
+                          (q, k, v, g), None),
+        "compressed": (lambda q, kc, vc: api.compressed_attention(q, kc, vc, config=config, **kw),
+                       (q, k_c, v_c), 2 * HQ * T * N_c * D),
+        "scoring_qt64": (lambda q, kc, lse: api.select_blocks(q, kc, config=cfg64, lse=lse, **kw),
+                         (q, k_c, lse), HQ * T * N_c * D),
+        "scoring_per_token": (lambda q, kc, lse: api.select_blocks(q, kc, config=cfg1, lse=lse,
+                                                                   **kw),
+                              (q, k_c, lse), HQ * T * N_c * D),
+        "selected_qt64": (lambda q, k, v, s: api.selected_attention(q, k, v, s, config=cfg64, **kw),
+                          (q, k, v, sel["qt64"]), 4 * HQ * T * n * ls * D),
+        "selected_per_token": (lambda q, k, v, s: api.selected_attention(q, k, v, s, config=cfg1,
+                                                                         **kw),
+                               (q, k, v, sel["per_token"]), 4 * HQ * T * n * ls * D),
+        "window": (lambda q, k, v: api.sliding_window_attention(q, k, v, config=config, **kw),
+                   (q, k, v), 4 * HQ * T * w * D),
+    }
+    return {name: _measure(specs[name][0], specs[name][1], reps, specs[name][2]) for name in rows}
+
+
+def tune(shape: Shape, T: int, *, config: NSAConfig, reps: int, start: TritonTilings,
+         candidates: Sequence[Tiling] = CANDIDATES, log=print) -> TritonTilings:
+    """Per kernel, the candidate with the lowest summed time of the rows it affects (the other
+    kernels keep their current best)."""
+    best = start
+    data = prepare(shape, T, config=config, implementation="triton")
+    for kernel, rows in TUNED_BY.items():
+        results = []
+        for cand in candidates:
+            tilings = dataclasses.replace(best, **{kernel: cand})
+            measured = measure_length(shape, data, config=config, implementation="triton",
+                                      tilings=tilings, reps=reps, rows=rows)
+            failed = [r.error for r in measured.values() if r.error]
+            total = None if failed else sum(r.ms for r in measured.values())
+            results.append((total, cand))
+            log(f"  tune {shape.name} T={T} {kernel:10s} {_tiling_str(cand):28s} "
+                + (f"{total:9.3f} ms" if total is not None else f"failed: {failed[0]}"))
+        ok = [(t, c) for t, c in results if t is not None]
+        if ok:
+            best = dataclasses.replace(best, **{kernel: min(ok, key=lambda tc: tc[0])[1]})
+    return best
+
+
+def _tiling_str(t: Tiling) -> str:
+    return f"rows={t.rows} bk={t.block_k} w={t.num_warps} s={t.num_stages}"
+
+
+def _fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def table_header(shape: Shape) -> str:
+    return (f"{shape.name}, bf16, B=1 (ms; useful TFLOP/s; speed-up = dense ms / row ms; "
+            f"peak = compiled arguments + outputs + temporaries)\n"
+            f"{'T':>7s} {'row':20s} {'ms':>10s} {'TFLOP/s':>8s} {'speed-up':>9s} {'peak':>10s}")
+
+
+def table_rows(results: dict[int, dict[str, Row]]) -> str:
+    lines = []
+    for T, rows in results.items():
+        dense = rows.get("dense")
+        for name, r in rows.items():
+            if r.error:
+                lines.append(f"{T:7d} {name:20s} failed: {r.error}")
+                continue
+            tf = "-" if r.tflops is None else f"{r.tflops:.3g}"
+            up = "-" if dense is None or dense.ms is None else f"{dense.ms / r.ms:.2f}x"
+            lines.append(f"{T:7d} {name:20s} {r.ms:10.3f} {tf:>8s} {up:>9s} "
+                         f"{_fmt_bytes(r.peak_bytes):>10s}")
+    return "\n".join(lines)
+
+
+def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(all_results), figsize=(6 * len(all_results), 8), squeeze=False)
+    for col, (shape_name, results) in enumerate(all_results.items()):
+        lengths = sorted(results)
+        top, bottom = axes[0, col], axes[1, col]
+        for name in ROWS:
+            ms = [results[T][name].ms if name in results[T] else None for T in lengths]
+            pts = [(T, m) for T, m in zip(lengths, ms) if m is not None]
+            if not pts:
+                continue
+            style = dict(lw=2.5) if name in ("dense", "nsa_qt64", "nsa_per_token") else dict(lw=1, ls="--")
+            style["color"] = f"C{ROWS.index(name)}"
+            top.plot(*zip(*pts), marker="o", label=name, **style)
+            if name != "dense":
+                ups = [(T, results[T]["dense"].ms / m) for T, m in pts
+                       if "dense" in results[T] and results[T]["dense"].ms]
+                if ups:
+                    bottom.plot(*zip(*ups), marker="o", label=name, **style)
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("T (tokens)")
+            ax.grid(True, which="both", alpha=0.3)
+        top.set_yscale("log")
+        top.set_ylabel("forward ms")
+        top.set_title(f"{shape_name}, bf16")
+        bottom.axhline(1.0, color="k", lw=0.8)
+        bottom.set_ylabel("speed-up over dense (x)")
+        top.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
+        implementation: str | None = None, tune_length: int | None = None,
+        out: str | pathlib.Path = "nsa_bench_out", config: NSAConfig | None = None,
+        log=print) -> dict:
+    """Runs the benchmark, prints tables, writes ``bench.json`` and ``bench.png`` under ``out``."""
+    config = NSAConfig() if config is None else config
+    if implementation is None:
+        implementation = "triton" if jax.default_backend() == "gpu" else "xla"
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = jax.devices()[0]
+    log(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"implementation={implementation}, dense={_dense_impl() or 'xla'}")
+    record = {"device": device.device_kind, "jax": jax.__version__, "implementation": implementation,
+              "date": time.strftime("%Y-%m-%d"), "config": dataclasses.asdict(config), "shapes": {}}
+    all_results = {}
+    for shape in shapes:
+        tilings = default_tilings() if implementation == "triton" else None
+        if tune_length and implementation == "triton":
+            tilings = tune(shape, tune_length, config=config, reps=reps, start=tilings, log=log)
+            log(f"best tilings for {shape.name} at T={tune_length}: {tilings!r}")
+        results = {}
+        log(table_header(shape))
+        for T in lengths:
+            data = prepare(shape, T, config=config, implementation=implementation)
+            results[T] = measure_length(shape, data, config=config, implementation=implementation,
+                                        tilings=tilings, reps=reps)
+            del data
+            log(table_rows({T: results[T]}))
+        all_results[shape.name] = results
+        record["shapes"][shape.name] = {
+            "tilings": None if tilings is None else dataclasses.asdict(tilings),
+            "results": {str(T): {n: dataclasses.asdict(r) for n, r in rows.items()}
+                        for T, rows in results.items()}}
+    (out / "bench.json").write_text(json.dumps(record, indent=1))
+    plot(all_results, out / "bench.png")
+    log(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return record
