@@ -34,7 +34,7 @@ TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64", "scoring_
             "selected": ("selected_qt64", "selected_per_token"), "window": ("window",)}
 CANDIDATES = tuple(Tiling(rows=r, block_k=bk, num_warps=w, num_stages=s) for r, bk, w, s in (
     (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
-    (128, 128, 8, 2), (64, 128, 4, 2)))
+    (128, 128, 8, 2), (64, 128, 4, 2), (256, 64, 8, 2), (256, 128, 8, 2)))
 
 
 @dataclasses.dataclass(frozen=True)
