@@ -61,12 +61,16 @@ class Tiling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TritonTilings:
-    """One `Tiling` per kernel of the "triton" implementation."""
+    """One `Tiling` per kernel of the "triton" implementation; ``*_bwd`` tile both backward
+    kernels (dQ and dK/dV) of a branch."""
 
     compressed: Tiling = Tiling()
     selected: Tiling = Tiling()
     window: Tiling = Tiling()
     scoring: Tiling = Tiling()
+    compressed_bwd: Tiling = Tiling()
+    selected_bwd: Tiling = Tiling()
+    window_bwd: Tiling = Tiling()
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

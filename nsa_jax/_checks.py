@@ -23,17 +23,25 @@ def tilings(t) -> None:
         raise TypeError(f"tilings must be an nsa_jax.TritonTilings or None, got {type(t).__name__}")
 
 
-def floating(name: str, x) -> None:
+def floating(name: str, x, *, wide: bool = False) -> None:
+    """``wide``: float64 is accepted too (the reference and compression, for float64 checks)."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         raise TypeError(f"{name} must be a JAX or NumPy array, got {type(x).__name__}")
-    if not any(np.dtype(dtype) == np.dtype(d) for d in FLOAT_DTYPES):
-        raise TypeError(f"{name}.dtype={np.dtype(dtype).name} must be float32, bfloat16 or float16")
+    allowed = FLOAT_DTYPES + ((jnp.float64,) if wide else ())
+    if not any(np.dtype(dtype) == np.dtype(d) for d in allowed):
+        raise TypeError(f"{name}.dtype={np.dtype(dtype).name} must be float32, bfloat16 or float16"
+                        + (" (or float64)" if wide else ""))
 
 
 def rank(name: str, x, n: int, layout: str) -> None:
     if getattr(x, "ndim", None) != n:
         raise ValueError(f"{name} must have rank {n} ({layout}), got shape {getattr(x, 'shape', None)}")
+
+
+def accumulation(*xs):
+    """float64 if any input is float64, else float32: the dtype exact paths compute in."""
+    return jnp.float64 if any(np.dtype(x.dtype) == np.float64 for x in xs) else jnp.float32
 
 
 def same_dtype(**arrays) -> None:
@@ -42,13 +50,13 @@ def same_dtype(**arrays) -> None:
         raise TypeError(f"inputs must share one dtype, got {dtypes}")
 
 
-def qkv(q, k, v, *, causal: bool):
+def qkv(q, k, v, *, causal: bool, wide: bool = False):
     """Checks q [B, T, HQ, D], k [B, S, H, D], v [B, S, H, Dv]; returns (B, T, S, HQ, H, D, Dv)."""
     rank("q", q, 4, "[B, T, HQ, D]")
     rank("k", k, 4, "[B, S, H, D]")
     rank("v", v, 4, "[B, S, H, Dv]")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        floating(name, x)
+        floating(name, x, wide=wide)
     same_dtype(q=q, k=k, v=v)
     B, T, HQ, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
@@ -72,10 +80,10 @@ def heads(HQ: int, H: int) -> None:
         raise ValueError(f"query heads HQ={HQ} must be a multiple of KV heads H={H}")
 
 
-def gates(g, B: int, T: int, HQ: int) -> None:
+def gates(g, B: int, T: int, HQ: int, *, wide: bool = False) -> None:
     if g is None:
         return
-    floating("g", g)
+    floating("g", g, wide=wide)
     if tuple(g.shape) != (B, T, HQ, 3):
         raise ValueError(f"g must have shape [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(g.shape)}")
 

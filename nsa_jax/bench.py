@@ -1,4 +1,5 @@
-"""`nsa-jax bench`: NSA forward, whole layer and per branch, against dense causal attention.
+"""`nsa-jax bench`: NSA forward and backward, whole layer and per branch, against dense causal
+attention.
 
 Every figure comes from one process: dense causal `jax.nn.dot_product_attention` (cuDNN on a GPU)
 and the NSA functions on the same inputs, each compiled ahead of time, then timed as the median
@@ -7,7 +8,8 @@ function (arguments + outputs + temporaries); Pallas kernels keep their tiles on
 
 Useful FLOPs (DESIGN.md §7): dense causal ``2*HQ*T*T*D``; selected ``4*HQ*T*n*l'*D``; window
 ``4*HQ*T*w*D``; compressed ``2*HQ*T*N_c*D`` (a query sees half the compressed tokens on average);
-scoring recomputes the compressed logits, ``HQ*T*N_c*D``.
+scoring recomputes the compressed logits, ``HQ*T*N_c*D``. A backward counts 2.5 times its
+forward's FLOPs (five products instead of two), forward+backward 3.5 times.
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.tiling import Tiling, TritonTilings, default_tilings
 
-ROWS = ("dense", "nsa_qt64", "nsa_per_token", "compressed", "scoring_qt64", "scoring_per_token",
-        "selected_qt64", "selected_per_token", "window")
+FORWARD_ROWS = ("dense", "nsa_qt64", "nsa_per_token", "compressed", "scoring_qt64",
+                "scoring_per_token", "selected_qt64", "selected_per_token", "window")
+# *_fwd_bwd: forward and all input gradients; *_bwd: the backward alone, from saved residuals.
+BACKWARD_ROWS = ("dense_fwd_bwd", "nsa_qt64_fwd_bwd", "nsa_per_token_fwd_bwd", "dense_bwd",
+                 "compressed_bwd", "selected_qt64_bwd", "selected_per_token_bwd", "window_bwd")
+ROWS = FORWARD_ROWS + BACKWARD_ROWS
 # Rows a tiling of each kernel affects, timed together by `tune`.
 TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64", "scoring_per_token"),
-            "selected": ("selected_qt64", "selected_per_token"), "window": ("window",)}
+            "selected": ("selected_qt64", "selected_per_token"), "window": ("window",),
+            "compressed_bwd": ("compressed_bwd",),
+            "selected_bwd": ("selected_qt64_bwd", "selected_per_token_bwd"),
+            "window_bwd": ("window_bwd",)}
 CANDIDATES = tuple(Tiling(rows=r, block_k=bk, num_warps=w, num_stages=s) for r, bk, w, s in (
     (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
     (128, 128, 8, 2), (64, 128, 4, 2), (256, 64, 8, 2), (256, 128, 8, 2)))
@@ -140,29 +149,54 @@ def measure_length(shape: Shape, data: dict, *, config: NSAConfig, implementatio
     sel = {"qt64": data["sel_64"], "per_token": data["sel_1"]}
     n, ls, w = config.num_selected, config.select_block, config.window
     dense_impl = _dense_impl()
-    specs = {
-        "dense": (lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=dense_impl), (q, k, v), 2 * HQ * T * T * D),
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation=dense_impl)
+    branch = {  # name -> (function of its differentiable inputs, those inputs, forward FLOPs)
+        "dense": (dense, (q, k, v), 2 * HQ * T * T * D),
+        "compressed": (lambda q, kc, vc: api.compressed_attention(q, kc, vc, config=config, **kw)[0],
+                       (q, k_c, v_c), 2 * HQ * T * N_c * D),
+        "selected_qt64": (lambda q, k, v: api.selected_attention(q, k, v, sel["qt64"], config=cfg64,
+                                                                 **kw),
+                          (q, k, v), 4 * HQ * T * n * ls * D),
+        "selected_per_token": (lambda q, k, v: api.selected_attention(q, k, v, sel["per_token"],
+                                                                      config=cfg1, **kw),
+                               (q, k, v), 4 * HQ * T * n * ls * D),
+        "window": (lambda q, k, v: api.sliding_window_attention(q, k, v, config=config, **kw),
+                   (q, k, v), 4 * HQ * T * w * D),
         "nsa_qt64": (lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=cfg64, **kw),
                      (q, k, v, g), None),
         "nsa_per_token": (lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=cfg1, **kw),
                           (q, k, v, g), None),
-        "compressed": (lambda q, kc, vc: api.compressed_attention(q, kc, vc, config=config, **kw),
-                       (q, k_c, v_c), 2 * HQ * T * N_c * D),
+    }
+    scoring = {
         "scoring_qt64": (lambda q, kc, lse: api.select_blocks(q, kc, config=cfg64, lse=lse, **kw),
                          (q, k_c, lse), HQ * T * N_c * D),
         "scoring_per_token": (lambda q, kc, lse: api.select_blocks(q, kc, config=cfg1, lse=lse,
                                                                    **kw),
                               (q, k_c, lse), HQ * T * N_c * D),
-        "selected_qt64": (lambda q, k, v, s: api.selected_attention(q, k, v, s, config=cfg64, **kw),
-                          (q, k, v, sel["qt64"]), 4 * HQ * T * n * ls * D),
-        "selected_per_token": (lambda q, k, v, s: api.selected_attention(q, k, v, s, config=cfg1,
-                                                                         **kw),
-                               (q, k, v, sel["per_token"]), 4 * HQ * T * n * ls * D),
-        "window": (lambda q, k, v: api.sliding_window_attention(q, k, v, config=config, **kw),
-                   (q, k, v), 4 * HQ * T * w * D),
     }
-    return {name: _measure(specs[name][0], specs[name][1], reps, specs[name][2]) for name in rows}
+
+    def spec(name: str):
+        if name in scoring:
+            return scoring[name]
+        if name in branch:
+            return branch[name]
+        if name.endswith("_fwd_bwd"):  # gradients of <o, ct> with respect to every float input
+            fn, args, flops = branch[name.removesuffix("_fwd_bwd")]
+            ct = jax.random.normal(jax.random.key(1), jax.eval_shape(fn, *args).shape, q.dtype)
+            loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct.astype(jnp.float32))
+            return (jax.grad(loss, argnums=tuple(range(len(args)))), args,
+                    None if flops is None else 3.5 * flops)
+        fn, args, flops = branch[name.removesuffix("_bwd")]  # backward alone, residuals given
+        out, f_vjp = jax.vjp(fn, *args)
+        ct = jax.random.normal(jax.random.key(1), out.shape, out.dtype)
+        return (lambda f_vjp, ct: f_vjp(ct)), (f_vjp, ct), None if flops is None else 2.5 * flops
+
+    out = {}
+    for name in rows:
+        fn, args, flops = spec(name)
+        out[name] = _measure(fn, args, reps, flops)
+    return out
 
 
 def tune(shape: Shape, T: int, *, config: NSAConfig, reps: int, start: TritonTilings,
@@ -198,23 +232,31 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+def baseline(name: str) -> str:
+    """The dense row a row's speed-up is measured against."""
+    if name.endswith("_fwd_bwd"):
+        return "dense_fwd_bwd"
+    return "dense_bwd" if name.endswith("_bwd") else "dense"
+
+
 def table_header(shape: Shape) -> str:
-    return (f"{shape.name}, bf16, B=1 (ms; useful TFLOP/s; speed-up = dense ms / row ms; "
+    return (f"{shape.name}, bf16, B=1 (ms; useful TFLOP/s; speed-up = dense ms / row ms, dense "
+            f"forward, backward or both alike; "
             f"peak = compiled arguments + outputs + temporaries)\n"
-            f"{'T':>7s} {'row':20s} {'ms':>10s} {'TFLOP/s':>8s} {'speed-up':>9s} {'peak':>10s}")
+            f"{'T':>7s} {'row':23s} {'ms':>10s} {'TFLOP/s':>8s} {'speed-up':>9s} {'peak':>10s}")
 
 
 def table_rows(results: dict[int, dict[str, Row]]) -> str:
     lines = []
     for T, rows in results.items():
-        dense = rows.get("dense")
         for name, r in rows.items():
+            dense = rows.get(baseline(name))
             if r.error:
-                lines.append(f"{T:7d} {name:20s} failed: {r.error}")
+                lines.append(f"{T:7d} {name:23s} failed: {r.error}")
                 continue
             tf = "-" if r.tflops is None else f"{r.tflops:.3g}"
             up = "-" if dense is None or dense.ms is None else f"{dense.ms / r.ms:.2f}x"
-            lines.append(f"{T:7d} {name:20s} {r.ms:10.3f} {tf:>8s} {up:>9s} "
+            lines.append(f"{T:7d} {name:23s} {r.ms:10.3f} {tf:>8s} {up:>9s} "
                          f"{_fmt_bytes(r.peak_bytes):>10s}")
     return "\n".join(lines)
 
@@ -224,40 +266,47 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(all_results), figsize=(6 * len(all_results), 8), squeeze=False)
+    groups = [g for g in (FORWARD_ROWS, BACKWARD_ROWS)
+              if any(n in rows for res in all_results.values() for rows in res.values() for n in g)]
+    fig, axes = plt.subplots(2 * len(groups), len(all_results),
+                             figsize=(6 * len(all_results), 4 * 2 * len(groups)), squeeze=False)
     for col, (shape_name, results) in enumerate(all_results.items()):
         lengths = sorted(results)
-        top, bottom = axes[0, col], axes[1, col]
-        for name in ROWS:
-            ms = [results[T][name].ms if name in results[T] else None for T in lengths]
-            pts = [(T, m) for T, m in zip(lengths, ms) if m is not None]
-            if not pts:
-                continue
-            style = dict(lw=2.5) if name in ("dense", "nsa_qt64", "nsa_per_token") else dict(lw=1, ls="--")
-            style["color"] = f"C{ROWS.index(name)}"
-            top.plot(*zip(*pts), marker="o", label=name, **style)
-            if name != "dense":
-                ups = [(T, results[T]["dense"].ms / m) for T, m in pts
-                       if "dense" in results[T] and results[T]["dense"].ms]
+        for gi, group in enumerate(groups):
+            top, bottom = axes[2 * gi, col], axes[2 * gi + 1, col]
+            for name in group:
+                pts = [(T, results[T][name].ms) for T in lengths
+                       if name in results[T] and results[T][name].ms is not None]
+                if not pts:
+                    continue
+                main = name.startswith(("dense", "nsa"))
+                style = dict(lw=2.5) if main else dict(lw=1, ls="--")
+                style["color"] = f"C{group.index(name) % 10}"
+                top.plot(*zip(*pts), marker="o", label=name, **style)
+                base = baseline(name)
+                ups = [(T, results[T][base].ms / m) for T, m in pts
+                       if name != base and base in results[T] and results[T][base].ms]
                 if ups:
                     bottom.plot(*zip(*ups), marker="o", label=name, **style)
-        for ax in (top, bottom):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("T (tokens)")
-            ax.grid(True, which="both", alpha=0.3)
-        top.set_yscale("log")
-        top.set_ylabel("forward ms")
-        top.set_title(f"{shape_name}, bf16")
-        bottom.axhline(1.0, color="k", lw=0.8)
-        bottom.set_ylabel("speed-up over dense (x)")
-        top.legend(fontsize=8)
+            for ax in (top, bottom):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("T (tokens)")
+                ax.grid(True, which="both", alpha=0.3)
+            kind = "forward" if group is FORWARD_ROWS else "backward / forward+backward"
+            top.set_yscale("log")
+            top.set_ylabel(f"{kind} ms")
+            top.set_title(f"{shape_name}, bf16")
+            bottom.axhline(1.0, color="k", lw=0.8)
+            bottom.set_ylabel("speed-up over dense (x)")
+            top.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
         implementation: str | None = None, tune_length: int | None = None,
+        rows: Sequence[str] = ROWS,
         out: str | pathlib.Path = "nsa_bench_out", config: NSAConfig | None = None,
         log=print) -> dict:
     """Runs the benchmark, prints tables, writes ``bench.json`` and ``bench.png`` under ``out``."""
@@ -282,7 +331,7 @@ def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
         for T in lengths:
             data = prepare(shape, T, config=config, implementation=implementation)
             results[T] = measure_length(shape, data, config=config, implementation=implementation,
-                                        tilings=tilings, reps=reps)
+                                        tilings=tilings, reps=reps, rows=rows)
             del data
             log(table_rows({T: results[T]}))
         all_results[shape.name] = results

@@ -31,8 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.set_defaults(error=sub.error, run=_demo)
 
     sub = commands.add_parser(
-        "bench", help="time NSA forward (whole layer and per branch) against dense attention",
-        description="Time the NSA forward, whole layer and each branch, against dense causal "
+        "bench", help="time NSA (whole layer and per branch) against dense attention",
+        description="Time the NSA forward and backward, whole layer and each branch, against dense causal "
                     "attention (cuDNN on a GPU) in the same process; print tables and write "
                     "bench.json and bench.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--shapes", nargs="+", default=["64x4", "32x8"],
                      help="HQxH or HQxHxD (B=1, D=128 unless given)")
     sub.add_argument("--reps", type=int, default=5, help="timed runs per row (median reported)")
+    sub.add_argument("--forward-only", action="store_true", help="skip the backward rows")
     sub.add_argument("--tune", action="store_true",
                      help="sweep tilings per kernel first (needs implementation triton)")
     sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
@@ -77,7 +78,8 @@ def _bench(args: argparse.Namespace) -> int:
         args.error("--tune sweeps the triton kernels' tilings; it needs --implementation triton")
     bench.run(lengths=args.lengths, shapes=shapes, reps=args.reps,
               implementation=args.implementation,
-              tune_length=args.tune_length if args.tune else None, out=args.out)
+              tune_length=args.tune_length if args.tune else None, out=args.out,
+              rows=bench.FORWARD_ROWS if args.forward_only else bench.ROWS)
     return 0
 
 

@@ -58,7 +58,7 @@ def check_params(config: NSAConfig, params, H: int, D: int, Dv: int) -> None:
         raise ValueError(f"compress params for compress_method={config.compress_method!r} "
                          f"must have shapes {want}, got {got}")
     for name, p in params.items():
-        _checks.floating(f"params[{name!r}]", p)
+        _checks.floating(f"params[{name!r}]", p, wide=True)
 
 
 def block_view(x, config: NSAConfig):
@@ -72,12 +72,12 @@ def block_view(x, config: NSAConfig):
 
 
 def apply_phi(blocks, params, which: str, config: NSAConfig):
-    """phi over [B, N_c, l, H, D] float32 blocks -> [B, N_c, H, D] float32."""
+    """phi over [B, N_c, l, H, D] blocks (float32, or float64) -> [B, N_c, H, D] in their dtype."""
     mean = blocks.mean(axis=2)
     if config.compress_method == "mean":
         return mean
     hi = jax.lax.Precision.HIGHEST
-    p = {name[:-2]: w.astype(jnp.float32) for name, w in params.items() if name.endswith(which)}
+    p = {name[:-2]: w.astype(blocks.dtype) for name, w in params.items() if name.endswith(which)}
     if config.compress_method == "linear":
         return jnp.einsum("bnhd,hde->bnhe", mean, p["w"], precision=hi)
     B, N_c, l, H, D = blocks.shape
@@ -105,7 +105,7 @@ def compress(k, v, *, config: NSAConfig, params=None):
     check_params(config, params, H, D, Dv)
     out = []
     for x, which in ((k, "_k"), (v, "_v")):
-        blocks = block_view(x.astype(jnp.float32), config)
+        blocks = block_view(x.astype(_checks.accumulation(x)), config)
         out.append(apply_phi(blocks, params, which, config).astype(x.dtype))
     return tuple(out)
 
@@ -113,8 +113,8 @@ def compress(k, v, *, config: NSAConfig, params=None):
 def _check_kv(k, v) -> None:
     _checks.rank("k", k, 4, "[B, S, H, D]")
     _checks.rank("v", v, 4, "[B, S, H, Dv]")
-    _checks.floating("k", k)
-    _checks.floating("v", v)
+    _checks.floating("k", k, wide=True)
+    _checks.floating("v", v, wide=True)
     _checks.same_dtype(k=k, v=v)
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must agree on [B, S, H]: k {k.shape}, v {v.shape}")

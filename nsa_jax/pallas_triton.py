@@ -1,12 +1,16 @@
 """The "triton" implementation: the three branches on the Pallas flash core (Triton lowering).
 
-Forward runs the kernels. Until the backward kernels land, gradients are the "xla" path's
-gradients of the same function (the same semantics, computed tile by tile in XLA).
-Block scoring runs the compressed-mass kernel; the linear map onto selection blocks and top-n
-stay in XLA.
+Forward and backward run kernels. Each branch is a `jax.custom_vjp` whose residuals are O(T): the
+inputs, the branch output, its log-sum-exp and the compact selection metadata. The backward
+recomputes probabilities tile by tile (`kernels/flash_bwd.py`): dQ walks the forward's KV blocks,
+dK/dV walk the query tiles that see each KV block (the reverse map for the selected branch), with
+no atomics. Block scoring runs the compressed-mass kernel; the linear map onto selection blocks
+and top-n stay in XLA; selection is not differentiated.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +19,10 @@ import numpy as np
 from nsa_jax import metadata, xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.block_scores import compressed_mass
-from nsa_jax.kernels.flash_fwd import MaskRule, flash_forward
+from nsa_jax.kernels.flash_bwd import flash_backward
+from nsa_jax.kernels.flash_fwd import FlashConfig, MaskRule, flash_forward
 from nsa_jax.kernels.tiling import TritonTilings, default_tilings
+
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
 MASS_BYTES = 1 << 29
@@ -43,23 +49,40 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-def _with_xla_gradient(kernel_fn, xla_fn, num_diff: int):
-    """``kernel_fn(*diff_args, *int_args)`` forward, ``xla_fn``'s VJP backward."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _flash(q, k, v, offsets, sel, rule: MaskRule, scale: float, fwd: FlashConfig,
+           bwd: FlashConfig, q_tile: int, interpret: bool):
+    """(o, lse) of the flash core over a block range (``sel`` None) or the KV blocks of
+    ``sel = (indices, counts)`` (selection tiles of ``q_tile`` queries, blocks of ``fwd.block_k``)."""
+    return _flash_fwd(q, k, v, offsets, sel, rule, scale, fwd, bwd, q_tile, interpret)[0]
 
-    @jax.custom_vjp
-    def f(*args):
-        return kernel_fn(*args)
 
-    def fwd(*args):
-        return kernel_fn(*args), args
+def _flash_fwd(q, k, v, offsets, sel, rule, scale, fwd, bwd, q_tile, interpret):
+    table, counts = (None, None) if sel is None else sel
+    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, table=table,
+                           counts=counts, table_q_tile=q_tile, interpret=interpret)
+    return (o, lse), (q, k, v, offsets, sel, o, lse)
 
-    def bwd(args, ct):
-        diff, rest = args[:num_diff], args[num_diff:]
-        _, vjp = jax.vjp(lambda *d: xla_fn(*d, *rest), *diff)
-        return (*vjp(ct), *(_zero_cotangent(x) for x in rest))
 
-    f.defvjp(fwd, bwd)
-    return f
+def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
+    q, k, v, offsets, sel, o, lse = res
+    do, dlse = ct
+    kw = {}
+    if sel is not None:
+        n_kb = -(-k.shape[1] // bwd.block_k)
+        blocks = metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile,
+                                                              block_size=fwd.block_k),
+                                  bwd.block_k, n_kb)
+        rev = metadata.reverse_map(blocks, n_kb)
+        kw = dict(table=blocks.indices, counts=blocks.counts, table_q_tile=q_tile,
+                  reverse_tiles=rev.tiles, reverse_offsets=rev.offsets)
+    dq, dk, dv = flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
+                                config=bwd, interpret=interpret, **kw)
+    zeros = None if sel is None else tuple(_zero_cotangent(x) for x in sel)
+    return dq, dk, dv, _zero_cotangent(offsets), zeros
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
@@ -71,66 +94,41 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, inter
                          tilings=None):
     B, T, HQ, D = q.shape
     H = k_c.shape[2]
-    rule = _compressed_rule(cfg, k_c.shape[1])
     if not cfg.causal and kv_len is not None:
         raise NotImplementedError("implementation='triton': non-causal compressed attention with "
                                   "per-row kv_len is not supported yet")
-    tiling = tilings_or_default(tilings).compressed.flash(HQ // H)
-    scale = cfg.softmax_scale(D)
-
-    def kernel(q, k_c, v_c, offsets):
-        o, lse = flash_forward(q, k_c, v_c, offsets, rule=rule, scale=scale, config=tiling,
-                               interpret=interpret)
-        return o, lse
-
-    def ref(q, k_c, v_c, offsets):
-        return xla.compressed_attention(q, k_c, v_c, cfg, S, kv_len)
-
-    return _with_xla_gradient(kernel, ref, 3)(q, k_c, v_c, _offsets(B, T, S, kv_len))
+    t = tilings_or_default(tilings)
+    return _flash(q, k_c, v_c, _offsets(B, T, S, kv_len), None, _compressed_rule(cfg, k_c.shape[1]),
+                  cfg.softmax_scale(D), t.compressed.flash(HQ // H), t.compressed_bwd.flash(HQ // H),
+                  1, interpret)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, interpret=False,
                        tilings=None):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
+    G = HQ // H
     if sel.block_size & -sel.block_size < 16:
         raise NotImplementedError(
             f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
-    tiling = tilings_or_default(tilings).selected.flash(HQ // H, q_tile=sel.q_tile,
-                                                        block_k_divides=sel.block_size)
-    blocks = metadata.reblock(sel, tiling.block_k, -(-S // tiling.block_k))
-    rule = MaskRule(num_keys=S, causal=cfg.causal)
-    scale = cfg.softmax_scale(D)
-
-    def kernel(q, k, v, indices, counts):
-        o, _ = flash_forward(q, k, v, _offsets(B, T, S), rule=rule, scale=scale, config=tiling,
-                             table=indices, counts=counts, table_q_tile=sel.q_tile,
-                             interpret=interpret)
-        return o
-
-    def ref(q, k, v, indices, counts):
-        return xla.selected_attention(q, k, v, metadata.BlockSparseIndices(
-            indices, counts, q_tile=blocks.q_tile, block_size=blocks.block_size), cfg)
-
-    return _with_xla_gradient(kernel, ref, 3)(q, k, v, blocks.indices, blocks.counts)
+    t = tilings_or_default(tilings)
+    fwd = t.selected.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
+    bwd = t.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
+    blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
+    o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts),
+                  MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
+                  sel.q_tile, interpret)
+    return o
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False, tilings=None):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
-    rule = MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window)
-    tiling = tilings_or_default(tilings).window.flash(HQ // H)
-    scale = cfg.softmax_scale(D)
-
-    def kernel(q, k, v, offsets):
-        o, _ = flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=tiling,
-                             interpret=interpret)
-        return o
-
-    def ref(q, k, v, offsets):
-        return xla.sliding_window_attention(q, k, v, cfg)
-
-    return _with_xla_gradient(kernel, ref, 3)(q, k, v, _offsets(B, T, S))
+    t = tilings_or_default(tilings)
+    o, _ = _flash(q, k, v, _offsets(B, T, S), None,
+                  MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
+                  t.window.flash(HQ // H), t.window_bwd.flash(HQ // H), 1, interpret)
+    return o
 
 
 def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpret=False,

@@ -1,6 +1,7 @@
 """Dense jnp reference for every NSA piece and their composition (DESIGN.md §3).
 
-Written for clarity, not speed: float32 throughout, ``precision=HIGHEST``, and masks over the full
+Written for clarity, not speed: float32 throughout (float64 for float64 inputs, so that gradients
+can be checked by finite differences), ``precision=HIGHEST``, and masks over the full
 [T, S] (or [T, N_c]) grid built straight from the rules in DESIGN.md. Every other implementation
 is tested against these functions; they share no code with them beyond input validation.
 """
@@ -20,7 +21,9 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def _f32(*xs):
-    return tuple(jnp.asarray(x, jnp.float32) for x in xs)
+    """The inputs in float32, or float64 if any is float64."""
+    dtype = _checks.accumulation(*xs)
+    return tuple(jnp.asarray(x, dtype) for x in xs)
 
 
 def _positions(B: int, T: int, S, kv_len=None):
@@ -67,16 +70,17 @@ def compress(k, v, *, config: NSAConfig, params=None):
     N_c = config.num_compressed(S)
     idx = np.arange(N_c)[:, None] * d + np.arange(l)[None, :]  # [N_c, l]
     out = []
+    acc = _checks.accumulation(k)
     for x, which in ((k, "k"), (v, "v")):
-        blocks = jnp.asarray(x, jnp.float32)[:, idx]  # [B, N_c, l, H, E]
+        blocks = jnp.asarray(x, acc)[:, idx]  # [B, N_c, l, H, E]
         mean = blocks.sum(axis=2) / l
         if config.compress_method == "mean":
             y = mean
         elif config.compress_method == "linear":
-            w = jnp.asarray(params[f"w_{which}"], jnp.float32)  # [H, E, E]
+            w = jnp.asarray(params[f"w_{which}"], acc)  # [H, E, E]
             y = jnp.einsum("bnhe,hef->bnhf", mean, w, precision=_HI)
         else:
-            p = {n: jnp.asarray(params[f"{n}_{which}"], jnp.float32)
+            p = {n: jnp.asarray(params[f"{n}_{which}"], acc)
                  for n in ("pos", "w1", "b1", "w2", "b2")}
             E = x.shape[3]
             w1 = p["w1"].reshape(l, E, E)  # flattened (position, feature) input
@@ -222,7 +226,7 @@ def _causal_mask(T: int, S: int):
 
 def selected_attention(q, k, v, sel, *, config: NSAConfig):
     """Reference selected branch; ``sel`` is `BlockSparseIndices` or per-token int32[B, T, H, n]."""
-    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
     mask = selected_token_mask(sel, B, T, S, H, config.select_block)
     if config.causal:
         mask = mask & _causal_mask(T, S)
@@ -231,7 +235,7 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig):
 
 def sliding_window_attention(q, k, v, *, config: NSAConfig):
     """Reference window branch: causal keys t - w < s <= t, non-causal |s - t| < w."""
-    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
     if config.window == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
     diff = (jnp.arange(T)[:, None] + (S - T)) - jnp.arange(S)[None, :]
@@ -249,7 +253,7 @@ def gate_and_combine(o_c, o_s, o_w, g=None):
         weights = jnp.full((3,), 1.0 / 3.0)
         out = jnp.einsum("bthvc,c->bthv", branches, weights, precision=_HI)
     else:
-        out = jnp.einsum("bthvc,bthc->bthv", branches, jnp.asarray(g, jnp.float32), precision=_HI)
+        out = jnp.einsum("bthvc,bthc->bthv", branches, jnp.asarray(g, branches.dtype), precision=_HI)
     return out.astype(o_c.dtype)
 
 
@@ -258,8 +262,8 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
     gated sum."""
     _checks.config(config)
     _checks.segment_ids(segment_ids)
-    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
-    _checks.gates(g, B, T, HQ)
+    B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
+    _checks.gates(g, B, T, HQ, wide=True)
     k_c, v_c = compress(k, v, config=config, params=compress_params)
     o_c, lse_c = compressed_attention(q, k_c, v_c, config=config, kv_len=S)
     sel = select_blocks(q, k_c, config=config, lse=lse_c, kv_len=S)

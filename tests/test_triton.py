@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import nsa_jax
 from nsa_jax import pallas_triton, reference
 from nsa_jax.kernels.flash_fwd import FlashConfig
-from conftest import FWD_TOL, IMPLEMENTATIONS, assert_close, normal
+from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, assert_close, normal
 
 TRITON = IMPLEMENTATIONS["triton"]
 
@@ -60,3 +62,44 @@ def test_select_block_without_a_16_key_tile_is_refused():
 def test_flash_config_validation(field, value):
     with pytest.raises(ValueError, match=f"FlashConfig.{field}={value}"):
         FlashConfig(**{field: value})
+
+
+def _grad_check(fn, ref_fn, args, names):
+    out, vjp = jax.vjp(fn, *args)
+    ref_out, ref_vjp = jax.vjp(ref_fn, *args)
+    ct = jax.tree.map(lambda x: normal(jax.random.key(3), x.shape), out)
+    for name, g, rg in zip(names, vjp(ct), ref_vjp(ct)):
+        assert_close(g, rg, GRAD_TOL[jnp.float32], f"d{name}")
+
+
+@pytest.mark.parametrize("select_block", [128, 48])
+def test_selected_gradients_reblocked(select_block):
+    cfg = nsa_jax.NSAConfig(select_block=select_block, num_selected=4, select_q_tile=16)
+    q, k, v = _inputs(300, HQ=4, H=1)
+    k_c, _ = nsa_jax.compress(k, v, config=cfg)
+    sel = reference.select_blocks(q, k_c, config=cfg)
+    _grad_check(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **TRITON),
+                lambda q, k, v: reference.selected_attention(q, k, v, sel, config=cfg),
+                (q, k, v), "q k v".split())
+
+
+def test_compressed_lse_cotangent():
+    """The log-sum-exp output is differentiable too (d lse / d s = p)."""
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8)
+    q, _, _ = _inputs(40, seed=1)
+    _, k, v = _inputs(203, seed=2)
+    k_c, v_c = nsa_jax.compress(k, v, config=cfg)
+    _grad_check(lambda *a: nsa_jax.compressed_attention(*a, config=cfg, kv_len=203, **TRITON),
+                lambda *a: reference.compressed_attention(*a, config=cfg, kv_len=203),
+                (q, k_c, v_c), "q k_c v_c".split())
+
+
+def test_gradients_run_on_the_backward_kernels():
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=3,
+                            window=32)
+    q, k, v = _inputs(64)
+    loss = lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=cfg, **TRITON).sum()
+    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    kernels = re.findall(r"name=(nsa_\w+)", text)
+    # one dQ and one dK/dV kernel per branch
+    assert kernels.count("nsa_flash_bwd_dq") == 3 and kernels.count("nsa_flash_bwd_dkv") == 3
