@@ -25,6 +25,14 @@ from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, group_rows,
                                        visible, walk_range)
 
 
+# Range walks (compressed branch) are split until about this many programs run.
+TARGET_PROGRAMS = 512
+MAX_SPLITS = 32
+# Block-list walks: the most-selected blocks per (batch, KV head) and the shares each is cut into.
+HEAVY_BLOCKS = 8
+HEAVY_SPLITS = 16
+
+
 def query_range(rule: MaskRule, k_start, block_k: int, offset, block_q: int, n_qt: int):
     """[ilo, ihi): the query tiles (of ``block_q`` queries, query 0 at key position ``offset``)
     with some query that sees a key of the block starting at key index ``k_start``."""
@@ -82,16 +90,31 @@ def _dq_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_
 
 
 def _dkv_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
-                n_qt: int, table_per: int, use_table: bool):
-    if use_table:
-        off_ref, rt_ref, ro_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
-    else:
+                n_qt: int, table_per: int, mode: str, splits: int):
+    """dK/dV of one KV block from one share of the query tiles that see it.
+
+    ``mode`` "range": program p is block p // splits and share p % splits of its query range.
+    "table": program p is block p, all its reverse-map entries, unless the block is heavy.
+    "heavy": program p is heavy slot p // splits and share p % splits of that block's entries.
+    """
+    if mode == "range":
         off_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
-    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    k, v = k_ref[...], v_ref[...]  # [BK, D], [BK, Dv]
+    elif mode == "table":
+        off_ref, rt_ref, ro_ref, hv_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
+    else:
+        off_ref, rt_ref, ro_ref, hid_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
+    b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    if mode == "table":
+        j = p
+    elif mode == "range":
+        j = p // splits
+    else:
+        j = hid_ref[b, h, p // splits]
+    start = pl.multiple_of(j * block_k, block_k)
+    k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
+    v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
     rows = block_q * G
     prec = lax.Precision.HIGHEST if k.dtype == jnp.float32 else None
-    start = j * block_k
     offset = off_ref[b]
 
     def visit(i, carry):
@@ -110,15 +133,25 @@ def _dkv_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block
         dk = dk + pltriton.dot(ds.astype(q.dtype), q, trans_a=True, precision=prec).astype(jnp.float32)
         return dk, dv
 
+    def share(lo, hi, part):  # [lo, hi) cut into `splits` near-equal consecutive shares
+        size = (hi - lo + splits - 1) // splits
+        a = jnp.minimum(lo + part * size, hi)
+        return a, jnp.minimum(a + size, hi)
+
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    if use_table:
+    if mode == "range":
+        ilo, ihi = query_range(rule, start, block_k, offset, block_q, n_qt)
+        dk, dv = lax.fori_loop(*share(ilo, ihi, p % splits), visit, carry)
+    else:
         def entry(e, carry):
             tile = rt_ref[b, h, e]
             return lax.fori_loop(tile * table_per, (tile + 1) * table_per, visit, carry)
-        dk, dv = lax.fori_loop(ro_ref[b, h, j], ro_ref[b, h, j + 1], entry, carry)
-    else:
-        ilo, ihi = query_range(rule, start, block_k, offset, block_q, n_qt)
-        dk, dv = lax.fori_loop(ilo, ihi, visit, carry)
+        lo, hi = ro_ref[b, h, j], ro_ref[b, h, j + 1]
+        if mode == "table":
+            hi = jnp.where(hv_ref[b, h, j] > 0, lo, hi)
+        else:
+            lo, hi = share(lo, hi, p % splits)
+        dk, dv = lax.fori_loop(lo, hi, entry, carry)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -199,28 +232,55 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
         compiler_params=params, interpret=interpret, name="nsa_flash_bwd_dq",
     )(offsets, *dq_args)
 
-    block_kv = [pl.BlockSpec((None, None, bk, D_p), lambda b, h, j: (b, h, j, 0)),
-                pl.BlockSpec((None, None, bk, Dv_p), lambda b, h, j: (b, h, j, 0))]
-    whole_q = [pl.BlockSpec((None, None, n_qt * rows, D_p), lambda b, h, j: (b, h, 0, 0)),
-               pl.BlockSpec((None, None, n_qt * rows, Dv_p), lambda b, h, j: (b, h, 0, 0)),
-               pl.BlockSpec((None, None, n_qt * rows), lambda b, h, j: (b, h, 0)),
-               pl.BlockSpec((None, None, n_qt * rows), lambda b, h, j: (b, h, 0))]
-    dkv_specs = block_kv + whole_q
-    dkv_args = [kh, vh, qg, dog, lse_g, dl_g]
-    if use_table:
-        dkv_specs = [pl.BlockSpec(), pl.BlockSpec()] + dkv_specs
-        dkv_args = [reverse_tiles.astype(jnp.int32), reverse_offsets.astype(jnp.int32)] + dkv_args
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
-                          n_qt=n_qt, table_per=table_q_tile // bq, use_table=use_table),
-        grid=(B, H, n_kb),
-        in_specs=[pl.BlockSpec()] + dkv_specs,
-        out_specs=[pl.BlockSpec((None, None, bk, D_p), lambda b, h, j: (b, h, j, 0)),
-                   pl.BlockSpec((None, None, bk, Dv_p), lambda b, h, j: (b, h, j, 0))],
-        out_shape=[jax.ShapeDtypeStruct((B, H, n_kb * bk, D_p), jnp.float32),
-                   jax.ShapeDtypeStruct((B, H, n_kb * bk, Dv_p), jnp.float32)],
-        compiler_params=params, interpret=interpret, name="nsa_flash_bwd_dkv",
-    )(offsets, *dkv_args)
+    whole_q = [pl.BlockSpec((None, None, n_qt * rows, D_p), lambda b, h, p: (b, h, 0, 0)),
+               pl.BlockSpec((None, None, n_qt * rows, Dv_p), lambda b, h, p: (b, h, 0, 0)),
+               pl.BlockSpec((None, None, n_qt * rows), lambda b, h, p: (b, h, 0)),
+               pl.BlockSpec((None, None, n_qt * rows), lambda b, h, p: (b, h, 0))]
+    kv_q_specs, kv_q_args = whole_kv + whole_q, [kh, vh, qg, dog, lse_g, dl_g]
+
+    def dkv_call(mode: str, programs: int, splits: int, extra_specs, extra_args, out_block, out_index,
+                 out_lead):
+        return pl.pallas_call(
+            functools.partial(_dkv_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
+                              n_qt=n_qt, table_per=table_q_tile // bq, mode=mode, splits=splits),
+            grid=(B, H, programs),
+            in_specs=[pl.BlockSpec()] + extra_specs + kv_q_specs,
+            out_specs=[pl.BlockSpec((None, None, *out_block, bk, D_p), out_index),
+                       pl.BlockSpec((None, None, *out_block, bk, Dv_p), out_index)],
+            out_shape=[jax.ShapeDtypeStruct((B, H, *out_lead, D_p), jnp.float32),
+                       jax.ShapeDtypeStruct((B, H, *out_lead, Dv_p), jnp.float32)],
+            compiler_params=params, interpret=interpret, name="nsa_flash_bwd_dkv",
+        )(offsets, *extra_args, *kv_q_args)
+
+    if not use_table:
+        # Few KV blocks (compressed tokens) each seen by many query tiles: split every block's
+        # query range into `splits` shares, one program each, and add the shares in XLA.
+        splits = int(min(MAX_SPLITS, max(1, -(-TARGET_PROGRAMS // (B * H * n_kb)))))
+        dk, dv = dkv_call("range", n_kb * splits, splits, [], [], (None,),
+                          lambda b, h, p: (b, h, p % splits, p // splits, 0),
+                          (splits, n_kb * bk))
+        dk, dv = dk.sum(axis=2), dv.sum(axis=2)
+    else:
+        # A block selected by most query tiles (the forced initial blocks, or a popular one)
+        # would serialise on one program: the `heavy` blocks with the most entries are split
+        # into shares instead, and their sums written after the others.
+        rt, ro = reverse_tiles.astype(jnp.int32), reverse_offsets.astype(jnp.int32)
+        n_heavy = min(HEAVY_BLOCKS, n_kb)
+        whole = [pl.BlockSpec(), pl.BlockSpec(), pl.BlockSpec()]
+        is_heavy = jnp.zeros((B, H, n_kb), jnp.int32)
+        if n_heavy:
+            _, heavy = lax.top_k(ro[..., 1:] - ro[..., :-1], n_heavy)  # [B, H, n_heavy]
+            at = (jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None], heavy.astype(jnp.int32))
+            is_heavy = is_heavy.at[at].set(1)
+        dk, dv = dkv_call("table", n_kb, 1, whole, [rt, ro, is_heavy], (),
+                          lambda b, h, p: (b, h, p, 0), (n_kb * bk,))
+        if n_heavy:
+            hk, hv = dkv_call("heavy", n_heavy * HEAVY_SPLITS, HEAVY_SPLITS, whole, [rt, ro, at[2]],
+                              (None, None),
+                              lambda b, h, p: (b, h, p // HEAVY_SPLITS, p % HEAVY_SPLITS, 0, 0),
+                              (n_heavy, HEAVY_SPLITS, bk))
+            dk = dk.reshape(B, H, n_kb, bk, D_p).at[at].set(hk.sum(axis=3)).reshape(dk.shape)
+            dv = dv.reshape(B, H, n_kb, bk, Dv_p).at[at].set(hv.sum(axis=3)).reshape(dv.shape)
 
     dq = dq.reshape(B, H, T_p, G_p, D_p)[:, :, :T, :G, :D].transpose(0, 2, 1, 3, 4)
     dk = dk[:, :, :N, :D].transpose(0, 2, 1, 3)

@@ -86,6 +86,11 @@ SM90 = TritonTilings(
     selected=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     window=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     scoring=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
+    # Backward: `--tune --tune-length 16384` on an H100 80GB HBM3; 128 rows spill registers
+    # (2x slower) and 8 warps with 3 stages exceed shared memory.
+    compressed_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=3),
+    selected_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=3),
+    window_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
 )
 # Other generations (Ampere, Ada, ...): not measured here; small tiles that fit any of them.
 GENERIC = TritonTilings()

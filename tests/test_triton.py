@@ -101,5 +101,21 @@ def test_gradients_run_on_the_backward_kernels():
     loss = lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=cfg, **TRITON).sum()
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
     kernels = re.findall(r"name=(nsa_\w+)", text)
-    # one dQ and one dK/dV kernel per branch
-    assert kernels.count("nsa_flash_bwd_dq") == 3 and kernels.count("nsa_flash_bwd_dkv") == 3
+    # one dQ kernel per branch; dK/dV: one per range branch, two (all blocks, heavy blocks) for
+    # the selected branch
+    assert kernels.count("nsa_flash_bwd_dq") == 3 and kernels.count("nsa_flash_bwd_dkv") == 4
+
+
+@pytest.mark.parametrize("heavy,target", [(2, 1), (0, 64)])
+def test_gradients_with_other_work_splits(monkeypatch, heavy, target):
+    """Small cases split every block; here most blocks take the unsplit path (heavy=2, target=1)
+    or none is heavy (heavy=0), and the gradients still match the reference."""
+    from nsa_jax.kernels import flash_bwd
+    monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", heavy)
+    monkeypatch.setattr(flash_bwd, "TARGET_PROGRAMS", target)
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=4,
+                            window=40, select_q_tile=16)
+    q, k, v = _inputs(333, HQ=4, H=2)
+    _grad_check(lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=cfg, **TRITON),
+                lambda q, k, v: reference.nsa_attention(q, k, v, config=cfg),
+                (q, k, v), "q k v".split())
