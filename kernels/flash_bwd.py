@@ -228,7 +228,7 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
         grid=(B, H, n_qt),
         in_specs=[pl.BlockSpec()] + dq_specs,
         out_specs=pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, H, n_qt * rows, D_p), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((B, H, n_qt * rows, D_p), q.dtype),
         compiler_params=params, interpret=interpret, name="nsa_flash_bwd_dq",
     )(offsets, *dq_args)
 
@@ -285,4 +285,4 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
     dq = dq.reshape(B, H, T_p, G_p, D_p)[:, :, :T, :G, :D].transpose(0, 2, 1, 3, 4)
     dk = dk[:, :, :N, :D].transpose(0, 2, 1, 3)
     dv = dv[:, :, :N, :Dv].transpose(0, 2, 1, 3)
-    return (dq.reshape(B, T, HQ, D).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+    return dq.reshape(B, T, HQ, D), dk.astype(k.dtype), dv.astype(v.dtype)

@@ -39,7 +39,8 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
       config: `NSAConfig`.
       kv_len: key length S the compressed tokens came from (int or int32[B]); default T. Query t
         sits at key position t + (S - T).
-      implementation: None, "xla", "reference" or "triton" ("mosaic" once its kernels land).
+      implementation: None ("triton" on a GPU, "xla" elsewhere), "xla", "reference" or "triton"
+        ("mosaic" once its kernels land).
       interpret: run Pallas kernels in interpret mode (ignored by "xla" and "reference").
       tilings: `TritonTilings` for the "triton" kernels (speed only); None picks the default for
         the GPU generation. Every function below takes the same ``interpret`` and ``tilings``.
@@ -59,6 +60,8 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     if T == 0:
         return (jnp.zeros((*q.shape[:3], v_c.shape[3]), q.dtype),
                 jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
+    if impl == "triton" and implementation is None and not config.causal and kv_arr is not None:
+        impl = "xla"  # the one case the Triton kernels do not cover yet; same semantics
     if impl == "triton":
         pallas_triton.check_available(interpret)
         return pallas_triton.compressed_attention(q, k_c, v_c, config, S, kv_arr, interpret, tilings)
@@ -134,6 +137,8 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
         return reference.selected_attention(q, k, v, sel, config=config)
     if T == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
+    if impl == "triton" and implementation is None and not pallas_triton.supports_block(sel_bsi.block_size):
+        impl = "xla"  # the one case the Triton kernels do not cover yet; same semantics
     if impl == "triton":
         pallas_triton.check_available(interpret)
         return pallas_triton.selected_attention(q, k, v, sel_bsi, config, interpret, tilings)
@@ -194,9 +199,8 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
       config: `NSAConfig`.
       segment_ids: packed sequences; not supported yet (raises NotImplementedError if given).
       compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
-      implementation: None ("xla" until the Pallas kernels are benchmarked faster), "xla",
-        "reference", "triton" (Pallas forward kernels; gradients from the "xla" path for now) or
-        "mosaic" (not yet available).
+      implementation: None ("triton" on a GPU, "xla" elsewhere), "xla", "reference", "triton"
+        (Pallas kernels, forward and backward) or "mosaic" (not yet available).
       interpret: run Pallas kernels in interpret mode.
       tilings: `TritonTilings` for the "triton" kernels; None: the GPU generation's default.
 

@@ -23,11 +23,14 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
 
 from nsa_jax import api
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.tiling import Tiling, TritonTilings, default_tilings
+from nsa_jax.module import NSAAttention
 
 FORWARD_ROWS = ("dense", "nsa_qt64", "nsa_per_token", "compressed", "scoring_qt64",
                 "scoring_per_token", "selected_qt64", "selected_per_token", "window")
@@ -199,6 +202,59 @@ def measure_length(shape: Shape, data: dict, *, config: NSAConfig, implementatio
     return out
 
 
+class _DenseTwin(nnx.Module):
+    """The projections of an `NSAAttention` layer around dense causal attention instead of NSA."""
+
+    def __init__(self, layer: NSAAttention):
+        self.layer = layer
+
+    def __call__(self, x):
+        m = self.layer
+        B, T, _ = x.shape
+        x = x.astype(m.dtype) if m.dtype is not None else x
+        q = m.q_proj(x).reshape(B, T, m.num_heads, m.head_dim)
+        k = m.k_proj(x).reshape(B, T, m.num_kv_heads, m.head_dim)
+        v = m.v_proj(x).reshape(B, T, m.num_kv_heads, m.v_head_dim)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_dense_impl())
+        return m.o_proj(o.reshape(B, T, m.num_heads * m.v_head_dim))
+
+
+def train_step_ms(shape: Shape, T: int, *, config: NSAConfig, implementation: str,
+                  tilings: TritonTilings | None, reps: int, width: int = 2048) -> dict[str, Row]:
+    """Step time of a jitted NNX training step (AdamW) of one attention layer, [1, T, width]
+    inputs, bf16 compute, regression loss: NSA with ``select_q_tile=64`` against the same layer's
+    projections around dense attention."""
+    cfg = dataclasses.replace(config, select_q_tile=64)
+    layer = NSAAttention(width, shape.HQ, shape.H, shape.D, cfg, use_rope=False,
+                         implementation=implementation, tilings=tilings, dtype=jnp.bfloat16,
+                         rngs=nnx.Rngs(0))
+    ks = jax.random.split(jax.random.key(T), 2)
+    x = jax.random.normal(ks[0], (1, T, width), jnp.bfloat16)
+    y = jax.random.normal(ks[1], (1, T, width), jnp.float32)
+    out = {}
+    for name, model in (("dense_train_step", _DenseTwin(layer)), ("nsa_qt64_train_step", layer)):
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
+
+        @nnx.jit
+        def step(model, optimizer, x, y):
+            loss_fn = lambda model: jnp.mean((model(x).astype(jnp.float32) - y) ** 2)
+            loss, grads = nnx.value_and_grad(loss_fn)(model)
+            optimizer.update(model, grads)
+            return loss
+
+        try:
+            jax.block_until_ready(step(model, optimizer, x, y))
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                jax.block_until_ready(step(model, optimizer, x, y))
+                times.append(time.perf_counter() - t0)
+            out[name] = Row(ms=float(np.median(times)) * 1e3)
+        except Exception as err:
+            out[name] = Row(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    return out
+
+
 def tune(shape: Shape, T: int, *, config: NSAConfig, reps: int, start: TritonTilings,
          candidates: Sequence[Tiling] = CANDIDATES, log=print) -> TritonTilings:
     """Per kernel, the candidate with the lowest summed time of the rows it affects (the other
@@ -234,6 +290,8 @@ def _fmt_bytes(n: int | None) -> str:
 
 def baseline(name: str) -> str:
     """The dense row a row's speed-up is measured against."""
+    if name.endswith("_train_step"):
+        return "dense_train_step"
     if name.endswith("_fwd_bwd"):
         return "dense_fwd_bwd"
     return "dense_bwd" if name.endswith("_bwd") else "dense"
@@ -306,7 +364,7 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
 
 def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
         implementation: str | None = None, tune_length: int | None = None,
-        rows: Sequence[str] = ROWS,
+        rows: Sequence[str] = ROWS, train_lengths: Sequence[int] = (),
         out: str | pathlib.Path = "nsa_bench_out", config: NSAConfig | None = None,
         log=print) -> dict:
     """Runs the benchmark, prints tables, writes ``bench.json`` and ``bench.png`` under ``out``."""
@@ -334,6 +392,10 @@ def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
                                         tilings=tilings, reps=reps, rows=rows)
             del data
             log(table_rows({T: results[T]}))
+        for T in train_lengths:
+            results.setdefault(T, {}).update(train_step_ms(
+                shape, T, config=config, implementation=implementation, tilings=tilings, reps=reps))
+            log(table_rows({T: {n: r for n, r in results[T].items() if n.endswith("_train_step")}}))
         all_results[shape.name] = results
         record["shapes"][shape.name] = {
             "tilings": None if tilings is None else dataclasses.asdict(tilings),

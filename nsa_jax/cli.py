@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="HQxH or HQxHxD (B=1, D=128 unless given)")
     sub.add_argument("--reps", type=int, default=5, help="timed runs per row (median reported)")
     sub.add_argument("--forward-only", action="store_true", help="skip the backward rows")
+    sub.add_argument("--train-lengths", type=int, nargs="*", default=[],
+                     help="also time a jitted NNX training step of one layer at these T")
     sub.add_argument("--tune", action="store_true",
                      help="sweep tilings per kernel first (needs implementation triton)")
     sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
@@ -79,7 +81,8 @@ def _bench(args: argparse.Namespace) -> int:
     bench.run(lengths=args.lengths, shapes=shapes, reps=args.reps,
               implementation=args.implementation,
               tune_length=args.tune_length if args.tune else None, out=args.out,
-              rows=bench.FORWARD_ROWS if args.forward_only else bench.ROWS)
+              rows=bench.FORWARD_ROWS if args.forward_only else bench.ROWS,
+              train_lengths=args.train_lengths)
     return 0
 
 

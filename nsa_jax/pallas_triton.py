@@ -85,6 +85,11 @@ def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def supports_block(select_block: int) -> bool:
+    """Selection blocks need a power-of-two KV tile of at least 16 keys dividing them."""
+    return select_block & -select_block >= 16
+
+
 def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
     return MaskRule(num_keys=N_c, key_stride=cfg.compress_stride,
                     key_offset=cfg.compress_block - 1, causal=cfg.causal)
@@ -108,7 +113,7 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
-    if sel.block_size & -sel.block_size < 16:
+    if not supports_block(sel.block_size):
         raise NotImplementedError(
             f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
     t = tilings_or_default(tilings)
