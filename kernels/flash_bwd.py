@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, group_rows, heads_major, pow2,
-                                       visible, walk_range)
+                                       table_inputs, visible, walk_range)
 
 
 # Range walks (compressed branch) are split until about this many programs run.
@@ -215,13 +215,8 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
     dq_specs = tile_specs + whole_kv
     dq_args = [qg, dog, lse_g, dl_g, kh, vh]
     if use_table:
-        K = table.shape[-1]
-        K_p = pow2(K)
-        tab = jnp.pad(table, ((0, 0), (0, 0), (0, 0), (0, K_p - K)), constant_values=-1)
-        per = table_q_tile // bq
-        dq_specs = [pl.BlockSpec((None, None, None, K_p), lambda b, h, i: (b, h, i // per, 0)),
-                    pl.BlockSpec((None, None, None, 1), lambda b, h, i: (b, h, i // per, 0))] + dq_specs
-        dq_args = [tab, counts[..., None]] + dq_args
+        specs, table_args = table_inputs(table, counts, table_q_tile // bq)
+        dq_specs, dq_args = specs + dq_specs, table_args + dq_args
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
                           use_table=use_table),

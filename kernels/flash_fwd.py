@@ -185,6 +185,17 @@ def heads_major(x, N_p: int, D_p: int):
     return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, N_p - N), (0, D_p - D)))
 
 
+def table_inputs(table, counts, per: int):
+    """Specs and arrays giving the program of query tile i its selection tile's row (i // per) of
+    the block table (padded to a power of two with -1) and its count."""
+    K = table.shape[-1]
+    K_p = pow2(K)
+    tab = jnp.pad(table, ((0, 0), (0, 0), (0, 0), (0, K_p - K)), constant_values=-1)
+    specs = [pl.BlockSpec((None, None, None, K_p), lambda b, h, i: (b, h, i // per, 0)),
+             pl.BlockSpec((None, None, None, 1), lambda b, h, i: (b, h, i // per, 0))]
+    return specs, [tab, counts[..., None]]
+
+
 def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -226,15 +237,9 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
                 pl.BlockSpec((None, None, n_kb * bk, D_p), lambda b, h, i: (b, h, 0, 0)),
                 pl.BlockSpec((None, None, n_kb * bk, Dv_p), lambda b, h, i: (b, h, 0, 0))]
     args = [qg, kh, vh]
-    per = 1
     if table is not None:
-        K = table.shape[-1]
-        K_p = pow2(K)
-        tab = jnp.pad(table, ((0, 0), (0, 0), (0, 0), (0, K_p - K)), constant_values=-1)
-        per = table_q_tile // bq
-        in_specs = [pl.BlockSpec((None, None, None, K_p), lambda b, h, i: (b, h, i // per, 0)),
-                    pl.BlockSpec((None, None, None, 1), lambda b, h, i: (b, h, i // per, 0))] + in_specs
-        args = [tab, counts[..., None]] + args
+        specs, table_args = table_inputs(table, counts, table_q_tile // bq)
+        in_specs, args = specs + in_specs, table_args + args
     kernel = functools.partial(_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
                                use_table=table is not None)
     o, lse = pl.pallas_call(

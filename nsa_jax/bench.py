@@ -187,8 +187,8 @@ def measure_length(shape: Shape, data: dict, *, config: NSAConfig, implementatio
         if name.endswith("_fwd_bwd"):  # gradients of <o, ct> with respect to every float input
             fn, args, flops = branch[name.removesuffix("_fwd_bwd")]
             ct = jax.random.normal(jax.random.key(1), jax.eval_shape(fn, *args).shape, q.dtype)
-            loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32) * ct.astype(jnp.float32))
-            return (jax.grad(loss, argnums=tuple(range(len(args)))), args,
+            loss = lambda *a: jnp.sum(fn(*a[:-1]).astype(jnp.float32) * a[-1].astype(jnp.float32))
+            return (jax.grad(loss, argnums=tuple(range(len(args)))), (*args, ct),
                     None if flops is None else 3.5 * flops)
         fn, args, flops = branch[name.removesuffix("_bwd")]  # backward alone, residuals given
         out, f_vjp = jax.vjp(fn, *args)

@@ -29,7 +29,8 @@ Why these defaults (they finish inside five minutes on a 2-core CPU, compilation
 - AdamW at 1e-2 with 10% warmup and cosine decay over 300 steps of 8 sequences.
 
 Measured with these defaults on the project's 2-core CPU ("xla" implementation): 80%, 88% and 88%
-held-out accuracy for seeds 0, 1 and 2 against 6.25% chance, in 2 min 53 s to 3 min 10 s.
+held-out accuracy for seeds 0, 1 and 2 against 6.25% chance, in 2 min 53 s to 3 min 10 s. On an
+H100 ("triton" kernels, forward and backward, the default there): 81.9% for seed 0 in 42 s.
 """
 
 from __future__ import annotations
