@@ -61,11 +61,14 @@ class Tiling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TritonTilings:
-    """One `Tiling` per kernel of the "triton" implementation; ``*_bwd`` tile both backward
-    kernels (dQ and dK/dV) of a branch."""
+    """One `Tiling` per kernel of the "triton" implementation. ``selected_per_token`` tiles the
+    selected forward when ``select_q_tile == 1`` (a program then owns one query; its rows are
+    the group's heads), ``selected`` otherwise; ``*_bwd`` tile both backward kernels (dQ and
+    dK/dV) of a branch."""
 
     compressed: Tiling = Tiling()
     selected: Tiling = Tiling()
+    selected_per_token: Tiling = Tiling()
     window: Tiling = Tiling()
     scoring: Tiling = Tiling()
     compressed_bwd: Tiling = Tiling()
@@ -84,6 +87,7 @@ class TritonTilings:
 SM90 = TritonTilings(
     compressed=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     selected=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
+    selected_per_token=Tiling(rows=16, block_k=64, num_warps=4, num_stages=2),
     window=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     scoring=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     # Backward: `--tune --tune-length 16384` on an H100 80GB HBM3; 128 rows spill registers

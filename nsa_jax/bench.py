@@ -40,13 +40,17 @@ BACKWARD_ROWS = ("dense_fwd_bwd", "nsa_qt64_fwd_bwd", "nsa_per_token_fwd_bwd", "
 ROWS = FORWARD_ROWS + BACKWARD_ROWS
 # Rows a tiling of each kernel affects, timed together by `tune`.
 TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64", "scoring_per_token"),
-            "selected": ("selected_qt64", "selected_per_token"), "window": ("window",),
+            "selected": ("selected_qt64",), "selected_per_token": ("selected_per_token",),
+            "window": ("window",),
             "compressed_bwd": ("compressed_bwd",),
             "selected_bwd": ("selected_qt64_bwd", "selected_per_token_bwd"),
             "window_bwd": ("window_bwd",)}
 CANDIDATES = tuple(Tiling(rows=r, block_k=bk, num_warps=w, num_stages=s) for r, bk, w, s in (
     (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
     (128, 128, 8, 2), (64, 128, 4, 2), (256, 64, 8, 2), (256, 128, 8, 2)))
+# A per-token program has only G_pad rows, so only the launch parameters matter.
+PER_TOKEN_CANDIDATES = tuple(Tiling(rows=16, block_k=64, num_warps=w, num_stages=s)
+                             for w in (1, 2, 4) for s in (1, 2, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +267,7 @@ def tune(shape: Shape, T: int, *, config: NSAConfig, reps: int, start: TritonTil
     data = prepare(shape, T, config=config, implementation="triton")
     for kernel, rows in TUNED_BY.items():
         results = []
-        for cand in candidates:
+        for cand in (PER_TOKEN_CANDIDATES if kernel == "selected_per_token" else candidates):
             tilings = dataclasses.replace(best, **{kernel: cand})
             measured = measure_length(shape, data, config=config, implementation="triton",
                                       tilings=tilings, reps=reps, rows=rows)

@@ -117,7 +117,8 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
         raise NotImplementedError(
             f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
     t = tilings_or_default(tilings)
-    fwd = t.selected.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
+    fwd = (t.selected_per_token if sel.q_tile == 1 else t.selected).flash(
+        G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     bwd = t.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
     o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts),
