@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax import _checks
+from nsa_jax import _checks, segments
 from nsa_jax.compression import check_params
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices
@@ -60,6 +60,23 @@ def _from_heads(o):
     return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H * G, Dv)
 
 
+def _phi(blocks, params, which: str, config: NSAConfig):
+    """phi of DESIGN.md §3 over key (or value) blocks [..., l, H, E] -> [..., H, E]."""
+    l = config.compress_block
+    mean = blocks.sum(axis=-3) / l
+    if config.compress_method == "mean":
+        return mean
+    if config.compress_method == "linear":
+        w = jnp.asarray(params[f"w_{which}"], blocks.dtype)  # [H, E, E]
+        return jnp.einsum("...he,hef->...hf", mean, w, precision=_HI)
+    p = {n: jnp.asarray(params[f"{n}_{which}"], blocks.dtype) for n in ("pos", "w1", "b1", "w2", "b2")}
+    E = blocks.shape[-1]
+    w1 = p["w1"].reshape(l, E, E)  # flattened (position, feature) input
+    h = jnp.einsum("...lhe,lef->...hf", blocks + p["pos"][:, None, :], w1, precision=_HI)
+    h = jax.nn.gelu(h + p["b1"])
+    return mean + jnp.einsum("...he,ef->...hf", h, p["w2"], precision=_HI) + p["b2"]
+
+
 def compress(k, v, *, config: NSAConfig, params=None):
     """Reference compression: gathers each block of keys by explicit indices, then applies phi."""
     _checks.config(config)
@@ -69,26 +86,9 @@ def compress(k, v, *, config: NSAConfig, params=None):
     l, d = config.compress_block, config.compress_stride
     N_c = config.num_compressed(S)
     idx = np.arange(N_c)[:, None] * d + np.arange(l)[None, :]  # [N_c, l]
-    out = []
     acc = _checks.accumulation(k)
-    for x, which in ((k, "k"), (v, "v")):
-        blocks = jnp.asarray(x, acc)[:, idx]  # [B, N_c, l, H, E]
-        mean = blocks.sum(axis=2) / l
-        if config.compress_method == "mean":
-            y = mean
-        elif config.compress_method == "linear":
-            w = jnp.asarray(params[f"w_{which}"], acc)  # [H, E, E]
-            y = jnp.einsum("bnhe,hef->bnhf", mean, w, precision=_HI)
-        else:
-            p = {n: jnp.asarray(params[f"{n}_{which}"], acc)
-                 for n in ("pos", "w1", "b1", "w2", "b2")}
-            E = x.shape[3]
-            w1 = p["w1"].reshape(l, E, E)  # flattened (position, feature) input
-            h = jnp.einsum("bnlhe,lef->bnhf", blocks + p["pos"][:, None, :], w1, precision=_HI)
-            h = jax.nn.gelu(h + p["b1"])
-            y = mean + jnp.einsum("bnhe,ef->bnhf", h, p["w2"], precision=_HI) + p["b2"]
-        out.append(y.astype(x.dtype))
-    return tuple(out)
+    return tuple(_phi(jnp.asarray(x, acc)[:, idx], params, which, config).astype(x.dtype)
+                 for x, which in ((k, "k"), (v, "v")))
 
 
 def _compressed(q, k_c, v_c, config: NSAConfig, S, kv_len):
@@ -257,13 +257,108 @@ def gate_and_combine(o_c, o_s, o_w, g=None):
     return out.astype(o_c.dtype)
 
 
+def _packed_nsa_attention(q, k, v, g, segment_ids, config: NSAConfig, params):
+    """NSA over packed documents (DESIGN.md §3, Variable length), straight from the rules.
+
+    Every key position ``a`` may anchor a compressed token (if it starts a stride of its document
+    and the token's l keys stay inside it) and a selection block (if it starts an l'-block of its
+    document); query tiles start every ``select_q_tile`` tokens of a document. Masks over
+    [T, T] then restrict each rule to the query's own document.
+    """
+    B, T, HQ, D = q.shape
+    H, Dv = k.shape[2], v.shape[3]
+    G = HQ // H
+    l, d, ls = config.compress_block, config.compress_stride, config.select_block
+    qt, n, w = config.select_q_tile, config.num_selected, config.window
+    run, start, pos, length, pad = segments.layout(segment_ids)
+    t = jnp.arange(T)
+    real = ~pad
+    same = (run[:, :, None] == run[:, None, :]) & real[:, :, None] & real[:, None, :]  # [B, T, T]
+    before = t[:, None] >= t[None, :]  # key at or before the query
+
+    # Compression: token anchored at a covers keys a .. a + l - 1.
+    anchors_c = real & (pos % d == 0) & (pos + l <= length)  # [B, T]
+    idx = jnp.minimum(t[:, None] + jnp.arange(l)[None, :], T - 1)  # [T, l]
+    acc = _checks.accumulation(k)
+    k_c = _phi(jnp.asarray(k, acc)[:, idx], params, "k", config)  # [B, T, H, D]
+    v_c = _phi(jnp.asarray(v, acc)[:, idx], params, "v", config)
+    qf, = _f32(q)
+    qf, k_c, v_c = (x.astype(jnp.promote_types(qf.dtype, k_c.dtype)) for x in (qf, k_c, v_c))
+    scale = config.softmax_scale(D)
+    last_key = t + l - 1  # [T]
+    vis_c = same & anchors_c[:, None, :]
+    if config.causal:
+        vis_c = vis_c & (last_key[None, None, :] <= t[None, :, None])
+    logits = jnp.einsum("bhgtd,bahd->bhgta", _to_heads(qf, H), k_c, precision=_HI) * scale
+    o_c, _, p = _softmax_attend(logits, vis_c[:, None, None], v_c.transpose(0, 2, 1, 3))
+
+    # Scores: compressed mass on each block's keys, summed over the group and the tile.
+    anchors_s = real & (pos % ls == 0)  # [B, T]
+    lo = jnp.maximum(t[:, None], t[None, :])  # [a, b]
+    hi = jnp.minimum(t[:, None] + l, t[None, :] + ls)
+    overlap = jnp.maximum(hi - lo, 0) / l  # [T_a, T_b], same document ensured by p
+    per_query = jnp.einsum("bhgta,ac->bhtc", jax.lax.stop_gradient(p), overlap.astype(p.dtype),
+                           precision=_HI)
+    tile = start + (pos // qt) * qt  # [B, T] first query of each query's tile
+    in_tile = (tile[:, :, None] == t[None, None, :]) & real[:, :, None]  # [B, T_query, T_tile]
+    scores = jnp.einsum("bhtc,btu->bhuc", per_query, in_tile.astype(p.dtype), precision=_HI)
+
+    # Selection per tile u (rows of tiles that do not exist are never used).
+    tile_last = jnp.minimum(t[None] + qt - 1, start + length - 1)  # [B, T], for u starting a tile
+    eligible = same & anchors_s[:, None, :]  # [B, u, b]
+    if config.causal:
+        eligible = eligible & (t[None, None, :] <= tile_last[:, :, None])
+    block = (t[None] - start) // ls  # [B, T] document-local block of each anchor
+    first_blk = (pos // ls)[:, :, None]
+    last_blk = ((tile_last - start) // ls)[:, :, None]
+    blk = block[:, None, :]
+    forced = blk < config.num_initial
+    own = (blk >= first_blk) & (blk <= last_blk)
+    if config.num_local >= 1:
+        forced = forced | ((blk >= first_blk - (config.num_local - 1)) & (blk <= last_blk))
+    else:
+        own = jnp.zeros_like(own)
+    forced, own = forced & eligible, own & eligible
+    key = jnp.where(eligible[:, None], scores, -jnp.inf)
+    key = jnp.where(forced[:, None], jnp.finfo(jnp.float32).max, key)
+    key = jnp.where(own[:, None], jnp.inf, key)  # [B, H, u, b]
+    vals, ids = jax.lax.top_k(key, min(n, T))
+    picked = (jnp.arange(T)[None, None, None, :, None] == ids[..., None, :]) & (vals > -jnp.inf)[..., None, :]
+    selected_ub = picked.any(-1)  # [B, H, u, b]
+
+    # Selected branch: keys of the tile's selected blocks, in the document, causal.
+    anchor_of = start + ((t[None] - start) // ls) * ls  # [B, T] block anchor of each key
+    sel_tb = jnp.take_along_axis(selected_ub, tile[:, None, :, None], axis=2)  # [B, H, T, T_b]
+    sel_ts = jnp.take_along_axis(sel_tb, jnp.broadcast_to(anchor_of[:, None, None, :],
+                                                          (B, H, T, T)), axis=3)  # [B, H, T, T_s]
+    mask_s = sel_ts & same[:, None]
+    if config.causal:
+        mask_s = mask_s & before
+    o_s = _dense_branch(q, k, v, mask_s, config)
+
+    # Window: the document's keys within w.
+    diff = t[:, None] - t[None, :]
+    win = (diff >= 0) & (diff < w) if config.causal else jnp.abs(diff) < w
+    o_w = (_dense_branch(q, k, v, (same & win)[:, None], config) if w
+           else jnp.zeros((B, T, HQ, Dv), q.dtype))
+    o_c = _from_heads(o_c).astype(q.dtype)
+    out = gate_and_combine(o_c, o_s, o_w, g)
+    return jnp.where(pad[:, :, None, None], 0, out)
+
+
 def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None):
     """Reference NSA: compress, compressed branch, top-n selection, selected and window branches,
-    gated sum."""
+    gated sum. With ``segment_ids`` [B, T] (S == T), each document (a run of one non-zero id)
+    gives what it would give alone; id 0 is padding, with zero output."""
     _checks.config(config)
-    _checks.segment_ids(segment_ids)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
     _checks.gates(g, B, T, HQ, wide=True)
+    if segment_ids is not None:
+        segments.check(segment_ids, B, T)
+        if S != T:
+            raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
+        check_params(config, compress_params, H, D, Dv)
+        return _packed_nsa_attention(q, k, v, g, segment_ids, config, compress_params)
     k_c, v_c = compress(k, v, config=config, params=compress_params)
     o_c, lse_c = compressed_attention(q, k_c, v_c, config=config, kv_len=S)
     sel = select_blocks(q, k_c, config=config, lse=lse_c, kv_len=S)
