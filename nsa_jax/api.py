@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax import _checks, metadata, pallas_triton, reference, xla
+from nsa_jax import _checks, metadata, pallas_triton, reference, segments, xla
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices
@@ -197,7 +197,10 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         query t sits at key position t + S - T).
       g: [B, T, HQ, 3] gates (compressed, selected, window) or None for 1/3 each.
       config: `NSAConfig`.
-      segment_ids: packed sequences; not supported yet (raises NotImplementedError if given).
+      segment_ids: int [B, T] packed documents (runs of one id; 0 = padding, zero output; needs
+        S == T), e.g. from `segment_ids_from_cu_seqlens`. Each document gives what it gives
+        alone. So far only implementation="reference" runs them; the others raise
+        NotImplementedError.
       compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
       implementation: None ("triton" on a GPU, "xla" elsewhere), "xla", "reference", "triton"
         (Pallas kernels, forward and backward) or "mosaic" (not yet available).
@@ -210,11 +213,13 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
     _checks.config(config)
     impl = _checks.implementation(implementation)
     _checks.tilings(tilings)
-    _checks.segment_ids(segment_ids)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     _checks.gates(g, B, T, HQ)
+    segments.check(segment_ids, B, T)
     if impl == "reference":
-        return reference.nsa_attention(q, k, v, g, config=config, compress_params=compress_params)
+        return reference.nsa_attention(q, k, v, g, config=config, segment_ids=segment_ids,
+                                       compress_params=compress_params)
+    _checks.segment_ids(segment_ids, impl)
     k_c, v_c = compress(k, v, config=config, params=compress_params)
     kw = dict(config=config, implementation=impl, interpret=interpret, tilings=tilings)
     o_c, lse_c = compressed_attention(q, k_c, v_c, kv_len=S, **kw)

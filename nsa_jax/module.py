@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nsa_jax import _checks
+from nsa_jax import _checks, segments
 from nsa_jax.api import nsa_attention
 from nsa_jax.compression import init_params
 from nsa_jax.config import NSAConfig
@@ -90,8 +90,12 @@ class NSAAttention(nnx.Module):
         params = init_params(rngs.params(), config, num_kv_heads, head_dim, v_head_dim, param_dtype)
         self.compress_params = nnx.data({name: nnx.Param(p) for name, p in params.items()})
 
-    def __call__(self, x, *, positions=None):
-        """x: [B, T, in_features] -> [B, T, out_features]. ``positions``: int [B, T] for RoPE."""
+    def __call__(self, x, *, positions=None, segment_ids=None):
+        """x: [B, T, in_features] -> [B, T, out_features].
+
+        ``positions``: int [B, T] for RoPE; default t, or the position inside each document when
+        ``segment_ids`` (int [B, T], packed documents, 0 = padding) are given.
+        """
         _checks.rank("x", x, 3, "[B, T, in_features]")
         _checks.floating("x", x)
         B, T, _ = x.shape
@@ -101,12 +105,16 @@ class NSAAttention(nnx.Module):
         k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.v_head_dim)
         if self.use_rope:
-            if positions is None:
+            if positions is None and segment_ids is not None:
+                segments.check(segment_ids, B, T)
+                positions = segments.layout(segment_ids)[2]
+            elif positions is None:
                 positions = jnp.broadcast_to(jnp.arange(T), (B, T))
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
         g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32)).reshape(B, T, self.num_heads, 3)
         params = {name: p[...] for name, p in self.compress_params.items()} or None
         o = nsa_attention(q, k, v, g.astype(q.dtype), config=self.config, compress_params=params,
-                          implementation=self.implementation, tilings=self.tilings)
+                          segment_ids=segment_ids, implementation=self.implementation,
+                          tilings=self.tilings)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))

@@ -301,6 +301,9 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig):
         if cfg.causal:
             mask = mask & (s_pos <= pos_c[:, None, :, None, :, None])
         mask = jnp.broadcast_to(mask, (B, H, C, 1, qt, L)).reshape(B * H * C, 1, qt, L)
+        # Materialise the mask once: otherwise XLA:CPU fuses its computation into every consumer
+        # and recomputes it there (on CPU, T=2048 per token: forward 0.47 -> 0.34 s).
+        mask = jax.lax.optimization_barrier(mask)
         o, _ = attend(q_c.reshape(B * H * C, G, qt, D), k_c, v_c, mask, scale)
         return o.reshape(B, H, C, G, qt, Dv)
 

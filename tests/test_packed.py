@@ -104,3 +104,24 @@ def test_other_implementations_refuse_segment_ids_for_now(impl):
     with pytest.raises(NotImplementedError, match="segment_ids"):
         nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=jnp.ones((1, 6), jnp.int32),
                               implementation=impl, interpret=True)
+
+
+def test_public_api_and_layer_run_packed_documents_on_the_reference():
+    """`nsa_attention(implementation="reference")` and `NSAAttention` (RoPE positions restart at
+    each document) give each document's own result."""
+    from flax import nnx
+    cfg = nsa_jax.NSAConfig(select_q_tile=4, **CFG)
+    lengths, T = [11, 5, 9], 27
+    cu = np.cumsum([0] + lengths)
+    seg = nsa_jax.segment_ids_from_cu_seqlens(jnp.asarray(cu), T)
+    _, (q, k, v, g, _) = _inputs(T, 3, "mean")
+    direct = reference.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg)
+    via_api = nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg,
+                                    implementation="reference")
+    np.testing.assert_array_equal(np.asarray(via_api), np.asarray(direct))
+    layer = nsa_jax.NSAAttention(16, HQ, H, D, cfg, implementation="reference", rngs=nnx.Rngs(0))
+    x = normal(jax.random.key(9), (1, T, 16))
+    out = layer(x, segment_ids=seg)
+    want = jnp.concatenate([layer(x[:, a:b]) for a, b in zip(cu[:-1], cu[1:])]
+                           + [jnp.zeros((1, T - cu[-1], 16))], axis=1)
+    assert_close(out[:, :cu[-1]], want[:, :cu[-1]], FWD_TOL[jnp.float32], "o")
