@@ -5,7 +5,9 @@ predictable only by looking back half a sequence, far beyond the 64-token slidin
 model is trained on the second half; its loss stays at chance, log(vocab), until the layers learn
 to find the matching earlier tokens, then falls towards 0 (on the project's 2-core CPU with the
 defaults: at chance until step ~150, 0.45 at step 180, 0.000 at 240; about a minute). On a GPU
-the NSA layers run the Triton kernels, forward and backward (``implementation=None`` picks them).
+the NSA layers run the Triton kernels, forward and backward (``implementation=None`` picks them):
+on an H100 the defaults reach 0.000 by step 299 at 6.7 ms a step (bf16), and the 32k command
+below takes 25.1 ms a step (timing only: 20 steps at this learning rate do not learn the task).
 
 python3 examples/train_lm.py                       # CPU-sized defaults
 python3 examples/train_lm.py --seq-len 32768 --batch 1 --steps 20 --width 1024 --heads 16 --kv-heads 2
