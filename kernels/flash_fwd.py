@@ -43,14 +43,19 @@ class FlashConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "num_warps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1 or v & (v - 1):
-                raise ValueError(f"FlashConfig.{name}={v!r} must be a positive power of two")
-        if self.block_k < 16:
-            raise ValueError(f"FlashConfig.block_k={self.block_k} must be >= 16")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"FlashConfig.num_stages={self.num_stages!r} must be a positive int")
+        check_launch_fields(self, {"block_q": 1, "block_k": 16, "num_warps": 1})
+
+
+def check_launch_fields(config, pow2_minimums: dict[str, int]) -> None:
+    """Each named field a power of two >= its minimum, ``num_stages`` a positive int."""
+    cls = type(config).__name__
+    for name, minimum in pow2_minimums.items():
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum or v & (v - 1):
+            raise ValueError(f"{cls}.{name}={v!r} must be a power of two >= {minimum}")
+    stages = config.num_stages
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise ValueError(f"{cls}.num_stages={stages!r} must be a positive int")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -11,12 +11,7 @@ import dataclasses
 
 import jax
 
-from nsa_jax.kernels.flash_fwd import FlashConfig, pow2
-
-
-def _pow2_field(cls: str, name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value & (value - 1):
-        raise ValueError(f"{cls}.{name}={value!r} must be a power of two >= {minimum}")
+from nsa_jax.kernels.flash_fwd import FlashConfig, check_launch_fields, pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,11 +31,7 @@ class Tiling:
     num_stages: int = 2
 
     def __post_init__(self):
-        _pow2_field("Tiling", "rows", self.rows, 16)
-        _pow2_field("Tiling", "block_k", self.block_k, 16)
-        _pow2_field("Tiling", "num_warps", self.num_warps, 1)
-        if not isinstance(self.num_stages, int) or isinstance(self.num_stages, bool) or self.num_stages < 1:
-            raise ValueError(f"Tiling.num_stages={self.num_stages!r} must be a positive int")
+        check_launch_fields(self, {"rows": 16, "block_k": 16, "num_warps": 1})
 
     def flash(self, G: int, *, q_tile: int | None = None, block_k_divides: int | None = None) -> FlashConfig:
         """The kernel config for groups of G heads.
