@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,7 +92,6 @@ def gates(g, B: int, T: int, HQ: int, *, wide: bool = False) -> None:
 def implementation(impl) -> str:
     """The implementation to run; None picks "triton" on a GPU and "xla" elsewhere."""
     if impl is None:
-        import jax
         return "triton" if jax.default_backend() == "gpu" else "xla"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={impl!r} is unknown; use None or one of {IMPLEMENTATIONS}")

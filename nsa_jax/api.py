@@ -60,7 +60,7 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     if T == 0:
         return (jnp.zeros((*q.shape[:3], v_c.shape[3]), q.dtype),
                 jnp.full(q.shape[:3], -jnp.inf, jnp.float32))
-    if impl == "triton" and implementation is None and not config.causal and kv_arr is not None:
+    if impl == "triton" and implementation is None and not pallas_triton.supports_compressed(config, kv_arr):
         impl = "xla"  # the one case the Triton kernels do not cover yet; same semantics
     if impl == "triton":
         pallas_triton.check_available(interpret)

@@ -267,7 +267,6 @@ def _packed_nsa_attention(q, k, v, g, segment_ids, config: NSAConfig, params):
     """
     B, T, HQ, D = q.shape
     H, Dv = k.shape[2], v.shape[3]
-    G = HQ // H
     l, d, ls = config.compress_block, config.compress_stride, config.select_block
     qt, n, w = config.select_q_tile, config.num_selected, config.window
     run, start, pos, length, pad = segments.layout(segment_ids)
@@ -282,8 +281,7 @@ def _packed_nsa_attention(q, k, v, g, segment_ids, config: NSAConfig, params):
     acc = _checks.accumulation(k)
     k_c = _phi(jnp.asarray(k, acc)[:, idx], params, "k", config)  # [B, T, H, D]
     v_c = _phi(jnp.asarray(v, acc)[:, idx], params, "v", config)
-    qf, = _f32(q)
-    qf, k_c, v_c = (x.astype(jnp.promote_types(qf.dtype, k_c.dtype)) for x in (qf, k_c, v_c))
+    qf, k_c, v_c = _f32(q, k_c, v_c)
     scale = config.softmax_scale(D)
     last_key = t + l - 1  # [T]
     vis_c = same & anchors_c[:, None, :]
