@@ -189,7 +189,8 @@ def gate_and_combine(o_c, o_s, o_w, g=None):
 
 
 def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None,
-                  implementation=None, interpret: bool = False, tilings=None):
+                  implementation=None, interpret: bool = False, tilings=None,
+                  max_segments: int | None = None):
     """Native Sparse Attention: compressed, selected and sliding-window branches, gated.
 
     Args:
@@ -197,15 +198,19 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         query t sits at key position t + S - T).
       g: [B, T, HQ, 3] gates (compressed, selected, window) or None for 1/3 each.
       config: `NSAConfig`.
-      segment_ids: int [B, T] packed documents (runs of one id; 0 = padding, zero output; needs
-        S == T), e.g. from `segment_ids_from_cu_seqlens`. Each document gives what it gives
-        alone. So far only implementation="reference" runs them; the others raise
-        NotImplementedError.
+      segment_ids: int [B, T] packed documents (runs of one id; 0 = padding, zero output and
+        zero gradients; needs S == T), e.g. from `segment_ids_from_cu_seqlens`. Each document
+        gives exactly what it gives alone. "xla" and "triton" run the documents in an aligned
+        layout (`segments.pack`), each document rounded up to lcm(d, l', select_q_tile) tokens.
       compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
       implementation: None ("triton" on a GPU, "xla" elsewhere), "xla", "reference", "triton"
         (Pallas kernels, forward and backward) or "mosaic" (not yet available).
       interpret: run Pallas kernels in interpret mode.
       tilings: `TritonTilings` for the "triton" kernels; None: the GPU generation's default.
+
+      max_segments: static room of that layout, in documents per row; the default, ceil(T /
+        lcm(...)), holds any packing whose documents average at least lcm(...) tokens. A row
+        needing more room raises at run time.
 
     Returns:
       [B, T, HQ, Dv] in q.dtype. Differentiable in q, k, v, g and compress_params.
@@ -219,7 +224,11 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
     if impl == "reference":
         return reference.nsa_attention(q, k, v, g, config=config, segment_ids=segment_ids,
                                        compress_params=compress_params)
-    _checks.segment_ids(segment_ids, impl)
+    if segment_ids is not None:
+        if S != T:
+            raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
+        return _packed_nsa_attention(q, k, v, g, segment_ids, config, compress_params, impl,
+                                     max_segments, interpret, tilings)
     k_c, v_c = compress(k, v, config=config, params=compress_params)
     kw = dict(config=config, implementation=impl, interpret=interpret, tilings=tilings)
     o_c, lse_c = compressed_attention(q, k_c, v_c, kv_len=S, **kw)
@@ -227,3 +236,32 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
     o_s = selected_attention(q, k, v, sel, **kw)
     o_w = sliding_window_attention(q, k, v, **kw)
     return gate_and_combine(o_c, o_s, o_w, g)
+
+
+def _packed_nsa_attention(q, k, v, g, segment_ids, config: NSAConfig, params, impl: str,
+                          max_segments, interpret: bool, tilings):
+    """NSA over packed documents: each document moves to a row of the aligned layout that starts
+    at a multiple of lcm(d, l', select_q_tile), so its compressed tokens, selection blocks and
+    query tiles are those of the layout; per-row bounds keep every branch inside its document."""
+    if max_segments is not None and (not isinstance(max_segments, int) or max_segments < 1):
+        raise ValueError(f"max_segments={max_segments!r} must be a positive int or None")
+    packing = segments.pack(segment_ids, config, max_segments)
+    q_a, k_a, v_a = (segments.to_aligned(x, packing) for x in (q, k, v))
+    T_a = q_a.shape[1]
+    bounds = (packing.lo, packing.hi)
+    c_bounds = segments.compressed_bounds(*bounds, config)
+    k_c, v_c = compress(k_a, v_a, config=config, params=params)
+    if impl == "triton":
+        pallas_triton.check_available(interpret)
+        mod, kw = pallas_triton, dict(interpret=interpret, tilings=tilings)
+    else:
+        mod, kw = xla, {}
+    o_c, lse_c = mod.compressed_attention(q_a, k_c, v_c, config, T_a, None, bounds=c_bounds, **kw)
+    sel = mod.select_blocks(q_a, k_c, config, T_a, None, lse_c, bounds=bounds, **kw)
+    # Causal rows never see past their document's end; non-causal ones must be told.
+    o_s = mod.selected_attention(q_a, k_a, v_a, sel, config, bounds=None if config.causal else bounds,
+                                 **kw)
+    o_w = (mod.sliding_window_attention(q_a, k_a, v_a, config, bounds=bounds, **kw) if config.window
+           else jnp.zeros_like(o_s))
+    g_a = None if g is None else segments.to_aligned(g, packing)
+    return segments.from_aligned(gate_and_combine(o_c, o_s, o_w, g_a), packing)

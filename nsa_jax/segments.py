@@ -6,8 +6,13 @@ belongs to no document (its outputs and gradients are zero).
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PAD_ID = 0
 
@@ -60,3 +65,86 @@ def check(segment_ids, B: int, T: int) -> None:
         raise ValueError(f"segment_ids must have shape [B, T] = {(B, T)}, got {shape}")
     if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"segment_ids.dtype={dtype} must be an integer type")
+
+
+def unit(config) -> int:
+    """Alignment of documents in the packed layout: every document starts at a multiple of the
+    compression stride, the selection block and the selection query tile, so its compressed
+    tokens, selection blocks and query tiles are whole tokens, blocks and tiles of the layout."""
+    return math.lcm(config.compress_stride, config.select_block, config.select_q_tile)
+
+
+def capacity(T: int, config, max_segments: int | None = None) -> int:
+    """Length of the aligned layout: room for ``max_segments`` documents (default ceil(T / unit),
+    i.e. documents of ``unit`` tokens on average) of total length T, each rounded up to ``unit``."""
+    A = unit(config)
+    M = -(-T // A) if max_segments is None else max_segments
+    return -(-(T + M * (A - 1)) // A) * A
+
+
+class Packing(NamedTuple):
+    """Where each token of a packed row sits in the aligned layout, and what each aligned row
+    may see.
+
+    dest: int32[B, T] aligned row of each token (T_a, out of range, for padding).
+    lo, hi: int32[B, T_a] the aligned keys of each aligned row's document are lo .. hi - 1
+      (lo = hi = the row itself for rows of no document). Both are non-decreasing along a row.
+    """
+
+    dest: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+
+
+def pack(segment_ids, config, max_segments: int | None = None) -> Packing:
+    """The aligned layout of ``segment_ids`` [B, T] (see `capacity`). Under jit a row needing more
+    room than the layout has raises at run time, naming ``max_segments``."""
+    seg = jnp.asarray(segment_ids)
+    B, T = seg.shape
+    A = unit(config)
+    T_a = capacity(T, config, max_segments)
+    run, start, pos, length, pad = layout(seg)
+    first = (pos == 0) & ~pad
+    slot = jnp.where(first, -(-length // A) * A, 0)  # [B, T]
+    slot_start = jnp.cumsum(slot, axis=1) - slot
+    doc_start = jnp.take_along_axis(slot_start, start, axis=1)  # aligned row of the first token
+    dest = jnp.where(pad, T_a, doc_start + pos).astype(jnp.int32)
+    used = slot.sum(axis=1)
+    jax.debug.callback(functools.partial(_check_room, T_a=T_a, A=A, T=T), used)
+    rows = jnp.broadcast_to(jnp.arange(T_a, dtype=jnp.int32), (B, T_a))
+    b = jnp.arange(B)[:, None]
+    lo = rows.at[b, dest].set(doc_start.astype(jnp.int32), mode="drop")
+    hi = rows.at[b, dest].set((doc_start + length).astype(jnp.int32), mode="drop")
+    return Packing(dest, lo, hi)
+
+
+def _check_room(used, *, T_a: int, A: int, T: int) -> None:
+    used = np.asarray(used)
+    if (used > T_a).any():
+        raise ValueError(
+            f"segment_ids: a packed row needs {int(used.max())} aligned tokens (each document "
+            f"rounded up to {A}) but the layout holds {T_a}; pass max_segments >= the number of "
+            f"documents per row (default covers {(T_a - T) // max(A - 1, 1)} for T={T})")
+
+
+def to_aligned(x, packing: Packing):
+    """[B, T, ...] -> [B, T_a, ...]: tokens moved to their aligned rows, zeros elsewhere."""
+    B, T_a = packing.lo.shape
+    b = jnp.arange(B)[:, None]
+    out = jnp.zeros((B, T_a, *x.shape[2:]), x.dtype)
+    return out.at[b, packing.dest].set(x, mode="drop")
+
+
+def from_aligned(y, packing: Packing):
+    """[B, T_a, ...] -> [B, T, ...]: each token's aligned row, zeros for padding."""
+    b = jnp.arange(y.shape[0])[:, None]
+    return y.at[b, packing.dest].get(mode="fill", fill_value=0)
+
+
+def compressed_bounds(lo, hi, config):
+    """Token bounds [lo, hi) of each row's document -> the compressed tokens of that document
+    (in the aligned layout compressed token c covers keys c * d .. c * d + l - 1)."""
+    d, l = config.compress_stride, config.compress_block
+    lo_c = (lo + d - 1) // d
+    hi_c = jnp.maximum((hi - l) // d + 1, lo_c)
+    return lo_c, jnp.where(hi > lo, hi_c, lo_c)

@@ -16,6 +16,7 @@ from jax import lax
 
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices, compact
+from nsa_jax.segments import compressed_bounds
 
 # Query rows (tile size times tiles per step) one loop step handles.
 ROWS_PER_STEP = 64
@@ -94,26 +95,35 @@ def _map_tiles(body, *xs):
     return lax.map(jax.checkpoint(body), xs)
 
 
-def compressed_visible(pos, N_c: int, cfg: NSAConfig, kv_len=None):
-    """[B, M] positions -> bool [B, M, N_c]: compressed token i is visible to the query at pos."""
-    last = jnp.arange(N_c, dtype=jnp.int32) * cfg.compress_stride + cfg.compress_block - 1
+def compressed_visible(pos, N_c: int, cfg: NSAConfig, kv_len=None, bounds=None):
+    """[B, M] positions -> bool [B, M, N_c]: compressed token i is visible to the query at pos
+    (and, with ``bounds`` = (lo, hi) [B, M] for packed rows, lo <= i < hi)."""
+    i = jnp.arange(N_c, dtype=jnp.int32)
+    last = i * cfg.compress_stride + cfg.compress_block - 1
     if cfg.causal:
-        return last[None, None, :] <= pos[:, :, None]
-    if kv_len is None:
-        return jnp.ones((*pos.shape, N_c), bool)
-    return jnp.broadcast_to(last[None, None, :] < kv_len[:, None, None], (*pos.shape, N_c))
+        vis = last[None, None, :] <= pos[:, :, None]
+    elif kv_len is None:
+        vis = jnp.ones((*pos.shape, N_c), bool)
+    else:
+        vis = jnp.broadcast_to(last[None, None, :] < kv_len[:, None, None], (*pos.shape, N_c))
+    if bounds is not None:
+        lo, hi = bounds
+        vis = vis & (i >= lo[..., None]) & (i < hi[..., None])
+    return vis
 
 
-def _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len):
+def _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len, bounds=None):
     """Logits of a tile of grouped queries [B, H, G, M, D] against kc [B, H, N_c, D]."""
     B, H, G, M, D = q_tile.shape
     N_c = kc.shape[2]
-    vis = compressed_visible(pos_tile, N_c, cfg, kv_len)  # [B, M, N_c]
+    vis = compressed_visible(pos_tile, N_c, cfg, kv_len, bounds)  # [B, M, N_c]
     mask = jnp.broadcast_to(vis[:, None, None], (B, H, 1, M, N_c)).reshape(B * H, 1, M, N_c)
     return q_tile.reshape(B * H, G, M, D), kc.reshape(B * H, N_c, D), mask
 
 
-def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None):
+def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None):
+    """``bounds``: optional (lo, hi) int32 [B, T], the compressed tokens each query's document
+    owns (packed rows, `segments.compressed_bounds`)."""
     B, T, HQ, D = q.shape
     H, N_c, Dv = k_c.shape[2], k_c.shape[1], v_c.shape[3]
     scale = cfg.softmax_scale(D)
@@ -123,13 +133,16 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None):
     tile = min(ROWS_PER_STEP, T)
 
     def body(args):
-        q_tile, pos_tile = args  # [B, H, G, tile, D], [B, tile]
-        qx, kx, mask = _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len)
+        q_tile, pos_tile = args[:2]  # [B, H, G, tile, D], [B, tile]
+        qx, kx, mask = _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len, args[2:] or None)
         o, lse = attend(qx, kx, vc, mask, scale)
         G = q_tile.shape[2]
         return o.reshape(B, H, G, tile, Dv), lse.reshape(B, H, G, tile)
 
-    o, lse = _map_tiles(body, _tiles(_grouped(q, H), tile, 3), _tiles(pos, tile, 1))
+    xs = [_tiles(_grouped(q, H), tile, 3), _tiles(pos, tile, 1)]
+    if bounds is not None:
+        xs += [_tiles(x, tile, 1) for x in bounds]
+    o, lse = _map_tiles(body, *xs)
     o = _ungrouped(_untile(o, 3, T))
     lse = _untile(lse, 3, T)  # [B, H, G, T]
     return o.astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(B, T, HQ)
@@ -153,22 +166,25 @@ def block_scores_from_probs(p, cfg: NSAConfig, N_s: int):
     return chunks[..., :n_chunks].reshape(*lead, N_s, per_block).sum(-1)
 
 
-def selection_masks(tile_first, tile_last, N_s: int, cfg: NSAConfig, kv_len_blocks):
+def selection_masks(tile_first, tile_last, N_s: int, cfg: NSAConfig, kv_len_blocks, first_block=0):
     """Eligible and forced blocks for tiles spanning key positions [tile_first, tile_last].
 
     Args:
       tile_first, tile_last: int32[B, C] positions of each tile's first and last query.
-      kv_len_blocks: int32[B, 1, 1], number of blocks holding keys (ceil(S / l')).
+      kv_len_blocks: int32 broadcastable to [B, C, 1]: blocks past it hold no key of the tile's
+        sequence (ceil(S / l'); for packed rows, the end of the tile's document).
+      first_block: int32 broadcastable to [B, C, 1]: the first block of the tile's sequence
+        (packed rows); the initial blocks count from it.
 
     Returns:
       (eligible, forced) bool [B, C, N_s].
     """
     ls = cfg.select_block
     j = jnp.arange(N_s, dtype=jnp.int32)[None, None, :]
-    eligible = j < kv_len_blocks
+    eligible = (j < kv_len_blocks) & (j >= first_block)
     if cfg.causal:
         eligible &= j * ls <= tile_last[..., None]
-    forced = j < cfg.num_initial
+    forced = j < first_block + cfg.num_initial
     if cfg.num_local >= 1:
         first_blk = (tile_first // ls)[..., None]
         last_blk = (tile_last // ls)[..., None]
@@ -202,11 +218,11 @@ def top_blocks(scores, eligible, forced, n: int, own=None):
     return compact(ids.astype(jnp.int32), vals > -jnp.inf)
 
 
-def choose_blocks(scores, tile_first, tile_last, cfg: NSAConfig, kv_len_blocks):
+def choose_blocks(scores, tile_first, tile_last, cfg: NSAConfig, kv_len_blocks, first_block=0):
     """Block scores [B, H, C, N_s] of tiles spanning positions [tile_first, tile_last] ([B, C])
-    -> (ids [B, H, C, n], counts [B, H, C])."""
+    -> (ids [B, H, C, n], counts [B, H, C]); the last two arguments as in `selection_masks`."""
     N_s = scores.shape[-1]
-    eligible, forced = selection_masks(tile_first, tile_last, N_s, cfg, kv_len_blocks)
+    eligible, forced = selection_masks(tile_first, tile_last, N_s, cfg, kv_len_blocks, first_block)
     own = tile_blocks(tile_first, tile_last, N_s, cfg)[:, None] if cfg.num_local >= 1 else None
     return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected, own)
 
@@ -217,7 +233,17 @@ def kv_blocks(B: int, S: int, cfg: NSAConfig, kv_len=None):
     return (-(-length // cfg.select_block))[:, None, None]
 
 
-def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
+def document_blocks(bounds, first, cfg: NSAConfig):
+    """Packed rows: (kv_len_blocks, first_block) [B, C, 1] of tiles whose first query is at
+    ``first`` [C], from the token bounds (lo, hi) [B, T] of each query's document."""
+    ls = cfg.select_block
+    lo, hi = (jnp.take(x, first, axis=1)[..., None] for x in bounds)
+    return jnp.where(hi > lo, -(-hi // ls), lo // ls), lo // ls
+
+
+def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=None):
+    """``bounds``: optional (lo, hi) int32 [B, T], the keys of each query's document (packed rows
+    in the aligned layout of `segments.pack`); tiles then choose among their document's blocks."""
     B, T, HQ, D = q.shape
     H, N_c = k_c.shape[2], k_c.shape[1]
     G = HQ // H
@@ -239,11 +265,16 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
     tile_first = jnp.arange(N_tiles, dtype=jnp.int32) * qt
     tile_last = jnp.minimum(tile_first + qt - 1, T - 1)
     offset = pos[:, :1]  # [B, 1]
+    if bounds is not None:
+        c_bounds = compressed_bounds(*bounds, cfg)
+        n_kv_blocks, first_block = document_blocks(bounds, tile_first, cfg)  # [B, N_tiles, 1]
 
     def body(args):
         q_c, pos_c, real_c, first_c, last_c = args[:5]
         # q_c [B, H, G, C*qt, D], pos_c [B, C*qt], real_c [C*qt], first_c/last_c [C]
-        qx, kx, mask = _compressed_scores(q_c, kc, pos_c, cfg, scale, kv_len)
+        rest = args[5 + (lse_g is not None):]
+        cb = None if bounds is None else rest[:2]
+        qx, kx, mask = _compressed_scores(q_c, kc, pos_c, cfg, scale, kv_len, cb)
         s = jnp.einsum("xgmd,xnd->xgmn", qx, kx, precision=precision_for(q.dtype),
                        preferred_element_type=jnp.float32) * scale
         s = jnp.where(mask, s, -jnp.inf)
@@ -255,20 +286,27 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None):
         p = jnp.where(real_c[None, None, :, None], p, 0.0)
         p = p.reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))  # [B, H, C, N_c]
         scores = block_scores_from_probs(p, cfg, N_s)  # [B, H, C, N_s]
-        return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg, n_kv_blocks)
+        if bounds is None:
+            return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg,
+                                 n_kv_blocks)
+        return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg, *rest[2:])
 
     rows = C * qt
     xs = [_tiles(qg, rows, 3), _tiles(pos, rows, 1), _tiles(real, rows, 0),
           _tiles(tile_first, C, 0), _tiles(tile_last, C, 0)]
     if lse_g is not None:
         xs.append(_tiles(lse_g, rows, 3))
+    if bounds is not None:
+        xs += [_tiles(x, rows, 1) for x in c_bounds]
+        xs += [_tiles(x, C, 1) for x in (n_kv_blocks, first_block)]
     idx, cnt = lax.map(body, tuple(xs))  # [n, B, H, C, n_sel], [n, B, H, C]
     idx = _untile(idx, 2, N_tiles)
     cnt = _untile(cnt, 2, N_tiles)
     return BlockSparseIndices(idx, cnt, q_tile=qt, block_size=ls)
 
 
-def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig):
+def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=None):
+    """``bounds``: optional (lo, hi) int32 [B, T], the keys of each query's document (packed)."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // H
@@ -287,9 +325,13 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig):
     pos = jnp.pad(pos, ((0, 0), (0, N_tiles * qt - T)), constant_values=-1)
     pos = pos.reshape(B, N_tiles, qt)
     offs = jnp.arange(bs, dtype=jnp.int32)
+    xs = [_tiles(qg, C, 2), _tiles(pos, C, 1), _tiles(sel.indices, C, 2)]
+    if bounds is not None:
+        xs += [_tiles(jnp.pad(x, ((0, 0), (0, N_tiles * qt - T))).reshape(B, N_tiles, qt), C, 1)
+               for x in bounds]
 
     def body(args):
-        q_c, pos_c, ids_c = args  # [B, H, C, G, qt, D], [B, C, qt], [B, H, C, n_sel]
+        q_c, pos_c, ids_c = args[:3]  # [B, H, C, G, qt, D], [B, C, qt], [B, H, C, n_sel]
         s_pos = (ids_c[..., None] * bs + offs).reshape(B, H, C * L)  # key positions
         ok = (jnp.repeat(ids_c >= 0, bs, axis=-1).reshape(B, H, C * L)) & (s_pos < S)
         s_idx = jnp.where(ok, s_pos, 0)
@@ -300,6 +342,9 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig):
         mask = ok
         if cfg.causal:
             mask = mask & (s_pos <= pos_c[:, None, :, None, :, None])
+        if bounds is not None:
+            lo, hi = (x[:, None, :, None, :, None] for x in args[3:])  # [B, 1, C, 1, qt, 1]
+            mask = mask & (s_pos >= lo) & (s_pos < hi)
         mask = jnp.broadcast_to(mask, (B, H, C, 1, qt, L)).reshape(B * H * C, 1, qt, L)
         # Materialise the mask once: otherwise XLA:CPU fuses its computation into every consumer
         # and recomputes it there (on CPU, T=2048 per token: forward 0.47 -> 0.34 s).
@@ -307,13 +352,14 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig):
         o, _ = attend(q_c.reshape(B * H * C, G, qt, D), k_c, v_c, mask, scale)
         return o.reshape(B, H, C, G, qt, Dv)
 
-    o = _map_tiles(body, _tiles(qg, C, 2), _tiles(pos, C, 1), _tiles(sel.indices, C, 2))
+    o = _map_tiles(body, *xs)
     o = _untile(o, 2, N_tiles)  # [B, H, N_tiles, G, qt, Dv]
     o = o.transpose(0, 1, 3, 2, 4, 5).reshape(B, H, G, N_tiles * qt, Dv)[:, :, :, :T]
     return _ungrouped(o).astype(q.dtype)
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig):
+def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None):
+    """``bounds``: optional (lo, hi) int32 [B, T], the keys of each query's document (packed)."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     w = cfg.window
@@ -330,7 +376,7 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig):
     qpos = jnp.arange(tile, dtype=jnp.int32)
 
     def body(args):
-        q_tile, t0 = args  # [B, H, G, tile, D], scalar first query index
+        q_tile, t0 = args[:2]  # [B, H, G, tile, D], scalar first query index
         p0 = t0 + (S - T)
         # Padded coordinates are shifted by w - 1, so padded index p0 holds key p0 - w + 1.
         k_t = lax.dynamic_slice_in_dim(kh, p0, L, axis=2)  # [B, H, L, D]
@@ -340,11 +386,20 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig):
         diff = t_pos[:, None] - s_pos[None, :]
         mask = (s_pos >= 0) & (s_pos < S)
         mask = mask[None, :] & ((diff >= 0) & (diff < w) if cfg.causal else (jnp.abs(diff) < w))
+        mask = mask[None, None]  # [1, 1, tile, L]
+        if bounds is not None:
+            lo, hi = args[2:]  # [B, tile]
+            inside = (s_pos >= lo[..., None]) & (s_pos < hi[..., None])  # [B, tile, L]
+            mask = jnp.broadcast_to((mask[0] & inside)[:, None, None], (B, H, 1, tile, L))
+            mask = mask.reshape(B * H, 1, tile, L)
         G = q_tile.shape[2]
         o, _ = attend(q_tile.reshape(B * H, G, tile, D), k_t.reshape(B * H, L, D),
-                      v_t.reshape(B * H, L, Dv), mask[None, None], scale)
+                      v_t.reshape(B * H, L, Dv), mask, scale)
         return o.reshape(B, H, G, tile, Dv)
 
     starts = jnp.arange(n, dtype=jnp.int32) * tile
-    o = _map_tiles(body, _tiles(_grouped(q, H), tile, 3), starts)
+    xs = [_tiles(_grouped(q, H), tile, 3), starts]
+    if bounds is not None:
+        xs += [_tiles(x, tile, 1) for x in bounds]
+    o = _map_tiles(body, *xs)
     return _ungrouped(_untile(o, 3, T)).astype(q.dtype)
