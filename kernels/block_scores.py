@@ -16,12 +16,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, block_range, group_rows,
-                                       heads_major, pow2, visible, walk_range)
+from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, bound_rows, bounded_ranges,
+                                       group_rows, heads_major, pow2, split_bounds, visible,
+                                       walk_range)
 
 
-def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, out_ref, *, rule: MaskRule, scale: float, G: int,
-                 block_q: int, block_k: int, num_kv_blocks: int):
+def _mass_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
+                 num_kv_blocks: int, bounded: bool):
+    (off_ref, lse_ref, q_ref, k_ref, out_ref), bounds = split_bounds(refs, bounded, 1)
     b, i = pl.program_id(0), pl.program_id(2)
     rows = q_ref.shape[0]
     q = q_ref[...]  # [rows, D]
@@ -38,7 +40,7 @@ def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, out_ref, *, rule: MaskRule, sca
         s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale2  # [rows, BK]
         p = jnp.exp2(s - lse2[:, None])
         if masked:
-            p = jnp.where(visible(rule, q_pos, start, block_k), p, 0.0)
+            p = jnp.where(visible(rule, q_pos, start, block_k, bounds), p, 0.0)
         out_ref[pl.ds(start, block_k)] = jnp.sum(p, axis=0)
         return carry
 
@@ -47,14 +49,14 @@ def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, out_ref, *, rule: MaskRule, sca
             (block_k,), jnp.float32)
         return carry
 
-    lo, hi = block_range(rule, first, last, block_k)
+    lo, hi = bounded_ranges(rule, first, last, block_k, bounds)[:2]
     lax.fori_loop(0, lo, clear, 0)
-    walk_range(rule, first, last, block_k, visit, 0)
+    walk_range(rule, first, last, block_k, visit, 0, bounds)
     lax.fori_loop(hi, num_kv_blocks, clear, 0)
 
 
 def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_tile: int,
-                    config: FlashConfig, interpret: bool = False):
+                    config: FlashConfig, bounds=None, interpret: bool = False):
     """Compressed probability mass per query tile, summed over the tile's queries and G heads.
 
     Args:
@@ -63,6 +65,7 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
       rule: visibility of compressed tokens (stride d, offset l - 1).
       q_tile: queries per selection tile.
       config: tiling; ``block_q`` is lowered to the largest power of two dividing ``q_tile``.
+      bounds: optional (lo, hi) int32 [B, T]: query t sees compressed tokens lo[t] .. hi[t] - 1.
 
     Returns:
       float32 [B, H, ceil(T / q_tile), N_c].
@@ -90,21 +93,26 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
     lse_g = jnp.where(real, lse_g, jnp.inf)
     kh = heads_major(k_c, n_kb * bk, D_p)
     kernel = functools.partial(_mass_kernel, rule=rule, scale=scale, G=G_p, block_q=bq,
-                               block_k=bk, num_kv_blocks=n_kb)
+                               block_k=bk, num_kv_blocks=n_kb, bounded=bounds is not None)
     n_sub = T_p // bq
+    in_specs = [pl.BlockSpec(),
+                pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i)),
+                pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, n_kb * bk, D_p), lambda b, h, i: (b, h, 0, 0))]
+    args = [offsets.astype(jnp.int32), lse_g, qg, kh]
+    if bounds is not None:
+        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i))] * 2
+        args += list(bound_rows(bounds, T_p, G_p))
     mass = pl.pallas_call(
         kernel,
         grid=(B, H, n_sub),
-        in_specs=[pl.BlockSpec(),
-                  pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i)),
-                  pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
-                  pl.BlockSpec((None, None, n_kb * bk, D_p), lambda b, h, i: (b, h, 0, 0))],
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, None, n_kb * bk), lambda b, h, i: (b, h, i, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, n_sub, n_kb * bk), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
                                                 num_stages=config.num_stages),
         interpret=interpret,
         name="nsa_compressed_mass",
-    )(offsets.astype(jnp.int32), lse_g, qg, kh)
+    )(*args)
     mass = mass.reshape(B, H, n_tiles, q_tile // bq, n_kb * bk).sum(axis=3)
     return mass[..., :N_c]

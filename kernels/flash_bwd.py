@@ -21,8 +21,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, group_rows, heads_major, pow2,
-                                       table_inputs, visible, walk_range)
+from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, bound_rows, group_rows,
+                                       heads_major, pow2, split_bounds, table_inputs, visible,
+                                       walk_range)
 
 
 # Range walks (compressed branch) are split until about this many programs run.
@@ -49,16 +50,28 @@ def query_range(rule: MaskRule, k_start, block_k: int, offset, block_q: int, n_q
     return ilo, jnp.where(j_hi < k_start, ilo, jnp.maximum(ihi, ilo))
 
 
-def _probs(q, k, lse2, q_pos, start, *, rule, scale2, prec, block_k, masked=True):
+def _probs(q, k, lse2, q_pos, start, *, rule, scale2, prec, block_k, masked=True, bounds=None):
     s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale2  # [rows, BK]
     p = jnp.exp2(s - lse2[:, None])
     if masked:
-        p = jnp.where(visible(rule, q_pos, start, block_k), p, 0.0)
+        p = jnp.where(visible(rule, q_pos, start, block_k, bounds), p, 0.0)
     return p
 
 
+def bounded_query_tiles(bounds, block_k: int, n_kb: int, block_q: int):
+    """Packed rows: (ilo, ihi) int32 [B, n_kb], the query tiles with a row whose bounds (lo, hi)
+    [B, T] (non-decreasing) meet each KV block."""
+    lo, hi = bounds
+    j0 = jnp.arange(n_kb, dtype=jnp.int32) * block_k
+    first = jax.vmap(lambda h: jnp.searchsorted(h, j0, side="right"))(hi)  # first row with hi > j0
+    end = jax.vmap(lambda l: jnp.searchsorted(l, j0 + block_k, side="left"))(lo)  # lo >= j1
+    ilo = (first // block_q).astype(jnp.int32)
+    return ilo, jnp.maximum(-(-end // block_q), ilo).astype(jnp.int32)
+
+
 def _dq_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
-               use_table: bool):
+               use_table: bool, bounded: bool):
+    refs, bounds = split_bounds(refs, bounded, 1)
     if use_table:
         off_ref, tab_ref, cnt_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref = refs
     else:
@@ -76,7 +89,7 @@ def _dq_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_
         k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
         v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
         p = _probs(q, k, lse2, q_pos, start, rule=rule, scale2=scale * LOG2E, prec=prec,
-                   block_k=block_k, masked=masked)
+                   block_k=block_k, masked=masked, bounds=bounds)
         dp = pltriton.dot(do, v, trans_b=True, precision=prec).astype(jnp.float32)  # [rows, BK]
         ds = p * (dp - delta[:, None])
         return dq + pltriton.dot(ds.astype(k.dtype), k, precision=prec).astype(jnp.float32)
@@ -85,18 +98,25 @@ def _dq_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_
     if use_table:
         dq = lax.fori_loop(0, cnt_ref[0], lambda e, dq: visit(tab_ref[e], dq), dq)
     else:
-        dq = walk_range(rule, first, first + block_q - 1, block_k, visit, dq)
+        dq = walk_range(rule, first, first + block_q - 1, block_k, visit, dq, bounds)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
-                n_qt: int, table_per: int, mode: str, splits: int):
+                n_qt: int, table_per: int, mode: str, splits: int, bounded: bool):
     """dK/dV of one KV block from one share of the query tiles that see it.
 
     ``mode`` "range": program p is block p // splits and share p % splits of its query range.
     "table": program p is block p, all its reverse-map entries, unless the block is heavy.
     "heavy": program p is heavy slot p // splits and share p % splits of that block's entries.
+    With ``bounded`` the inputs end with the rows' bounds (lo, hi) and, in "range" mode, each
+    block's query tile range (ilo, ihi) from `bounded_query_tiles`.
     """
+    n_extra = (4 if mode == "range" else 2) if bounded else 0
+    if n_extra:
+        cut = len(refs) - 2
+        bound_refs = refs[cut - n_extra:cut]
+        refs = refs[:cut - n_extra] + refs[cut:]
     if mode == "range":
         off_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref = refs
     elif mode == "table":
@@ -125,8 +145,11 @@ def _dkv_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block
         lse2 = lse_ref[pl.ds(r0, rows)] * LOG2E
         delta = dl_ref[pl.ds(r0, rows)]
         q_pos = offset + i * block_q + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G
+        bounds = None
+        if bounded:
+            bounds = (bound_refs[0][pl.ds(r0, rows)], bound_refs[1][pl.ds(r0, rows)])
         p = _probs(q, k, lse2, q_pos, start, rule=rule, scale2=scale * LOG2E, prec=prec,
-                   block_k=block_k)  # [rows, BK]
+                   block_k=block_k, bounds=bounds)  # [rows, BK]
         dv = dv + pltriton.dot(p.astype(do.dtype), do, trans_a=True, precision=prec).astype(jnp.float32)
         dp = pltriton.dot(do, v, trans_b=True, precision=prec).astype(jnp.float32)  # [rows, BK]
         ds = p * (dp - delta[:, None])
@@ -141,6 +164,9 @@ def _dkv_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     if mode == "range":
         ilo, ihi = query_range(rule, start, block_k, offset, block_q, n_qt)
+        if bounded:
+            ilo = jnp.maximum(ilo, bound_refs[2][b, j])
+            ihi = jnp.maximum(jnp.minimum(ihi, bound_refs[3][b, j]), ilo)
         dk, dv = lax.fori_loop(*share(ilo, ihi, p % splits), visit, carry)
     else:
         def entry(e, carry):
@@ -158,7 +184,7 @@ def _dkv_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block
 
 def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
                    config: FlashConfig, table=None, counts=None, table_q_tile: int = 1,
-                   reverse_tiles=None, reverse_offsets=None, interpret: bool = False):
+                   reverse_tiles=None, reverse_offsets=None, bounds=None, interpret: bool = False):
     """Gradients of `flash_forward`'s (o, lse) with respect to q, k and v.
 
     Args:
@@ -166,6 +192,7 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
       o, lse: its outputs. do: cotangent of o [B, T, HQ, Dv]; dlse: of lse [B, T, HQ] (or None).
       config: tiling of both kernels; ``block_k`` must be the block the table and reverse map
         refer to.
+      bounds: as given to `flash_forward`.
       reverse_tiles, reverse_offsets: with a table, `metadata.reverse_map` of it (query tiles of
         ``table_q_tile`` queries per KV block of ``config.block_k`` keys).
 
@@ -217,9 +244,14 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
     if use_table:
         specs, table_args = table_inputs(table, counts, table_q_tile // bq)
         dq_specs, dq_args = specs + dq_specs, table_args + dq_args
+    bounded = bounds is not None
+    if bounded:
+        rows_lo, rows_hi = bound_rows(bounds, T_p, G_p)
+        dq_specs = dq_specs + [pl.BlockSpec((None, rows), lambda b, h, i: (b, i))] * 2
+        dq_args = dq_args + [rows_lo, rows_hi]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
-                          use_table=use_table),
+                          use_table=use_table, bounded=bounded),
         grid=(B, H, n_qt),
         in_specs=[pl.BlockSpec()] + dq_specs,
         out_specs=pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
@@ -232,20 +264,28 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
                pl.BlockSpec((None, None, n_qt * rows), lambda b, h, p: (b, h, 0)),
                pl.BlockSpec((None, None, n_qt * rows), lambda b, h, p: (b, h, 0))]
     kv_q_specs, kv_q_args = whole_kv + whole_q, [kh, vh, qg, dog, lse_g, dl_g]
+    if bounded:
+        whole_rows = pl.BlockSpec((None, n_qt * rows), lambda b, h, p: (b, 0))
+        kv_q_specs, kv_q_args = kv_q_specs + [whole_rows] * 2, kv_q_args + [rows_lo, rows_hi]
 
     def dkv_call(mode: str, programs: int, splits: int, extra_specs, extra_args, out_block, out_index,
                  out_lead):
+        specs, args = kv_q_specs, kv_q_args
+        if bounded and mode == "range":
+            specs = specs + [pl.BlockSpec(), pl.BlockSpec()]
+            args = args + list(bounded_query_tiles(bounds, bk, n_kb, bq))
         return pl.pallas_call(
             functools.partial(_dkv_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
-                              n_qt=n_qt, table_per=table_q_tile // bq, mode=mode, splits=splits),
+                              n_qt=n_qt, table_per=table_q_tile // bq, mode=mode, splits=splits,
+                              bounded=bounded),
             grid=(B, H, programs),
-            in_specs=[pl.BlockSpec()] + extra_specs + kv_q_specs,
+            in_specs=[pl.BlockSpec()] + extra_specs + specs,
             out_specs=[pl.BlockSpec((None, None, *out_block, bk, D_p), out_index),
                        pl.BlockSpec((None, None, *out_block, bk, Dv_p), out_index)],
             out_shape=[jax.ShapeDtypeStruct((B, H, *out_lead, D_p), jnp.float32),
                        jax.ShapeDtypeStruct((B, H, *out_lead, Dv_p), jnp.float32)],
             compiler_params=params, interpret=interpret, name="nsa_flash_bwd_dkv",
-        )(offsets, *extra_args, *kv_q_args)
+        )(offsets, *extra_args, *args)
 
     if not use_table:
         # Few KV blocks (compressed tokens) each seen by many query tiles: split every block's

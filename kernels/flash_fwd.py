@@ -10,6 +10,7 @@ The token rule: key index j sits at position ``j * key_stride + key_offset`` (st
 for raw keys; stride d, offset l - 1 for compressed tokens, whose position is their last key), is
 valid for ``j < num_keys``, and is visible to a query at position p when it is causal-visible
 (position <= p) and inside the window (p - position < w, or |p - position| < w non-causal).
+Packed rows add per-row bounds: row r sees only key indices lo[r] <= j < hi[r] (its document).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class MaskRule:
     window: int = 0  # 0: no window limit
 
 
-def visible(rule: MaskRule, q_pos, start, block_k: int):
-    """bool [rows, BK]: which keys ``start .. start + BK - 1`` each row (at ``q_pos``) may see."""
+def visible(rule: MaskRule, q_pos, start, block_k: int, bounds=None):
+    """bool [rows, BK]: which keys ``start .. start + BK - 1`` each row (at ``q_pos``, within its
+    ``bounds`` = (lo, hi) [rows] if given) may see."""
     j = start + lax.broadcasted_iota(jnp.int32, (block_k,), 0)
     k_pos = j * rule.key_stride + rule.key_offset  # [BK]
     diff = q_pos[:, None] - k_pos[None, :]  # [rows, BK]
@@ -81,6 +83,9 @@ def visible(rule: MaskRule, q_pos, start, block_k: int):
             ok = ok & (diff < rule.window)
     elif rule.window:
         ok = ok & (jnp.abs(diff) < rule.window)
+    if bounds is not None:
+        lo, hi = bounds
+        ok = ok & (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None])
     return ok
 
 
@@ -117,18 +122,32 @@ def full_range(rule: MaskRule, first, last, lo, hi, block_k: int):
     return flo, jnp.clip(fhi, flo, hi)
 
 
-def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry):
-    """Runs ``carry = visit(blk, carry, masked)`` over the blocks that queries first..last can
-    see, with ``masked=False`` (static) for the blocks they see whole."""
+def bounded_ranges(rule: MaskRule, first, last, block_k: int, bounds=None):
+    """(lo, hi, flo, fhi): `block_range` and `full_range` of queries first..last, narrowed to the
+    rows' ``bounds`` = (lo, hi) [rows] when given."""
     lo, hi = block_range(rule, first, last, block_k)
     flo, fhi = full_range(rule, first, last, lo, hi, block_k)
+    if bounds is not None:
+        b_lo, b_hi = bounds
+        lo = jnp.maximum(lo, jnp.min(b_lo) // block_k)
+        hi = jnp.maximum(jnp.minimum(hi, (jnp.max(b_hi) + block_k - 1) // block_k), lo)
+        flo = jnp.clip(jnp.maximum(flo, (jnp.max(b_lo) + block_k - 1) // block_k), lo, hi)
+        fhi = jnp.clip(jnp.minimum(fhi, jnp.min(b_hi) // block_k), flo, hi)
+    return lo, hi, flo, fhi
+
+
+def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry, bounds=None):
+    """Runs ``carry = visit(blk, carry, masked)`` over the blocks that queries first..last (within
+    ``bounds``) can see, with ``masked=False`` (static) for the blocks they all see whole."""
+    lo, hi, flo, fhi = bounded_ranges(rule, first, last, block_k, bounds)
     carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
     carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
     return lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
 
 
 def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
-            use_table: bool):
+            use_table: bool, bounded: bool):
+    refs, bounds = split_bounds(refs, bounded, 2)
     if use_table:
         off_ref, tab_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
     else:
@@ -151,7 +170,7 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
         v = v_ref[pl.ds(start, block_k), :]  # [BK, Dv]
         s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale2  # [rows, BK]
         if masked:
-            s = jnp.where(visible(rule, q_pos, start, block_k), s, -jnp.inf)
+            s = jnp.where(visible(rule, q_pos, start, block_k, bounds), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
@@ -167,11 +186,28 @@ def _kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: 
             return visit(tab_ref[e], carry)
         acc, m, l = lax.fori_loop(0, cnt_ref[0], body, init)
     else:
-        acc, m, l = walk_range(rule, first, first + block_q - 1, block_k, visit, init)
+        acc, m, l = walk_range(rule, first, first + block_q - 1, block_k, visit, init, bounds)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(has_key, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+
+
+def split_bounds(refs, bounded: bool, n_outputs: int):
+    """Kernel refs -> (the others, (lo, hi) row vectors or None): bound refs come last among the
+    inputs, just before the ``n_outputs`` output refs."""
+    if not bounded:
+        return refs, None
+    cut = len(refs) - n_outputs
+    return refs[:cut - 2] + refs[cut:], (refs[cut - 2][...], refs[cut - 1][...])
+
+
+def bound_rows(bounds, T_p: int, G_p: int):
+    """(lo, hi) int32 [B, T] per query -> [B, T_p * G_p] per row (row r is query r // G_p);
+    padded queries see nothing."""
+    far = jnp.int32(2 ** 30)
+    return tuple(jnp.repeat(jnp.pad(x.astype(jnp.int32), ((0, 0), (0, T_p - x.shape[1])),
+                                    constant_values=far), G_p, axis=1) for x in bounds)
 
 
 def group_rows(x, H: int, T_p: int, G_p: int, D_p: int):
@@ -206,7 +242,8 @@ def pow2(n: int) -> int:
 
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
-                  table=None, counts=None, table_q_tile: int = 1, interpret: bool = False):
+                  table=None, counts=None, table_q_tile: int = 1, bounds=None,
+                  interpret: bool = False):
     """Grouped flash attention over a block list or a block range.
 
     Args:
@@ -218,6 +255,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
       table, counts: optional int32[B, H, N_tiles, K] sorted KV block ids (-1 padded) and
         int32[B, H, N_tiles]; query tile ``table_q_tile`` (a multiple of ``config.block_q``).
         Without them each program walks the range of blocks its rule can see.
+      bounds: optional (lo, hi) int32 [B, T]: query t sees only keys lo[t] <= j < hi[t] (packed
+        rows); both non-decreasing in t.
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
@@ -245,8 +284,11 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     if table is not None:
         specs, table_args = table_inputs(table, counts, table_q_tile // bq)
         in_specs, args = specs + in_specs, table_args + args
+    if bounds is not None:
+        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i))] * 2
+        args += list(bound_rows(bounds, n_qt * bq, G_p))
     kernel = functools.partial(_kernel, rule=rule, scale=scale, G=G_p, block_q=bq, block_k=bk,
-                               use_table=table is not None)
+                               use_table=table is not None, bounded=bounds is not None)
     o, lse = pl.pallas_call(
         kernel,
         grid=(B, H, n_qt),

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax import metadata, xla
+from nsa_jax import metadata, segments, xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.block_scores import compressed_mass
 from nsa_jax.kernels.flash_bwd import flash_backward
@@ -49,23 +49,24 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _flash(q, k, v, offsets, sel, rule: MaskRule, scale: float, fwd: FlashConfig,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+def _flash(q, k, v, offsets, sel, bounds, rule: MaskRule, scale: float, fwd: FlashConfig,
            bwd: FlashConfig, q_tile: int, interpret: bool):
     """(o, lse) of the flash core over a block range (``sel`` None) or the KV blocks of
-    ``sel = (indices, counts)`` (selection tiles of ``q_tile`` queries, blocks of ``fwd.block_k``)."""
-    return _flash_fwd(q, k, v, offsets, sel, rule, scale, fwd, bwd, q_tile, interpret)[0]
+    ``sel = (indices, counts)`` (selection tiles of ``q_tile`` queries, blocks of ``fwd.block_k``),
+    within the per-query key ``bounds`` = (lo, hi) of packed rows if given."""
+    return _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret)[0]
 
 
-def _flash_fwd(q, k, v, offsets, sel, rule, scale, fwd, bwd, q_tile, interpret):
+def _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret):
     table, counts = (None, None) if sel is None else sel
     o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, table=table,
-                           counts=counts, table_q_tile=q_tile, interpret=interpret)
-    return (o, lse), (q, k, v, offsets, sel, o, lse)
+                           counts=counts, table_q_tile=q_tile, bounds=bounds, interpret=interpret)
+    return (o, lse), (q, k, v, offsets, sel, bounds, o, lse)
 
 
 def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
-    q, k, v, offsets, sel, o, lse = res
+    q, k, v, offsets, sel, bounds, o, lse = res
     do, dlse = ct
     kw = {}
     if sel is not None:
@@ -77,9 +78,9 @@ def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
         kw = dict(table=blocks.indices, counts=blocks.counts, table_q_tile=q_tile,
                   reverse_tiles=rev.tiles, reverse_offsets=rev.offsets)
     dq, dk, dv = flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
-                                config=bwd, interpret=interpret, **kw)
-    zeros = None if sel is None else tuple(_zero_cotangent(x) for x in sel)
-    return dq, dk, dv, _zero_cotangent(offsets), zeros
+                                config=bwd, bounds=bounds, interpret=interpret, **kw)
+    zeros = [None if x is None else tuple(_zero_cotangent(a) for a in x) for x in (sel, bounds)]
+    return dq, dk, dv, _zero_cotangent(offsets), *zeros
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -101,20 +102,21 @@ def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
 
 
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False,
-                         tilings=None):
+                         tilings=None, bounds=None):
     B, T, HQ, D = q.shape
     H = k_c.shape[2]
     if not supports_compressed(cfg, kv_len):
         raise NotImplementedError("implementation='triton': non-causal compressed attention with "
                                   "per-row kv_len is not supported yet")
     t = tilings_or_default(tilings)
-    return _flash(q, k_c, v_c, _offsets(B, T, S, kv_len), None, _compressed_rule(cfg, k_c.shape[1]),
+    return _flash(q, k_c, v_c, _offsets(B, T, S, kv_len), None, bounds,
+                  _compressed_rule(cfg, k_c.shape[1]),
                   cfg.softmax_scale(D), t.compressed.flash(HQ // H), t.compressed_bwd.flash(HQ // H),
                   1, interpret)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, interpret=False,
-                       tilings=None):
+                       tilings=None, bounds=None):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -126,29 +128,31 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
         G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     bwd = t.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
-    o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts),
+    o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts), bounds,
                   MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
                   sel.q_tile, interpret)
     return o
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False, tilings=None):
+def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False, tilings=None, bounds=None):
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = tilings_or_default(tilings)
-    o, _ = _flash(q, k, v, _offsets(B, T, S), None,
+    o, _ = _flash(q, k, v, _offsets(B, T, S), None, bounds,
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
                   t.window.flash(HQ // H), t.window_bwd.flash(HQ // H), 1, interpret)
     return o
 
 
 def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpret=False,
-                  tilings=None):
+                  tilings=None, bounds=None):
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     q, k_c = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_c)
+    c_bounds = None if bounds is None else segments.compressed_bounds(*bounds, cfg)
     if lse is None:
-        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, interpret, tilings)
+        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, interpret, tilings,
+                                      c_bounds)
     lse = jax.lax.stop_gradient(lse)
     qt = cfg.select_q_tile
     N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
@@ -164,19 +168,28 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpr
     q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     lse_p = jnp.pad(lse, ((0, 0), (0, pad), (0, 0)), constant_values=-jnp.inf)
     n_kv_blocks = xla.kv_blocks(B, S, cfg, kv_len)
+    if bounds is not None:
+        # Padded query rows see nothing; their tiles (past T) choose nothing.
+        bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=2 ** 30) for x in bounds]
+        c_bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=2 ** 30) for x in c_bounds]
 
     def chunk(c):
         start = c * T_c
         q_c = jax.lax.dynamic_slice_in_dim(q_p, start, T_c, axis=1)
         lse_c = jax.lax.dynamic_slice_in_dim(lse_p, start, T_c, axis=1)
+        cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, T_c, axis=1)
         mass = compressed_mass(q_c, k_c, lse_c, offsets + start, rule=rule,
                                scale=cfg.softmax_scale(D), q_tile=qt, config=tiling,
+                               bounds=None if bounds is None else [cut(x) for x in c_bounds_p],
                                interpret=interpret)  # [B, H, chunk_tiles, N_c]
         scores = xla.block_scores_from_probs(mass, cfg, N_s)  # [B, H, chunk_tiles, N_s]
         t0 = start + jnp.arange(chunk_tiles, dtype=jnp.int32) * qt
         first = t0[None] + offsets[:, None]
         last = jnp.minimum(t0 + qt - 1, T - 1)[None] + offsets[:, None]
-        return xla.choose_blocks(scores, first, last, cfg, n_kv_blocks)
+        if bounds is None:
+            return xla.choose_blocks(scores, first, last, cfg, n_kv_blocks)
+        doc = xla.document_blocks([cut(x) for x in bounds_p], t0 - start, cfg)
+        return xla.choose_blocks(scores, first, last, cfg, *doc)
 
     if n_chunks == 1:
         ids, counts = chunk(0)
