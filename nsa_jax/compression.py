@@ -67,6 +67,8 @@ def block_view(x, config: NSAConfig):
     l, d = config.compress_block, config.compress_stride
     N_c = config.num_compressed(S)
     r = l // d
+    if N_c == 0:  # fewer than l keys: no block to slice
+        return jnp.zeros((B, 0, l, H, D), x.dtype)
     chunks = x[:, : (N_c + r - 1) * d].reshape(B, N_c + r - 1, d, H, D)  # [B, N_c+r-1, d, H, D]
     return jnp.concatenate([chunks[:, j: j + N_c] for j in range(r)], axis=2)
 

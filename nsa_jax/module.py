@@ -51,7 +51,7 @@ class NSAAttention(nnx.Module):
       out_features: output width, default ``in_features``.
       use_rope: rotate q and k by their positions before attention.
       rope_base: RoPE frequency base.
-      implementation, tilings: passed to `nsa_attention`.
+      implementation, tilings, interpret: passed to `nsa_attention`.
       dtype: compute dtype of projections and attention (None: the input's dtype).
       param_dtype: parameter dtype.
       rngs: `nnx.Rngs` for initialisation.
@@ -60,7 +60,8 @@ class NSAAttention(nnx.Module):
     def __init__(self, in_features: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  config: NSAConfig, *, v_head_dim: int | None = None, out_features: int | None = None,
                  use_rope: bool = True, rope_base: float = 10000.0, implementation: str | None = None,
-                 tilings=None, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 tilings=None, interpret: bool = False, dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         _checks.config(config)
         for name, val in (("in_features", in_features), ("num_heads", num_heads),
                           ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
@@ -76,7 +77,7 @@ class NSAAttention(nnx.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
         self.use_rope, self.rope_base = use_rope, rope_base
-        self.implementation, self.tilings = implementation, tilings
+        self.implementation, self.tilings, self.interpret = implementation, tilings, interpret
         self.dtype = dtype
         lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = nnx.Linear(in_features, num_heads * head_dim, **lin)
@@ -90,11 +91,12 @@ class NSAAttention(nnx.Module):
         params = init_params(rngs.params(), config, num_kv_heads, head_dim, v_head_dim, param_dtype)
         self.compress_params = nnx.data({name: nnx.Param(p) for name, p in params.items()})
 
-    def __call__(self, x, *, positions=None, segment_ids=None):
+    def __call__(self, x, *, positions=None, segment_ids=None, max_segments: int | None = None):
         """x: [B, T, in_features] -> [B, T, out_features].
 
         ``positions``: int [B, T] for RoPE; default t, or the position inside each document when
-        ``segment_ids`` (int [B, T], packed documents, 0 = padding) are given.
+        ``segment_ids`` (int [B, T], packed documents, 0 = padding) are given. ``max_segments``:
+        as in `nsa_attention`.
         """
         _checks.rank("x", x, 3, "[B, T, in_features]")
         _checks.floating("x", x)
@@ -116,5 +118,5 @@ class NSAAttention(nnx.Module):
         params = {name: p[...] for name, p in self.compress_params.items()} or None
         o = nsa_attention(q, k, v, g.astype(q.dtype), config=self.config, compress_params=params,
                           segment_ids=segment_ids, implementation=self.implementation,
-                          tilings=self.tilings)
+                          tilings=self.tilings, interpret=self.interpret, max_segments=max_segments)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))

@@ -64,6 +64,7 @@ CASES = [
     Case(T=150, qt=64, ls=64, n=3, causal=False),             # non-causal, tiled
     Case(T=97, w=0, qt=16, n=4),                              # window disabled
     Case(T=20, n=3, w=8),                                     # shorter than one compressed block
+    Case(T=3, n=3, w=8),                                      # shorter than one stride
     Case(T=40, S=203, n=4, w=30),                             # decode: S > T
     Case(T=120, l=16, d=16, ls=32, n=3, qt=1, num_initial=0, num_local=1),  # d == l
 ]
