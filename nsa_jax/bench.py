@@ -38,6 +38,10 @@ FORWARD_ROWS = ("dense", "nsa_qt64", "nsa_per_token", "compressed", "scoring_qt6
 BACKWARD_ROWS = ("dense_fwd_bwd", "nsa_qt64_fwd_bwd", "nsa_per_token_fwd_bwd", "dense_bwd",
                  "compressed_bwd", "selected_qt64_bwd", "selected_per_token_bwd", "window_bwd")
 ROWS = FORWARD_ROWS + BACKWARD_ROWS
+# Packed documents: the layer (segment_ids) against dense causal attention restricted to each
+# document (cuDNN's packed layout on a GPU), forward and forward+backward.
+PACKED_ROWS = ("dense_packed", "nsa_qt64_packed", "nsa_per_token_packed", "dense_packed_fwd_bwd",
+               "nsa_qt64_packed_fwd_bwd", "nsa_per_token_packed_fwd_bwd")
 # Rows a tiling of each kernel affects, timed together by `tune`.
 TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64", "scoring_per_token"),
             "selected": ("selected_qt64",), "selected_per_token": ("selected_per_token",),
@@ -206,6 +210,58 @@ def measure_length(shape: Shape, data: dict, *, config: NSAConfig, implementatio
     return out
 
 
+def document_lengths(T: int, shortest: int, longest: int, seed: int = 0) -> list[int]:
+    """Lengths drawn uniformly from [shortest, longest] until they fill T; the last is cut to fit."""
+    rng = np.random.default_rng(seed)
+    lengths = []
+    while sum(lengths) < T:
+        lengths.append(int(rng.integers(shortest, longest + 1)))
+    lengths[-1] -= sum(lengths) - T
+    return lengths
+
+
+def packed_dense(q, k, v, lengths: Sequence[int]):
+    """Causal attention inside each document of a packed row: cuDNN's packed (ragged offsets)
+    layout on a GPU, a dense [T, T] document mask elsewhere (small T only)."""
+    cu = np.cumsum([0, *lengths])
+    if jax.default_backend() == "gpu":
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+        seqlen = jnp.asarray([lengths], jnp.int32)  # [B=1, M]
+        offsets = jnp.asarray([cu], jnp.int32)  # [B=1, M + 1]
+        return dot_product_attention(q, k, v, q_seqlen=seqlen, kv_seqlen=seqlen, q_offsets=offsets,
+                                     kv_offsets=offsets, scale=q.shape[-1] ** -0.5,
+                                     mask_type=MaskType.PADDING_CAUSAL)
+    doc = np.searchsorted(cu, np.arange(q.shape[1]), side="right")
+    mask = (doc[:, None] == doc[None, :]) & np.tri(q.shape[1], dtype=bool)
+    return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask)[None, None])
+
+
+def measure_packed(shape: Shape, T: int, lengths: Sequence[int], *, config: NSAConfig,
+                   implementation: str, tilings: TritonTilings | None, reps: int,
+                   rows: Sequence[str] = PACKED_ROWS) -> dict[str, Row]:
+    """Times ``rows`` (from `PACKED_ROWS`) on one packed row of documents of ``lengths``."""
+    q, k, v, g = _inputs(shape, T, jnp.bfloat16)
+    seg = jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
+    kw = dict(implementation=implementation, tilings=tilings, segment_ids=seg)
+    cfg = {"qt64": dataclasses.replace(config, select_q_tile=64),
+           "per_token": dataclasses.replace(config, select_q_tile=1)}
+    dense_flops = sum(2 * shape.HQ * L * L * shape.D for L in lengths)
+    fns = {"dense_packed": (lambda q, k, v: packed_dense(q, k, v, lengths), (q, k, v), dense_flops)}
+    for name, c in cfg.items():
+        fns[f"nsa_{name}_packed"] = (
+            lambda q, k, v, g, c=c: api.nsa_attention(q, k, v, g, config=c, **kw), (q, k, v, g), None)
+    out = {}
+    for name in rows:
+        fn, args, flops = fns[name.removesuffix("_fwd_bwd")]
+        if name.endswith("_fwd_bwd"):
+            ct = jax.random.normal(jax.random.key(1), jax.eval_shape(fn, *args).shape, q.dtype)
+            loss = lambda *a, fn=fn: jnp.sum(fn(*a[:-1]).astype(jnp.float32) * a[-1].astype(jnp.float32))
+            fn, args = jax.grad(loss, argnums=tuple(range(len(args)))), (*args, ct)
+            flops = None if flops is None else 3.5 * flops
+        out[name] = _measure(fn, args, reps, flops)
+    return out
+
+
 class _DenseTwin(nnx.Module):
     """The projections of an `NSAAttention` layer around dense causal attention instead of NSA."""
 
@@ -296,6 +352,10 @@ def baseline(name: str) -> str:
     """The dense row a row's speed-up is measured against."""
     if name.endswith("_train_step"):
         return "dense_train_step"
+    if name.endswith("_packed_fwd_bwd"):
+        return "dense_packed_fwd_bwd"
+    if name.endswith("_packed"):
+        return "dense_packed"
     if name.endswith("_fwd_bwd"):
         return "dense_fwd_bwd"
     return "dense_bwd" if name.endswith("_bwd") else "dense"
@@ -369,9 +429,13 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
 def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
         implementation: str | None = None, tune_length: int | None = None,
         rows: Sequence[str] = ROWS, train_lengths: Sequence[int] = (),
+        packed_lengths: Sequence[int] = (), document_range: tuple[int, int] = (1024, 16384),
         out: str | pathlib.Path = "nsa_bench_out", config: NSAConfig | None = None,
         log=print) -> dict:
-    """Runs the benchmark, prints tables, writes ``bench.json`` and ``bench.png`` under ``out``."""
+    """Runs the benchmark, prints tables, writes ``bench.json`` and ``bench.png`` under ``out``.
+
+    ``packed_lengths``: rows of T tokens packed with documents of lengths drawn from
+    ``document_range`` (`measure_packed`; forward only with ``rows`` = `FORWARD_ROWS`)."""
     config = NSAConfig() if config is None else config
     if implementation is None:
         implementation = "triton" if jax.default_backend() == "gpu" else "xla"
@@ -400,6 +464,15 @@ def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
             results.setdefault(T, {}).update(train_step_ms(
                 shape, T, config=config, implementation=implementation, tilings=tilings, reps=reps))
             log(table_rows({T: {n: r for n, r in results[T].items() if n.endswith("_train_step")}}))
+        for T in packed_lengths:
+            lengths = document_lengths(T, *document_range, seed=T)
+            packed_rows = [n for n in PACKED_ROWS if rows != FORWARD_ROWS or "fwd_bwd" not in n]
+            log(f"packed T={T}: {len(lengths)} documents, lengths {lengths}")
+            record.setdefault("packed_documents", {})[str(T)] = lengths
+            results.setdefault(T, {}).update(measure_packed(
+                shape, T, lengths, config=config, implementation=implementation, tilings=tilings,
+                reps=reps, rows=packed_rows))
+            log(table_rows({T: {n: r for n, r in results[T].items() if "_packed" in n}}))
         all_results[shape.name] = results
         record["shapes"][shape.name] = {
             "tilings": None if tilings is None else dataclasses.asdict(tilings),

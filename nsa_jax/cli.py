@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                     "attention (cuDNN on a GPU) in the same process; print tables and write "
                     "bench.json and bench.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub.add_argument("--lengths", type=int, nargs="+",
+    sub.add_argument("--lengths", type=int, nargs="*",
                      default=[8192, 16384, 32768, 65536, 131072], help="sequence lengths T")
     sub.add_argument("--shapes", nargs="+", default=["64x4", "32x8"],
                      help="HQxH or HQxHxD (B=1, D=128 unless given)")
@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--forward-only", action="store_true", help="skip the backward rows")
     sub.add_argument("--train-lengths", type=int, nargs="*", default=[],
                      help="also time a jitted NNX training step of one layer at these T")
+    sub.add_argument("--packed-lengths", type=int, nargs="*", default=[],
+                     help="also time rows of T tokens packed with documents (segment_ids) against "
+                          "dense attention inside each document")
+    sub.add_argument("--document-range", type=int, nargs=2, default=[1024, 16384],
+                     metavar=("SHORTEST", "LONGEST"), help="document lengths of --packed-lengths")
     sub.add_argument("--tune", action="store_true",
                      help="sweep tilings per kernel first (needs implementation triton)")
     sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
@@ -69,7 +74,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if min(args.lengths) < 1 or args.reps < 1 or args.tune_length < 1:
+    if not 1 <= args.document_range[0] <= args.document_range[1]:
+        args.error(f"--document-range needs 1 <= SHORTEST <= LONGEST, got {args.document_range}")
+    if min(args.lengths + args.packed_lengths, default=1) < 1 or args.reps < 1 or args.tune_length < 1:
         args.error(f"--lengths, --reps and --tune-length must be positive, got {args.lengths}, "
                    f"{args.reps}, {args.tune_length}")
     try:
@@ -82,7 +89,8 @@ def _bench(args: argparse.Namespace) -> int:
               implementation=args.implementation,
               tune_length=args.tune_length if args.tune else None, out=args.out,
               rows=bench.FORWARD_ROWS if args.forward_only else bench.ROWS,
-              train_lengths=args.train_lengths)
+              train_lengths=args.train_lengths, packed_lengths=args.packed_lengths,
+              document_range=tuple(args.document_range))
     return 0
 
 

@@ -28,13 +28,17 @@ def test_no_command_prints_help_and_fails(capsys):
 def test_bench_smoke(tmp_path, capsys):
     """`nsa-jax bench` on a tiny shape: every row measured, nothing failed, JSON and PNG written."""
     assert cli.main(["bench", "--lengths", "130", "--shapes", "4x2x16", "--reps", "1",
+                     "--packed-lengths", "300", "--document-range", "60", "150",
                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "HQ4-H2-D16" in out and "failed" not in out
     record = json.loads((tmp_path / "bench.json").read_text())
     rows = record["shapes"]["HQ4-H2-D16"]["results"]["130"]
     assert set(rows) == set(bench.ROWS)
-    for name, row in rows.items():
+    packed = record["shapes"]["HQ4-H2-D16"]["results"]["300"]
+    assert set(packed) == set(bench.PACKED_ROWS)
+    assert sum(record["packed_documents"]["300"]) == 300
+    for name, row in {**rows, **packed}.items():
         assert row["error"] is None and row["ms"] > 0, name
     assert rows["dense"]["tflops"] > 0 and rows["window"]["tflops"] > 0
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,6 +48,7 @@ def test_bench_smoke(tmp_path, capsys):
     (["--shapes", "64x5"], "HQ must be a positive multiple of H"),
     (["--shapes", "sixty"], "must read HQxH"),
     (["--lengths", "0"], "must be positive"),
+    (["--document-range", "9", "3"], "SHORTEST <= LONGEST"),
     (["--tune", "--implementation", "xla"], "needs --implementation triton"),
 ])
 def test_bench_rejects(argv, message, capsys):

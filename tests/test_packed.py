@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import nsa_jax
 from nsa_jax import reference, segments
-from conftest import GRAD_TOL, FWD_TOL, IMPLEMENTATIONS, ON_GPU, assert_bit_identical, assert_close, normal
+from conftest import (GRAD_TOL, FWD_TOL, IMPLEMENTATIONS, ON_GPU, assert_bit_identical, assert_close,
+                      normal, upcast)
 
 # Blocks of 16 keys: the smallest the Triton kernels take.
 CFG = dict(compress_block=16, compress_stride=8, select_block=16, num_selected=3, window=10)
@@ -177,3 +178,19 @@ def test_layer_runs_packed_documents(impl):
     want = jnp.concatenate([layer(x[:, a:b]) for a, b in zip(cu[:-1], cu[1:])]
                            + [jnp.zeros((1, T - cu[-1], 16))], axis=1)
     assert_close(out[:, :cu[-1]], want[:, :cu[-1]], FWD_TOL[jnp.float32], "o")
+
+
+@pytest.mark.gpu
+def test_packed_dense_baseline_stays_inside_documents():
+    """The benchmark's cuDNN packed baseline is causal attention inside each document."""
+    from nsa_jax import bench
+    lengths, T = [100, 37, 250, 125], 512
+    ks = jax.random.split(jax.random.key(0), 3)
+    q = normal(ks[0], (1, T, 8, 64), jnp.bfloat16)
+    k, v = (normal(key, (1, T, 2, 64), jnp.bfloat16) for key in ks[1:])
+    cu = np.cumsum([0] + lengths)
+    doc = np.searchsorted(cu, np.arange(T), side="right")
+    mask = (doc[:, None] == doc[None, :]) & np.tri(T, dtype=bool)
+    want = jax.nn.dot_product_attention(*upcast((q, k, v)), mask=jnp.asarray(mask)[None, None],
+                                        implementation="xla")
+    assert_close(bench.packed_dense(q, k, v, lengths), want, FWD_TOL[jnp.bfloat16], "o")
