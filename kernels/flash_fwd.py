@@ -128,9 +128,11 @@ def bounded_ranges(rule: MaskRule, first, last, block_k: int, bounds=None):
     lo, hi = block_range(rule, first, last, block_k)
     flo, fhi = full_range(rule, first, last, lo, hi, block_k)
     if bounds is not None:
+        # Stay inside the rule's [lo, hi): rows past T carry far-away bounds, and callers clear
+        # the blocks outside the range.
         b_lo, b_hi = bounds
-        lo = jnp.maximum(lo, jnp.min(b_lo) // block_k)
-        hi = jnp.maximum(jnp.minimum(hi, (jnp.max(b_hi) + block_k - 1) // block_k), lo)
+        lo = jnp.clip(jnp.min(b_lo) // block_k, lo, hi)
+        hi = jnp.clip((jnp.max(b_hi) + block_k - 1) // block_k, lo, hi)
         flo = jnp.clip(jnp.maximum(flo, (jnp.max(b_lo) + block_k - 1) // block_k), lo, hi)
         fhi = jnp.clip(jnp.minimum(fhi, jnp.min(b_hi) // block_k), flo, hi)
     return lo, hi, flo, fhi

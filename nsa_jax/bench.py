@@ -242,7 +242,9 @@ def measure_packed(shape: Shape, T: int, lengths: Sequence[int], *, config: NSAC
     """Times ``rows`` (from `PACKED_ROWS`) on one packed row of documents of ``lengths``."""
     q, k, v, g = _inputs(shape, T, jnp.bfloat16)
     seg = jnp.asarray(np.repeat(np.arange(1, len(lengths) + 1), lengths)[None], jnp.int32)
-    kw = dict(implementation=implementation, tilings=tilings, segment_ids=seg)
+    # The number of documents is known, as it is to a data loader that packs them.
+    kw = dict(implementation=implementation, tilings=tilings, segment_ids=seg,
+              max_segments=len(lengths))
     cfg = {"qt64": dataclasses.replace(config, select_q_tile=64),
            "per_token": dataclasses.replace(config, select_q_tile=1)}
     dense_flops = sum(2 * shape.HQ * L * L * shape.D for L in lengths)
@@ -465,12 +467,12 @@ def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
                 shape, T, config=config, implementation=implementation, tilings=tilings, reps=reps))
             log(table_rows({T: {n: r for n, r in results[T].items() if n.endswith("_train_step")}}))
         for T in packed_lengths:
-            lengths = document_lengths(T, *document_range, seed=T)
+            docs = document_lengths(T, *document_range, seed=T)
             packed_rows = [n for n in PACKED_ROWS if rows != FORWARD_ROWS or "fwd_bwd" not in n]
-            log(f"packed T={T}: {len(lengths)} documents, lengths {lengths}")
-            record.setdefault("packed_documents", {})[str(T)] = lengths
+            log(f"packed T={T}: {len(docs)} documents, lengths {docs}")
+            record.setdefault("packed_documents", {})[str(T)] = docs
             results.setdefault(T, {}).update(measure_packed(
-                shape, T, lengths, config=config, implementation=implementation, tilings=tilings,
+                shape, T, docs, config=config, implementation=implementation, tilings=tilings,
                 reps=reps, rows=packed_rows))
             log(table_rows({T: {n: r for n, r in results[T].items() if "_packed" in n}}))
         all_results[shape.name] = results

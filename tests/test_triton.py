@@ -36,6 +36,28 @@ def test_scoring_in_chunks_matches_one_pass(monkeypatch):
     np.testing.assert_array_equal(np.asarray(whole.counts), np.asarray(ref.counts))
 
 
+def test_bounded_ranges_stay_inside_the_rule_range():
+    """Rows past T carry far-away bounds; a program of only such rows must get an empty range
+    inside the rule's (the scoring kernel clears every block outside it)."""
+    from nsa_jax.kernels.flash_fwd import MaskRule, block_range, bounded_ranges
+    rule = MaskRule(num_keys=100, key_stride=16, key_offset=31)
+    far = jnp.full((16,), 2 ** 30, jnp.int32)
+    lo, hi, flo, fhi = (int(x) for x in bounded_ranges(rule, 5000, 5015, 16, (far, far)))
+    _, rule_hi = block_range(rule, 5000, 5015, 16)
+    assert lo == hi == flo == fhi <= int(rule_hi) == 7
+
+
+def test_packed_scoring_in_chunks_matches_the_reference(monkeypatch):
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=16, select_block=32, num_selected=3,
+                            window=8)
+    q, k, v = _inputs(150)
+    seg = nsa_jax.segment_ids_from_cu_seqlens(jnp.array([0, 40, 41, 120]), 150)
+    monkeypatch.setattr(pallas_triton, "MASS_BYTES", 2 * 9 * 4 * 5)  # a few query rows per chunk
+    out = nsa_jax.nsa_attention(q, k, v, config=cfg, segment_ids=seg, **TRITON)
+    want = reference.nsa_attention(q, k, v, config=cfg, segment_ids=seg)
+    assert_close(out, want, FWD_TOL[jnp.float32], "o")
+
+
 @pytest.mark.parametrize("select_block", [128, 48])
 def test_selected_blocks_reblocked_to_the_kernel_tile(select_block):
     """Selection blocks larger than the kernel's KV tile are expanded (128 -> 64), and sizes that
