@@ -390,8 +390,10 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [g for g in (FORWARD_ROWS, BACKWARD_ROWS)
+    groups = [g for g in (FORWARD_ROWS, BACKWARD_ROWS, PACKED_ROWS)
               if any(n in rows for res in all_results.values() for rows in res.values() for n in g)]
+    if not groups:
+        return
     fig, axes = plt.subplots(2 * len(groups), len(all_results),
                              figsize=(6 * len(all_results), 4 * 2 * len(groups)), squeeze=False)
     for col, (shape_name, results) in enumerate(all_results.items()):
@@ -416,7 +418,8 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("T (tokens)")
                 ax.grid(True, which="both", alpha=0.3)
-            kind = "forward" if group is FORWARD_ROWS else "backward / forward+backward"
+            kind = {FORWARD_ROWS: "forward", BACKWARD_ROWS: "backward / forward+backward",
+                    PACKED_ROWS: "packed documents"}[group]
             top.set_yscale("log")
             top.set_ylabel(f"{kind} ms")
             top.set_title(f"{shape_name}, bf16")
