@@ -102,13 +102,6 @@ def implementation(impl) -> str:
     return impl
 
 
-def segment_ids(segment_ids, impl: str) -> None:
-    if segment_ids is not None:
-        raise NotImplementedError(
-            f"segment_ids (packed sequences) are not yet supported by implementation={impl!r}; "
-            f"implementation='reference' runs them (dense, for tests and small inputs)")
-
-
 def kv_len(kv_len, B: int, T: int, N_c: int, cfg: NSAConfig, *, causal: bool):
     """Normalises ``kv_len`` to (static upper bound S, int32[B] array or None)."""
     if kv_len is None:

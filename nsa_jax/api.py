@@ -10,6 +10,25 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices
 
 
+def _packing(segment_ids, config: NSAConfig, max_segments, B: int, T: int, S: int):
+    """The aligned layout of ``segment_ids`` (validated) for self-attention over T tokens."""
+    segments.check(segment_ids, B, T)
+    if S != T:
+        raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
+    if max_segments is not None and (isinstance(max_segments, bool) or not isinstance(max_segments, int)
+                                     or max_segments < 1):
+        raise ValueError(f"max_segments={max_segments!r} must be a positive int or None")
+    return segments.pack(segment_ids, config, max_segments)
+
+
+def _backend(impl: str, interpret: bool, tilings):
+    """(module, keyword arguments) running the branches of ``impl`` ("xla" or "triton")."""
+    if impl == "triton":
+        pallas_triton.check_available(interpret)
+        return pallas_triton, dict(interpret=interpret, tilings=tilings)
+    return xla, {}
+
+
 def _compressed_inputs(q, k_c, v_c=None):
     _checks.rank("q", q, 4, "[B, T, HQ, D]")
     _checks.rank("k_c", k_c, 4, "[B, N_c, H, D]")
@@ -31,7 +50,8 @@ def _compressed_inputs(q, k_c, v_c=None):
 
 
 def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, implementation=None,
-                         interpret: bool = False, tilings=None):
+                         interpret: bool = False, tilings=None, segment_ids=None,
+                         max_segments: int | None = None):
     """Attention of every query over the compressed tokens it may see.
 
     Args:
@@ -44,6 +64,9 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
       interpret: run Pallas kernels in interpret mode (ignored by "xla" and "reference").
       tilings: `TritonTilings` for the "triton" kernels (speed only); None picks the default for
         the GPU generation. Every function below takes the same ``interpret`` and ``tilings``.
+      segment_ids, max_segments: packed documents, as in `nsa_attention` (then kv_len must be
+        None, and k_c, v_c come from `compress` with the same segment ids). Every function below
+        takes them; each document gives what it gives alone.
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype (zero where no compressed token is visible) and
@@ -53,6 +76,9 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     impl = _checks.implementation(implementation)
     _checks.tilings(tilings)
     _compressed_inputs(q, k_c, v_c)
+    if segment_ids is not None:
+        return _packed_compressed(q, k_c, v_c, config, kv_len, segment_ids, max_segments, impl,
+                                  interpret, tilings)
     if impl == "reference":
         return reference.compressed_attention(q, k_c, v_c, config=config, kv_len=kv_len)
     B, T = q.shape[:2]
@@ -68,8 +94,27 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     return xla.compressed_attention(q, k_c, v_c, config, S, kv_arr)
 
 
+def _packed_compressed(q, k_c, v_c, config, kv_len, segment_ids, max_segments, impl, interpret,
+                       tilings):
+    if kv_len is not None:
+        raise ValueError("kv_len must be None with segment_ids (packed self-attention)")
+    B, T = q.shape[:2]
+    if impl == "reference":
+        return reference.compressed_attention(q, k_c, v_c, config=config, segment_ids=segment_ids,
+                                              max_segments=max_segments)
+    packing = _packing(segment_ids, config, max_segments, B, T, T)
+    q_a = segments.to_aligned(q, packing)
+    T_a = q_a.shape[1]
+    _checks.kv_len(T_a, B, T_a, k_c.shape[1], config, causal=config.causal)
+    mod, kw = _backend(impl, interpret, tilings)
+    bounds = segments.compressed_bounds(packing.lo, packing.hi, config)
+    o, lse = mod.compressed_attention(q_a, k_c, v_c, config, T_a, None, bounds=bounds, **kw)
+    return segments.from_aligned(o, packing), segments.from_aligned(lse, packing, -jnp.inf)
+
+
 def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implementation=None,
-                  interpret: bool = False, tilings=None) -> BlockSparseIndices:
+                  interpret: bool = False, tilings=None, segment_ids=None,
+                  max_segments: int | None = None) -> BlockSparseIndices:
     """Top-n selection blocks per (batch, KV head, query tile), shared by the G heads of a group.
 
     Args:
@@ -80,6 +125,8 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     Returns:
       `BlockSparseIndices` with indices int32[B, H, ceil(T / select_q_tile), num_selected]. Not
       differentiable (selection is discrete; gradients flow through the compressed branch).
+      With ``segment_ids`` the tiles and block ids are those of the aligned layout (T_a rows, see
+      `compress`), ready for `selected_attention` with the same segment ids.
     """
     _checks.config(config)
     impl = _checks.implementation(implementation)
@@ -88,6 +135,20 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     B, T, HQ = q.shape[:3]
     if lse is not None and tuple(getattr(lse, "shape", ())) != (B, T, HQ):
         raise ValueError(f"lse must have shape [B, T, HQ] = {(B, T, HQ)}, got {getattr(lse, 'shape', lse)}")
+    if segment_ids is not None:
+        if kv_len is not None:
+            raise ValueError("kv_len must be None with segment_ids (packed self-attention)")
+        if impl == "reference":
+            return reference.select_blocks(q, k_c, config=config, segment_ids=segment_ids,
+                                           max_segments=max_segments)
+        packing = _packing(segment_ids, config, max_segments, B, T, T)
+        q_a = segments.to_aligned(q, packing)
+        T_a = q_a.shape[1]
+        _checks.kv_len(T_a, B, T_a, k_c.shape[1], config, causal=config.causal)
+        lse_a = None if lse is None else segments.to_aligned(lse, packing)
+        mod, kw = _backend(impl, interpret, tilings)
+        return mod.select_blocks(q_a, k_c, config, T_a, None, lse_a,
+                                 bounds=(packing.lo, packing.hi), **kw)
     if impl == "reference":
         return reference.select_blocks(q, k_c, config=config, lse=lse, kv_len=kv_len)
     S, kv_arr = _checks.kv_len(kv_len, B, T, k_c.shape[1], config, causal=config.causal)
@@ -117,7 +178,8 @@ def _selection(sel, B: int, T: int, H: int, config: NSAConfig) -> BlockSparseInd
 
 
 def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
-                       interpret: bool = False, tilings=None):
+                       interpret: bool = False, tilings=None, segment_ids=None,
+                       max_segments: int | None = None):
     """Attention of each query over the keys of its tile's selected blocks (causal within them).
 
     Args:
@@ -132,6 +194,21 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
     impl = _checks.implementation(implementation)
     _checks.tilings(tilings)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    if segment_ids is not None:
+        packing = _packing(segment_ids, config, max_segments, B, T, S)
+        if not isinstance(sel, BlockSparseIndices):
+            raise TypeError("with segment_ids, sel must be the BlockSparseIndices of select_blocks "
+                            f"(aligned layout), got {type(sel).__name__}")
+        _selection(sel, B, packing.lo.shape[1], H, config)
+        if impl == "reference":
+            return reference.selected_attention(q, k, v, sel, config=config,
+                                                segment_ids=segment_ids, max_segments=max_segments)
+        mod, kw = _backend(impl, interpret, tilings)
+        q_a, k_a, v_a = (segments.to_aligned(x, packing) for x in (q, k, v))
+        # Causal rows never see past their document's end; non-causal ones must be told.
+        bounds = None if config.causal else (packing.lo, packing.hi)
+        return segments.from_aligned(mod.selected_attention(q_a, k_a, v_a, sel, config,
+                                                            bounds=bounds, **kw), packing)
     sel_bsi = _selection(sel, B, T, H, config)
     if impl == "reference":
         return reference.selected_attention(q, k, v, sel, config=config)
@@ -146,7 +223,8 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
 
 
 def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
-                             interpret: bool = False, tilings=None):
+                             interpret: bool = False, tilings=None, segment_ids=None,
+                             max_segments: int | None = None):
     """Sliding-window branch: causal keys t - w < s <= t; non-causal |s - t| < w.
 
     Returns [B, T, HQ, Dv] in q.dtype; zeros when ``config.window == 0``.
@@ -155,6 +233,18 @@ def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
     impl = _checks.implementation(implementation)
     _checks.tilings(tilings)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+    if segment_ids is not None:
+        packing = _packing(segment_ids, config, max_segments, B, T, S)
+        if impl == "reference":
+            return reference.sliding_window_attention(q, k, v, config=config,
+                                                      segment_ids=segment_ids,
+                                                      max_segments=max_segments)
+        if T == 0 or config.window == 0:
+            return jnp.zeros((B, T, HQ, Dv), q.dtype)
+        mod, kw = _backend(impl, interpret, tilings)
+        q_a, k_a, v_a = (segments.to_aligned(x, packing) for x in (q, k, v))
+        return segments.from_aligned(mod.sliding_window_attention(
+            q_a, k_a, v_a, config, bounds=(packing.lo, packing.hi), **kw), packing)
     if impl == "reference":
         return reference.sliding_window_attention(q, k, v, config=config)
     if T == 0 or S == 0 or config.window == 0:
@@ -225,10 +315,8 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         return reference.nsa_attention(q, k, v, g, config=config, segment_ids=segment_ids,
                                        compress_params=compress_params)
     if segment_ids is not None:
-        if S != T:
-            raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
         return _packed_nsa_attention(q, k, v, g, segment_ids, config, compress_params, impl,
-                                     max_segments, interpret, tilings)
+                                     max_segments, interpret, tilings, auto=implementation is None)
     k_c, v_c = compress(k, v, config=config, params=compress_params)
     kw = dict(config=config, implementation=impl, interpret=interpret, tilings=tilings)
     o_c, lse_c = compressed_attention(q, k_c, v_c, kv_len=S, **kw)
@@ -239,28 +327,25 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
 
 
 def _packed_nsa_attention(q, k, v, g, segment_ids, config: NSAConfig, params, impl: str,
-                          max_segments, interpret: bool, tilings):
+                          max_segments, interpret: bool, tilings, auto: bool):
     """NSA over packed documents: each document moves to a row of the aligned layout that starts
     at a multiple of lcm(d, l', select_q_tile), so its compressed tokens, selection blocks and
     query tiles are those of the layout; per-row bounds keep every branch inside its document."""
-    if max_segments is not None and (not isinstance(max_segments, int) or max_segments < 1):
-        raise ValueError(f"max_segments={max_segments!r} must be a positive int or None")
-    packing = segments.pack(segment_ids, config, max_segments)
+    packing = _packing(segment_ids, config, max_segments, *q.shape[:2], k.shape[1])
     q_a, k_a, v_a = (segments.to_aligned(x, packing) for x in (q, k, v))
     T_a = q_a.shape[1]
     bounds = (packing.lo, packing.hi)
     c_bounds = segments.compressed_bounds(*bounds, config)
     k_c, v_c = compress(k_a, v_a, config=config, params=params)
-    if impl == "triton":
-        pallas_triton.check_available(interpret)
-        mod, kw = pallas_triton, dict(interpret=interpret, tilings=tilings)
-    else:
-        mod, kw = xla, {}
+    mod, kw = _backend(impl, interpret, tilings)
     o_c, lse_c = mod.compressed_attention(q_a, k_c, v_c, config, T_a, None, bounds=c_bounds, **kw)
     sel = mod.select_blocks(q_a, k_c, config, T_a, None, lse_c, bounds=bounds, **kw)
+    mod_s, kw_s = mod, kw
+    if auto and impl == "triton" and not pallas_triton.supports_block(config.select_block):
+        mod_s, kw_s = xla, {}  # the one case the Triton kernels do not cover yet; same semantics
     # Causal rows never see past their document's end; non-causal ones must be told.
-    o_s = mod.selected_attention(q_a, k_a, v_a, sel, config, bounds=None if config.causal else bounds,
-                                 **kw)
+    o_s = mod_s.selected_attention(q_a, k_a, v_a, sel, config,
+                                   bounds=None if config.causal else bounds, **kw_s)
     o_w = (mod.sliding_window_attention(q_a, k_a, v_a, config, bounds=bounds, **kw) if config.window
            else jnp.zeros_like(o_s))
     g_a = None if g is None else segments.to_aligned(g, packing)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import _checks
+from nsa_jax import _checks, segments
 from nsa_jax.config import NSAConfig
 
 _PARAM_SHAPES = {
@@ -89,7 +89,7 @@ def apply_phi(blocks, params, which: str, config: NSAConfig):
     return mean + jnp.einsum("bnhe,ef->bnhf", hidden, p["w2"], precision=hi) + p["b2"]
 
 
-def compress(k, v, *, config: NSAConfig, params=None):
+def compress(k, v, *, config: NSAConfig, params=None, segment_ids=None, max_segments=None):
     """Compressed keys and values (DESIGN.md §3, Compression).
 
     Args:
@@ -97,14 +97,23 @@ def compress(k, v, *, config: NSAConfig, params=None):
       v: [B, S, H, Dv] values.
       config: `NSAConfig`; ``compress_method`` chooses phi.
       params: parameters of phi (`init_params` gives their layout); None for ``"mean"``.
+      segment_ids, max_segments: packed documents, as in `nsa_attention`. The compressed tokens
+        are then those of the aligned layout (`segments.pack`, length T_a): document i starts at
+        aligned row a_i, a multiple of d, and its compressed token j is ``k_c[:, a_i // d + j]``;
+        tokens that cross a document's end are never visible to any query.
 
     Returns:
-      k_c [B, N_c, H, D] and v_c [B, N_c, H, Dv] in ``k.dtype``, N_c = max(0, (S - l) // d + 1).
+      k_c [B, N_c, H, D] and v_c [B, N_c, H, Dv] in ``k.dtype``, N_c = max(0, (S - l) // d + 1)
+      (S = T_a with ``segment_ids``).
     """
     _checks.config(config)
     _check_kv(k, v)
     H, D, Dv = k.shape[2], k.shape[3], v.shape[3]
     check_params(config, params, H, D, Dv)
+    if segment_ids is not None:
+        segments.check(segment_ids, *k.shape[:2])
+        packing = segments.pack(segment_ids, config, max_segments)
+        k, v = segments.to_aligned(k, packing), segments.to_aligned(v, packing)
     out = []
     for x, which in ((k, "_k"), (v, "_v")):
         blocks = block_view(x.astype(_checks.accumulation(x)), config)

@@ -8,6 +8,8 @@ is tested against these functions; they share no code with them beyond input val
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,9 +79,18 @@ def _phi(blocks, params, which: str, config: NSAConfig):
     return mean + jnp.einsum("...he,ef->...hf", h, p["w2"], precision=_HI) + p["b2"]
 
 
-def compress(k, v, *, config: NSAConfig, params=None):
-    """Reference compression: gathers each block of keys by explicit indices, then applies phi."""
+def _packing(segment_ids, config: NSAConfig, max_segments, B: int, T: int):
+    segments.check(segment_ids, B, T)
+    return segments.pack(segment_ids, config, max_segments)
+
+
+def compress(k, v, *, config: NSAConfig, params=None, segment_ids=None, max_segments=None):
+    """Reference compression: gathers each block of keys by explicit indices, then applies phi.
+    With ``segment_ids``, of the keys in the aligned layout of `segments.pack`."""
     _checks.config(config)
+    if segment_ids is not None:
+        packing = _packing(segment_ids, config, max_segments, *k.shape[:2])
+        k, v = segments.to_aligned(k, packing), segments.to_aligned(v, packing)
     B, S, H, D = k.shape
     Dv = v.shape[3]
     check_params(config, params, H, D, Dv)
@@ -91,8 +102,9 @@ def compress(k, v, *, config: NSAConfig, params=None):
                  for x, which in ((k, "k"), (v, "v")))
 
 
-def _compressed(q, k_c, v_c, config: NSAConfig, S, kv_len):
-    """Dense compressed branch: (o [B, H, G, T, Dv], lse [B, H, G, T], p [B, H, G, T, N_c])."""
+def _compressed(q, k_c, v_c, config: NSAConfig, S, kv_len, bounds=None):
+    """Dense compressed branch: (o [B, H, G, T, Dv], lse [B, H, G, T], p [B, H, G, T, N_c]);
+    ``bounds`` = (lo, hi) [B, T]: the compressed tokens of each query's document (packed)."""
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     q, k_c, v_c = _f32(q, k_c, v_c)
@@ -107,11 +119,24 @@ def _compressed(q, k_c, v_c, config: NSAConfig, S, kv_len):
     else:
         length = jnp.full((B,), S) if kv_len is None else jnp.asarray(kv_len)
         visible = jnp.broadcast_to(last_key[None, None, :] < length[:, None, None], (B, T, N_c))
+    if bounds is not None:
+        visible = visible & (i >= bounds[0][..., None]) & (i < bounds[1][..., None])
     return _softmax_attend(logits, visible[:, None, None], v_c.transpose(0, 2, 1, 3))
 
 
-def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None):
-    """Reference compressed branch: (o [B, T, HQ, Dv] in q.dtype, lse [B, T, HQ] float32)."""
+def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, segment_ids=None,
+                         max_segments=None):
+    """Reference compressed branch: (o [B, T, HQ, Dv] in q.dtype, lse [B, T, HQ] float32).
+    With ``segment_ids``, ``k_c``/``v_c`` come from `compress` with the same segment ids."""
+    if segment_ids is not None:
+        packing = _packing(segment_ids, config, max_segments, *q.shape[:2])
+        q_a = segments.to_aligned(q, packing)
+        bounds = segments.compressed_bounds(packing.lo, packing.hi, config)
+        T_a = q_a.shape[1]
+        _checks.kv_len(T_a, q.shape[0], T_a, k_c.shape[1], config, causal=config.causal)
+        o, lse, _ = _compressed(q_a, k_c, v_c, config, T_a, None, bounds)
+        return (segments.from_aligned(_from_heads(o).astype(q.dtype), packing),
+                segments.from_aligned(_from_heads(lse[..., None])[..., 0], packing, -jnp.inf))
     S, kv_arr = _checks.kv_len(kv_len, q.shape[0], q.shape[1], k_c.shape[1], config,
                                causal=config.causal)
     o, lse, _ = _compressed(q, k_c, v_c, config, S, kv_arr)
@@ -130,16 +155,17 @@ def overlap_weights(config: NSAConfig, N_c: int, N_s: int) -> np.ndarray:
     return W
 
 
-def block_scores(q, k_c, *, config: NSAConfig, kv_len=None):
+def block_scores(q, k_c, *, config: NSAConfig, kv_len=None, bounds=None):
     """Selection scores [B, H, N_tiles, N_s]: compressed probability mass on each block's keys,
-    summed over the G heads of a KV head and the queries of a tile (padding rows excluded)."""
+    summed over the G heads of a KV head and the queries of a tile (padding rows excluded).
+    ``bounds``: as in `_compressed` (packed rows in the aligned layout)."""
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
     N_s = -(-S // config.select_block)
     qt = config.select_q_tile
     N_tiles = -(-T // qt)
-    _, _, p = _compressed(q, k_c, k_c[..., :1], config, S, kv_arr)  # p [B, H, G, T, N_c]
+    _, _, p = _compressed(q, k_c, k_c[..., :1], config, S, kv_arr, bounds)  # p [B, H, G, T, N_c]
     W = jnp.asarray(overlap_weights(config, N_c, N_s))
     per_token = jnp.einsum("bhgtn,ns->bhts", p, W, precision=_HI)  # summed over G
     tile_of_t = jnp.arange(T) // qt
@@ -147,8 +173,10 @@ def block_scores(q, k_c, *, config: NSAConfig, kv_len=None):
     return jnp.einsum("bhts,tu->bhus", per_token, one_hot_tiles, precision=_HI)
 
 
-def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int):
-    """Eligible, forced and own (overlapping the tile) blocks [B, N_tiles, N_s] per query tile."""
+def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int, doc=None):
+    """Eligible, forced and own (overlapping the tile) blocks [B, N_tiles, N_s] per query tile;
+    ``doc`` = (lo, hi) [B, T]: the keys of each query's document (packed rows), whose blocks alone
+    are eligible and whose first blocks are the initial ones."""
     qt, ls = config.select_q_tile, config.select_block
     N_tiles = -(-T // qt)
     pos = _positions(B, T, S, kv_len)
@@ -157,8 +185,13 @@ def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int):
     j = jnp.arange(N_s)[None, None, :]
     length = jnp.full((B,), S) if kv_len is None else jnp.asarray(kv_len)
     exists = j * ls < length[:, None, None]
+    first_block = 0
+    if doc is not None:
+        lo, hi = (x[:, ::qt][:, :N_tiles, None] for x in doc)  # the tile's first query's document
+        first_block = lo // ls
+        exists = (j >= first_block) & (j * ls < hi)
     eligible = exists & ((j * ls <= last[..., None]) if config.causal else True)
-    forced = j < config.num_initial
+    forced = j < first_block + config.num_initial
     overlaps_tile = (j >= first[..., None] // ls) & (j <= last[..., None] // ls)
     if config.num_local >= 1:
         just_before = (j < first[..., None] // ls) & (j >= first[..., None] // ls - (config.num_local - 1))
@@ -168,21 +201,30 @@ def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int):
     return eligible, forced & eligible, overlaps_tile & eligible
 
 
-def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None) -> BlockSparseIndices:
+def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, segment_ids=None,
+                  max_segments=None) -> BlockSparseIndices:
     """Reference selection: stable descending sort of (own block, other forced block, score),
     lower block id on ties. A tile's own blocks outrank other forced blocks, which matters only
     when a tile straddling a block boundary (decode offset) forces more than n blocks.
 
-    ``lse`` is accepted for signature parity; the reference recomputes the probabilities.
+    ``lse`` is accepted for signature parity; the reference recomputes the probabilities. With
+    ``segment_ids`` the tiles and block ids are those of the aligned layout (`segments.pack`).
     """
     del lse
+    doc = c_bounds = None
+    if segment_ids is not None:
+        packing = _packing(segment_ids, config, max_segments, *q.shape[:2])
+        q, kv_len = segments.to_aligned(q, packing), None
+        doc = (packing.lo, packing.hi)
+        c_bounds = segments.compressed_bounds(*doc, config)
     B, T, HQ, D = q.shape
     N_c = k_c.shape[1]
     S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
     N_s = -(-S // config.select_block)
     n = config.num_selected
-    scores = jax.lax.stop_gradient(block_scores(q, k_c, config=config, kv_len=kv_len))
-    eligible, forced, own = (m[:, None] for m in _selection_rules(B, T, S, kv_arr, config, N_s))
+    scores = jax.lax.stop_gradient(block_scores(q, k_c, config=config, kv_len=kv_len,
+                                                bounds=c_bounds))
+    eligible, forced, own = (m[:, None] for m in _selection_rules(B, T, S, kv_arr, config, N_s, doc))
     # Rank 0: own blocks, 1: other forced blocks, 2: eligible by score, 3: not selectable.
     rank = jnp.where(own, 0, jnp.where(forced, 1, jnp.where(eligible, 2, 3)))
     rank = jnp.broadcast_to(rank, scores.shape)
@@ -224,17 +266,51 @@ def _causal_mask(T: int, S: int):
     return pos >= jnp.arange(S)[None, :]
 
 
-def selected_attention(q, k, v, sel, *, config: NSAConfig):
-    """Reference selected branch; ``sel`` is `BlockSparseIndices` or per-token int32[B, T, H, n]."""
+def _packed_branch(branch, q, k, v, config: NSAConfig, segment_ids, max_segments, *args):
+    """``branch(q, k, v, *args, doc=(lo, hi))`` in the aligned layout, back in token layout."""
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    if S != T:
+        raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
+    packing = _packing(segment_ids, config, max_segments, B, T)
+    q, k, v = (segments.to_aligned(x, packing) for x in (q, k, v))
+    return segments.from_aligned(branch(q, k, v, *args, doc=(packing.lo, packing.hi)), packing)
+
+
+def _doc_mask(doc, S: int):
+    """bool [B, 1, T, S]: key s lies in query t's document."""
+    s = jnp.arange(S)
+    return ((s >= doc[0][..., None]) & (s < doc[1][..., None]))[:, None]
+
+
+def selected_attention(q, k, v, sel, *, config: NSAConfig, segment_ids=None, max_segments=None):
+    """Reference selected branch; ``sel`` is `BlockSparseIndices` or per-token int32[B, T, H, n]
+    (with ``segment_ids``, from `select_blocks` with the same segment ids)."""
+    if segment_ids is not None:
+        return _packed_branch(functools.partial(_selected, config=config), q, k, v, config,
+                              segment_ids, max_segments, sel)
+    return _selected(q, k, v, sel, config=config)
+
+
+def _selected(q, k, v, sel, *, config: NSAConfig, doc=None):
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
     mask = selected_token_mask(sel, B, T, S, H, config.select_block)
     if config.causal:
         mask = mask & _causal_mask(T, S)
+    if doc is not None:
+        mask = mask & _doc_mask(doc, S)
     return _dense_branch(q, k, v, mask, config)
 
 
-def sliding_window_attention(q, k, v, *, config: NSAConfig):
-    """Reference window branch: causal keys t - w < s <= t, non-causal |s - t| < w."""
+def sliding_window_attention(q, k, v, *, config: NSAConfig, segment_ids=None, max_segments=None):
+    """Reference window branch: causal keys t - w < s <= t, non-causal |s - t| < w (inside each
+    document with ``segment_ids``)."""
+    if segment_ids is not None:
+        return _packed_branch(functools.partial(_window, config=config), q, k, v, config,
+                              segment_ids, max_segments)
+    return _window(q, k, v, config=config)
+
+
+def _window(q, k, v, *, config: NSAConfig, doc=None):
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
     if config.window == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
@@ -243,7 +319,10 @@ def sliding_window_attention(q, k, v, *, config: NSAConfig):
         mask = (diff >= 0) & (diff < config.window)
     else:
         mask = jnp.abs(diff) < config.window
-    return _dense_branch(q, k, v, mask[None, None], config)
+    mask = mask[None, None]
+    if doc is not None:
+        mask = mask & _doc_mask(doc, S)
+    return _dense_branch(q, k, v, mask, config)
 
 
 def gate_and_combine(o_c, o_s, o_w, g=None):

@@ -135,10 +135,10 @@ def to_aligned(x, packing: Packing):
     return out.at[b, packing.dest].set(x, mode="drop")
 
 
-def from_aligned(y, packing: Packing):
-    """[B, T_a, ...] -> [B, T, ...]: each token's aligned row, zeros for padding."""
+def from_aligned(y, packing: Packing, fill=0):
+    """[B, T_a, ...] -> [B, T, ...]: each token's aligned row, ``fill`` for padding."""
     b = jnp.arange(y.shape[0])[:, None]
-    return y.at[b, packing.dest].get(mode="fill", fill_value=0)
+    return y.at[b, packing.dest].get(mode="fill", fill_value=fill)
 
 
 def compressed_bounds(lo, hi, config):
