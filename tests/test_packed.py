@@ -225,3 +225,22 @@ def test_branch_functions_take_segment_ids(impl):
         oc_doc, lse_doc = nsa_jax.compressed_attention(q[:, a:b], kc_doc, vc_doc, **one)
         assert_close(o_c[:, a:b], oc_doc, FWD_TOL[jnp.float32], f"compressed doc {a}:{b}")
         np.testing.assert_array_equal(np.isfinite(lse[:, a:b]), np.isfinite(lse_doc))
+
+
+def test_packed_inputs_are_validated():
+    cfg = nsa_jax.NSAConfig(**CFG)
+    T = 20
+    _, (q, k, v, g, _) = _inputs(T, 2, "mean")
+    seg = jnp.ones((1, T), jnp.int32)
+    with pytest.raises(ValueError, match="max_segments=0"):
+        nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg, implementation="xla",
+                              max_segments=0)
+    with pytest.raises(ValueError, match="S == T"):
+        nsa_jax.sliding_window_attention(q[:, :10], k, v, config=cfg, segment_ids=seg[:, :10],
+                                         implementation="xla")
+    with pytest.raises(TypeError, match="BlockSparseIndices"):
+        nsa_jax.selected_attention(q, k, v, jnp.zeros((1, T, H, 3), jnp.int32), config=cfg,
+                                   segment_ids=seg, implementation="xla")
+    k_c, _ = nsa_jax.compress(k, v, config=cfg)  # unpacked: too few compressed tokens
+    with pytest.raises(ValueError, match="compressed tokens"):
+        nsa_jax.compressed_attention(q, k_c, k_c, config=cfg, segment_ids=seg, implementation="xla")
