@@ -204,12 +204,15 @@ def split_bounds(refs, bounded: bool, n_outputs: int):
     return refs[:cut - 2] + refs[cut:], (refs[cut - 2][...], refs[cut - 1][...])
 
 
+# Bound of rows past T: beyond every key, so they see nothing, and the bounds stay non-decreasing.
+FAR = 2 ** 30
+
+
 def bound_rows(bounds, T_p: int, G_p: int):
     """(lo, hi) int32 [B, T] per query -> [B, T_p * G_p] per row (row r is query r // G_p);
     padded queries see nothing."""
-    far = jnp.int32(2 ** 30)
     return tuple(jnp.repeat(jnp.pad(x.astype(jnp.int32), ((0, 0), (0, T_p - x.shape[1])),
-                                    constant_values=far), G_p, axis=1) for x in bounds)
+                                    constant_values=FAR), G_p, axis=1) for x in bounds)
 
 
 def group_rows(x, H: int, T_p: int, G_p: int, D_p: int):

@@ -20,7 +20,7 @@ from nsa_jax import metadata, segments, xla
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.block_scores import compressed_mass
 from nsa_jax.kernels.flash_bwd import flash_backward
-from nsa_jax.kernels.flash_fwd import FlashConfig, MaskRule, flash_forward
+from nsa_jax.kernels.flash_fwd import FAR, FlashConfig, MaskRule, flash_forward
 from nsa_jax.kernels.tiling import TritonTilings, default_tilings
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
@@ -170,8 +170,8 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpr
     n_kv_blocks = xla.kv_blocks(B, S, cfg, kv_len)
     if bounds is not None:
         # Padded query rows see nothing; their tiles (past T) choose nothing.
-        bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=2 ** 30) for x in bounds]
-        c_bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=2 ** 30) for x in c_bounds]
+        bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=FAR) for x in bounds]
+        c_bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=FAR) for x in c_bounds]
 
     def chunk(c):
         start = c * T_c
