@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import nsa_jax
-from nsa_jax import api, bench, pallas_triton, segments
+from nsa_jax import api, segments
+from nsa_jax.ops import triton as pallas_triton
+from nsa_jax.tools import bench
 
 
 def timeit(name, f, *args, reps=3):

@@ -6,7 +6,7 @@ from nsa_jax.api import (compressed_attention, gate_and_combine, nsa_attention, 
 from nsa_jax.compression import compress
 from nsa_jax.compression import init_params as init_compress_params
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.tiling import Tiling, TritonTilings, default_tilings
+from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings, default_tilings
 from nsa_jax.metadata import BlockSparseIndices, ReverseBlockMap, reblock, reverse_map
 from nsa_jax.segments import segment_ids_from_cu_seqlens
 from nsa_jax.module import NSAAttention

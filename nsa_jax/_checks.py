@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.tiling import TritonTilings
+from nsa_jax.kernels.triton.tiling import TritonTilings
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 IMPLEMENTATIONS = ("reference", "xla", "triton", "mosaic")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax import _checks, metadata, pallas_triton, reference, segments, xla
+from nsa_jax import _checks, metadata, reference, segments
+from nsa_jax.ops import triton as pallas_triton, xla
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from nsa_jax import bench, cli
+from nsa_jax.tools import bench, cli
 
 
 def test_demo_smoke(tmp_path, capsys):

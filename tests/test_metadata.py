@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import metadata, reference, xla
+from nsa_jax import metadata, reference
+from nsa_jax.ops import xla
 from nsa_jax.metadata import BlockSparseIndices
 
 IMPLS = ["xla", "reference"]

@@ -185,7 +185,7 @@ def test_layer_runs_packed_documents(impl):
 @pytest.mark.gpu
 def test_packed_dense_baseline_stays_inside_documents():
     """The benchmark's cuDNN packed baseline is causal attention inside each document."""
-    from nsa_jax import bench
+    from nsa_jax.tools import bench
     lengths, T = [100, 37, 250, 125], 512
     ks = jax.random.split(jax.random.key(0), 3)
     q = normal(ks[0], (1, T, 8, 64), jnp.bfloat16)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import pallas_triton, reference
-from nsa_jax.kernels.flash_fwd import FlashConfig
+from nsa_jax import reference
+from nsa_jax.ops import triton as pallas_triton
+from nsa_jax.kernels.triton.flash_fwd import FlashConfig
 from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, assert_close, normal
 
 TRITON = IMPLEMENTATIONS["triton"]
@@ -39,7 +40,7 @@ def test_scoring_in_chunks_matches_one_pass(monkeypatch):
 def test_bounded_ranges_stay_inside_the_rule_range():
     """Rows past T carry far-away bounds; a program of only such rows must get an empty range
     inside the rule's (the scoring kernel clears every block outside it)."""
-    from nsa_jax.kernels.flash_fwd import MaskRule, block_range, bounded_ranges
+    from nsa_jax.kernels.triton.flash_fwd import MaskRule, block_range, bounded_ranges
     rule = MaskRule(num_keys=100, key_stride=16, key_offset=31)
     far = jnp.full((16,), 2 ** 30, jnp.int32)
     lo, hi, flo, fhi = (int(x) for x in bounded_ranges(rule, 5000, 5015, 16, (far, far)))

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from nsa_jax import bench, demo
+from nsa_jax.tools import bench, demo
 from nsa_jax._checks import IMPLEMENTATIONS
 
 

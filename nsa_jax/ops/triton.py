@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax import metadata, segments, xla
+from nsa_jax import metadata, segments
+from nsa_jax.ops import xla
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.block_scores import compressed_mass
-from nsa_jax.kernels.flash_bwd import flash_backward
-from nsa_jax.kernels.flash_fwd import FAR, FlashConfig, MaskRule, flash_forward
-from nsa_jax.kernels.tiling import TritonTilings, default_tilings
+from nsa_jax.kernels.triton.block_scores import compressed_mass
+from nsa_jax.kernels.triton.flash_bwd import flash_backward
+from nsa_jax.kernels.triton.flash_fwd import FAR, FlashConfig, MaskRule, flash_forward
+from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.

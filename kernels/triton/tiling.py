@@ -11,7 +11,7 @@ import dataclasses
 
 import jax
 
-from nsa_jax.kernels.flash_fwd import FlashConfig, check_launch_fields, pow2
+from nsa_jax.kernels.triton.flash_fwd import FlashConfig, check_launch_fields, pow2
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.flash_fwd import (LOG2E, FlashConfig, MaskRule, bound_rows, bounded_ranges,
+from nsa_jax.kernels.triton.flash_fwd import (LOG2E, FlashConfig, MaskRule, bound_rows, bounded_ranges,
                                        group_rows, heads_major, pow2, split_bounds, visible,
                                        walk_range)
 

@@ -29,7 +29,7 @@ from flax import nnx
 from nsa_jax import api
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.tiling import Tiling, TritonTilings, default_tilings
+from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings, default_tilings
 from nsa_jax.module import NSAAttention
 
 FORWARD_ROWS = ("dense", "nsa_qt64", "nsa_per_token", "compressed", "scoring_qt64",

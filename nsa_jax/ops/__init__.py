@@ -1,0 +1,1 @@
+"""Backends of the public functions and the selection rules they share."""
