@@ -40,10 +40,10 @@ def main(T: int) -> None:
         cfg = nsa_jax.NSAConfig(select_q_tile=qt)
         for M in (len(docs), None):
             pk = segments.pack(seg, cfg, M)
-            q_a, k_a, v_a = (segments.to_aligned(x, pk) for x in (q, k, v))
+            q_a, k_a, v_a = (pk.align(x) for x in (q, k, v))
             T_a = q_a.shape[1]
-            bounds = (pk.lo, pk.hi)
-            c_bounds = segments.compressed_bounds(*bounds, cfg)
+            bounds = pk.key_bounds
+            c_bounds = bounds.compressed(cfg)
             k_c, v_c = nsa_jax.compress(k_a, v_a, config=cfg)
             tag = f"qt{qt} M={M} T_a={T_a}"
             timeit(f"{tag} compressed", lambda q, kc, vc: pallas_triton.compressed_attention(

@@ -1,9 +1,14 @@
 """Pallas kernels for NSA, installed as ``nsa_jax.kernels``.
 
-Kernels see only arrays and compact block metadata, never `NSAConfig`'s meaning:
-`flash_fwd` is the grouped flash-attention forward core shared by the three branches,
-`flash_bwd` its backward (dQ over the same KV blocks, dK/dV over the query tiles that see each
-KV block), `block_scores` sums compressed attention probabilities per query tile for block
-selection, and `tiling` holds their frozen tilings with a default per GPU generation. All use the
-Triton lowering; Mosaic GPU (Hopper) kernels are still to come.
+Kernels see only arrays and compact block metadata, never `NSAConfig`'s meaning.
+
+- `common`: what every backend shares: the token mask rule (`MaskRule`) and the block and tile
+  ranges it implies, the block metadata handed to kernels (`BlockTable`, `ReverseTable`), and the
+  grouped row layout of a launch (`Launch`: queries x the G heads of one KV head per program,
+  padding and reshapes; `Program`: what a kernel body knows statically).
+- `triton/`: kernels lowered through Triton, portable across NVIDIA GPUs and runnable in interpret
+  mode: `flash_fwd` (the flash-attention forward core shared by the three branches), `flash_bwd`
+  (dQ, and dK/dV without atomics), `block_scores` (compressed attention mass per query tile for
+  block selection) and `tiling` (their frozen tilings, with a default per GPU generation).
+- Mosaic GPU (Hopper) kernels are to come under ``mosaic_gpu/``, on the same `common` pieces.
 """

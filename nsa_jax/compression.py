@@ -90,7 +90,7 @@ def apply_phi(blocks, params, which: str, config: NSAConfig):
 
 
 def compress(k, v, *, config: NSAConfig, params=None, segment_ids=None, max_segments=None):
-    """Compressed keys and values (DESIGN.md §3, Compression).
+    """Compressed keys and values (docs/design.md §3, Compression).
 
     Args:
       k: [B, S, H, D] keys.
@@ -108,12 +108,17 @@ def compress(k, v, *, config: NSAConfig, params=None, segment_ids=None, max_segm
     """
     _checks.config(config)
     _check_kv(k, v)
-    H, D, Dv = k.shape[2], k.shape[3], v.shape[3]
-    check_params(config, params, H, D, Dv)
+    B, S, H, D = k.shape
+    check_params(config, params, H, D, v.shape[3])
+    _checks.packed(segment_ids, max_segments, B, S, S)
     if segment_ids is not None:
-        segments.check(segment_ids, *k.shape[:2])
         packing = segments.pack(segment_ids, config, max_segments)
-        k, v = segments.to_aligned(k, packing), segments.to_aligned(v, packing)
+        k, v = packing.align(k), packing.align(v)
+    return compress_checked(k, v, config, params)
+
+
+def compress_checked(k, v, config: NSAConfig, params=None):
+    """`compress` of inputs already validated (the API's composition calls this)."""
     out = []
     for x, which in ((k, "_k"), (v, "_v")):
         blocks = block_view(x.astype(_checks.accumulation(x)), config)
@@ -129,3 +134,4 @@ def _check_kv(k, v) -> None:
     _checks.same_dtype(k=k, v=v)
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k and v must agree on [B, S, H]: k {k.shape}, v {v.shape}")
+    _checks.head_dims(k.shape[3], v.shape[3])

@@ -1,4 +1,4 @@
-"""`NSAConfig`: the semantic knobs of Native Sparse Attention (DESIGN.md §2)."""
+"""`NSAConfig`: the semantic knobs of Native Sparse Attention (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class NSAConfig:
       select_q_tile: queries that share one selection (1 = per token, as in the paper).
       causal: causal masking in every branch.
       scale: softmax scale; None means ``D ** -0.5``.
-      compress_method: ``"mean"``, ``"linear"`` or ``"mlp"`` (phi of DESIGN.md §3).
+      compress_method: ``"mean"``, ``"linear"`` or ``"mlp"`` (phi of docs/design.md §3).
     """
 
     compress_block: int = 32

@@ -1,4 +1,4 @@
-"""Compact block-sparse metadata (DESIGN.md §4): the contract between selection and kernels."""
+"""Compact block-sparse metadata (docs/design.md §4): the contract between selection and kernels."""
 
 from __future__ import annotations
 
@@ -69,26 +69,46 @@ def compact(ids, valid):
     return jnp.where(kept, s, -1).astype(jnp.int32), kept.sum(-1, dtype=jnp.int32)
 
 
-def from_per_token(indices, block_size: int) -> BlockSparseIndices:
-    """Per-token indices int32[B, T, H, n] (PyTorch layout, -1 anywhere) -> q_tile = 1 metadata."""
+def from_per_token(indices, block_size: int, num_blocks: int) -> BlockSparseIndices:
+    """Per-token indices int32[B, T, H, n] (PyTorch layout) -> q_tile = 1 metadata. Entries
+    outside [0, num_blocks) (-1 by convention) are ignored wherever they stand."""
     _checks.rank("indices", indices, 4, "[B, T, H, n]")
     if not jnp.issubdtype(indices.dtype, jnp.integer):
         raise TypeError(f"indices.dtype={indices.dtype} must be an integer type")
     ids = jnp.moveaxis(jnp.asarray(indices, jnp.int32), 1, 2)  # [B, H, T, n]
-    ids, counts = compact(ids, ids >= 0)
+    ids, counts = compact(ids, (ids >= 0) & (ids < num_blocks))
     return BlockSparseIndices(ids, counts, q_tile=1, block_size=block_size)
 
 
-def expand(sel: BlockSparseIndices, block_k: int) -> BlockSparseIndices:
-    """Re-blocks to smaller KV tiles: each block becomes ``block_size // block_k`` consecutive ids."""
+def normalize(sel: BlockSparseIndices, num_blocks: int) -> BlockSparseIndices:
+    """Indices as docs/design.md §4 reads them, in the form `select_blocks` makes: an entry counts
+    iff its position is below ``counts`` (clamped to [0, k]) and its id is in [0, num_blocks);
+    then sorted, unique, -1 padded. Kernels trust ``counts``, so user-built indices pass here."""
+    k = sel.indices.shape[-1]
+    used = jnp.arange(k, dtype=jnp.int32) < jnp.clip(sel.counts, 0, k)[..., None]
+    ids = sel.indices.astype(jnp.int32)
+    ids, counts = compact(ids, used & (ids >= 0) & (ids < num_blocks))
+    return BlockSparseIndices(ids, counts, q_tile=sel.q_tile, block_size=sel.block_size)
+
+
+def expand(sel: BlockSparseIndices, block_k: int, num_kv_blocks: int | None = None) -> BlockSparseIndices:
+    """Re-blocks to smaller KV tiles: each block becomes ``block_size // block_k`` consecutive ids.
+
+    With ``num_kv_blocks`` (the number of ``block_k`` tiles holding keys), the tiles of a last,
+    partial block that lie past the keys are dropped, so no id points past the keys.
+    """
     if sel.block_size % block_k:
         raise ValueError(f"block_k={block_k} must divide block_size={sel.block_size}")
     r = sel.block_size // block_k
     ids = sel.indices[..., None] * r + jnp.arange(r, dtype=jnp.int32)  # [B, H, N_tiles, k, r]
-    ids = jnp.where(sel.indices[..., None] >= 0, ids, -1)
-    ids = ids.reshape(*sel.indices.shape[:-1], -1)
-    # Rows are sorted with -1 last, so expanded rows stay sorted with -1 last.
-    return BlockSparseIndices(ids, sel.counts * r, q_tile=sel.q_tile, block_size=block_k)
+    keep = jnp.broadcast_to(sel.indices[..., None] >= 0, ids.shape)
+    if num_kv_blocks is not None:
+        keep &= ids < num_kv_blocks
+    ids = jnp.where(keep, ids, -1).reshape(*sel.indices.shape[:-1], -1)
+    # Rows are sorted with -1 last and only the largest ids are dropped, so expanded rows stay
+    # sorted with -1 last.
+    counts = keep.sum((-2, -1), dtype=jnp.int32)
+    return BlockSparseIndices(ids, counts, q_tile=sel.q_tile, block_size=block_k)
 
 
 def contract(sel: BlockSparseIndices, block_k: int, num_kv_blocks: int | None = None) -> BlockSparseIndices:
@@ -111,7 +131,7 @@ def reblock(sel: BlockSparseIndices, block_k: int, num_kv_blocks: int | None = N
     if block_k == sel.block_size:
         return sel
     if block_k < sel.block_size:
-        return expand(sel, block_k)
+        return expand(sel, block_k, num_kv_blocks)
     return contract(sel, block_k, num_kv_blocks)
 
 

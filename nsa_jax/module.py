@@ -62,17 +62,15 @@ class NSAAttention(nnx.Module):
                  use_rope: bool = True, rope_base: float = 10000.0, implementation: str | None = None,
                  tilings=None, interpret: bool = False, dtype=None, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        _checks.config(config)
+        _checks.options(config, implementation, interpret, tilings)
         for name, val in (("in_features", in_features), ("num_heads", num_heads),
-                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name}={val!r} must be a positive int")
+                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                          ("v_head_dim", v_head_dim), ("out_features", out_features)):
+            _checks.positive_int(name, val, allow_none=name in ("v_head_dim", "out_features"))
         _checks.heads(num_heads, num_kv_heads)
-        if implementation is not None and implementation not in _checks.IMPLEMENTATIONS:
-            _checks.implementation(implementation)
-        _checks.tilings(tilings)
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
         out_features = in_features if out_features is None else out_features
+        self.in_features = in_features
         self.config = config
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
@@ -100,7 +98,14 @@ class NSAAttention(nnx.Module):
         """
         _checks.rank("x", x, 3, "[B, T, in_features]")
         _checks.floating("x", x)
-        B, T, _ = x.shape
+        B, T, width = x.shape
+        if width != self.in_features:
+            raise ValueError(f"x must have shape [B, T, in_features={self.in_features}], got "
+                             f"{tuple(x.shape)}")
+        _checks.packed(segment_ids, max_segments, B, T, T)
+        if positions is not None and tuple(getattr(positions, "shape", ())) != (B, T):
+            raise ValueError(f"positions must have shape [B, T] = {(B, T)}, got "
+                             f"{getattr(positions, 'shape', type(positions).__name__)}")
         if self.dtype is not None:
             x = x.astype(self.dtype)
         q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
@@ -108,7 +113,6 @@ class NSAAttention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.v_head_dim)
         if self.use_rope:
             if positions is None and segment_ids is not None:
-                segments.check(segment_ids, B, T)
                 positions = segments.layout(segment_ids)[2]
             elif positions is None:
                 positions = jnp.broadcast_to(jnp.arange(T), (B, T))

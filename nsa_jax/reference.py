@@ -1,8 +1,8 @@
-"""Dense jnp reference for every NSA piece and their composition (DESIGN.md §3).
+"""Dense jnp reference for every NSA piece and their composition (docs/design.md §3).
 
 Written for clarity, not speed: float32 throughout (float64 for float64 inputs, so that gradients
 can be checked by finite differences), ``precision=HIGHEST``, and masks over the full
-[T, S] (or [T, N_c]) grid built straight from the rules in DESIGN.md. Every other implementation
+[T, S] (or [T, N_c]) grid built straight from the rules in docs/design.md. Every other implementation
 is tested against these functions; they share no code with them beyond input validation.
 """
 
@@ -63,7 +63,7 @@ def _from_heads(o):
 
 
 def _phi(blocks, params, which: str, config: NSAConfig):
-    """phi of DESIGN.md §3 over key (or value) blocks [..., l, H, E] -> [..., H, E]."""
+    """phi of docs/design.md §3 over key (or value) blocks [..., l, H, E] -> [..., H, E]."""
     l = config.compress_block
     mean = blocks.sum(axis=-3) / l
     if config.compress_method == "mean":
@@ -79,23 +79,29 @@ def _phi(blocks, params, which: str, config: NSAConfig):
     return mean + jnp.einsum("...he,ef->...hf", h, p["w2"], precision=_HI) + p["b2"]
 
 
-def _packing(segment_ids, config: NSAConfig, max_segments, B: int, T: int):
-    segments.check(segment_ids, B, T)
-    return segments.pack(segment_ids, config, max_segments)
+def _packing(segment_ids, config: NSAConfig, max_segments, B: int, T: int, S: int | None = None,
+             kv_len=None):
+    """The aligned layout of validated ``segment_ids`` (None without them)."""
+    _checks.packed(segment_ids, max_segments, B, T, T if S is None else S, kv_len)
+    return None if segment_ids is None else segments.pack(segment_ids, config, max_segments)
 
 
 def compress(k, v, *, config: NSAConfig, params=None, segment_ids=None, max_segments=None):
     """Reference compression: gathers each block of keys by explicit indices, then applies phi.
     With ``segment_ids``, of the keys in the aligned layout of `segments.pack`."""
     _checks.config(config)
-    if segment_ids is not None:
-        packing = _packing(segment_ids, config, max_segments, *k.shape[:2])
-        k, v = segments.to_aligned(k, packing), segments.to_aligned(v, packing)
-    B, S, H, D = k.shape
-    Dv = v.shape[3]
-    check_params(config, params, H, D, Dv)
+    _checks.rank("k", k, 4, "[B, S, H, D]")
+    _checks.rank("v", v, 4, "[B, S, H, Dv]")
+    check_params(config, params, k.shape[2], k.shape[3], v.shape[3])
+    packing = _packing(segment_ids, config, max_segments, *k.shape[:2])
+    if packing is not None:
+        k, v = packing.align(k), packing.align(v)
+    return _compress(k, v, config, params)
+
+
+def _compress(k, v, config: NSAConfig, params):
     l, d = config.compress_block, config.compress_stride
-    N_c = config.num_compressed(S)
+    N_c = config.num_compressed(k.shape[1])
     idx = np.arange(N_c)[:, None] * d + np.arange(l)[None, :]  # [N_c, l]
     acc = _checks.accumulation(k)
     return tuple(_phi(jnp.asarray(x, acc)[:, idx], params, which, config).astype(x.dtype)
@@ -104,7 +110,7 @@ def compress(k, v, *, config: NSAConfig, params=None, segment_ids=None, max_segm
 
 def _compressed(q, k_c, v_c, config: NSAConfig, S, kv_len, bounds=None):
     """Dense compressed branch: (o [B, H, G, T, Dv], lse [B, H, G, T], p [B, H, G, T, N_c]);
-    ``bounds`` = (lo, hi) [B, T]: the compressed tokens of each query's document (packed)."""
+    ``bounds``: `segments.CompressedBounds`, the compressed tokens of each query's document."""
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     q, k_c, v_c = _f32(q, k_c, v_c)
@@ -128,19 +134,19 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, segment
                          max_segments=None):
     """Reference compressed branch: (o [B, T, HQ, Dv] in q.dtype, lse [B, T, HQ] float32).
     With ``segment_ids``, ``k_c``/``v_c`` come from `compress` with the same segment ids."""
-    if segment_ids is not None:
-        packing = _packing(segment_ids, config, max_segments, *q.shape[:2])
-        q_a = segments.to_aligned(q, packing)
-        bounds = segments.compressed_bounds(packing.lo, packing.hi, config)
-        T_a = q_a.shape[1]
-        _checks.kv_len(T_a, q.shape[0], T_a, k_c.shape[1], config, causal=config.causal)
-        o, lse, _ = _compressed(q_a, k_c, v_c, config, T_a, None, bounds)
-        return (segments.from_aligned(_from_heads(o).astype(q.dtype), packing),
-                segments.from_aligned(_from_heads(lse[..., None])[..., 0], packing, -jnp.inf))
-    S, kv_arr = _checks.kv_len(kv_len, q.shape[0], q.shape[1], k_c.shape[1], config,
-                               causal=config.causal)
-    o, lse, _ = _compressed(q, k_c, v_c, config, S, kv_arr)
-    return _from_heads(o).astype(q.dtype), _from_heads(lse[..., None])[..., 0]
+    _checks.config(config)
+    B, T = _checks.compressed_inputs(q, k_c, v_c, wide=True)[:2]
+    packing = _packing(segment_ids, config, max_segments, B, T, kv_len=kv_len)
+
+    def body(q, key_bounds):
+        T_k = q.shape[1]
+        S, kv_arr = _checks.kv_len(T_k if key_bounds is not None else kv_len, B, T_k,
+                                   k_c.shape[1], config, causal=config.causal)
+        o, lse, _ = _compressed(q, k_c, v_c, config, S, kv_arr,
+                                key_bounds and key_bounds.compressed(config))
+        return _from_heads(o).astype(q.dtype), _from_heads(lse[..., None])[..., 0]
+
+    return segments.in_documents(packing, body, q, fill=(0, -jnp.inf))
 
 
 def overlap_weights(config: NSAConfig, N_c: int, N_s: int) -> np.ndarray:
@@ -158,7 +164,7 @@ def overlap_weights(config: NSAConfig, N_c: int, N_s: int) -> np.ndarray:
 def block_scores(q, k_c, *, config: NSAConfig, kv_len=None, bounds=None):
     """Selection scores [B, H, N_tiles, N_s]: compressed probability mass on each block's keys,
     summed over the G heads of a KV head and the queries of a tile (padding rows excluded).
-    ``bounds``: as in `_compressed` (packed rows in the aligned layout)."""
+    ``bounds``: `segments.CompressedBounds` (packed rows in the aligned layout)."""
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
@@ -175,8 +181,8 @@ def block_scores(q, k_c, *, config: NSAConfig, kv_len=None, bounds=None):
 
 def _selection_rules(B: int, T: int, S, kv_len, config: NSAConfig, N_s: int, doc=None):
     """Eligible, forced and own (overlapping the tile) blocks [B, N_tiles, N_s] per query tile;
-    ``doc`` = (lo, hi) [B, T]: the keys of each query's document (packed rows), whose blocks alone
-    are eligible and whose first blocks are the initial ones."""
+    ``doc``: `segments.KeyBounds`, the keys of each query's document (packed rows), whose blocks
+    alone are eligible and whose first blocks are the initial ones."""
     qt, ls = config.select_q_tile, config.select_block
     N_tiles = -(-T // qt)
     pos = _positions(B, T, S, kv_len)
@@ -207,16 +213,20 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, segment_i
     lower block id on ties. A tile's own blocks outrank other forced blocks, which matters only
     when a tile straddling a block boundary (decode offset) forces more than n blocks.
 
-    ``lse`` is accepted for signature parity; the reference recomputes the probabilities. With
+    ``lse`` is validated for signature parity; the reference recomputes the probabilities. With
     ``segment_ids`` the tiles and block ids are those of the aligned layout (`segments.pack`).
     """
-    del lse
-    doc = c_bounds = None
-    if segment_ids is not None:
-        packing = _packing(segment_ids, config, max_segments, *q.shape[:2])
-        q, kv_len = segments.to_aligned(q, packing), None
-        doc = (packing.lo, packing.hi)
-        c_bounds = segments.compressed_bounds(*doc, config)
+    _checks.config(config)
+    B, T, HQ = _checks.compressed_inputs(q, k_c, wide=True)[:3]
+    _checks.lse(lse, B, T, HQ)
+    packing = _packing(segment_ids, config, max_segments, B, T, kv_len=kv_len)
+    return segments.in_documents(packing, functools.partial(
+        _select, k_c=k_c, config=config, kv_len=kv_len), q, fill=None)
+
+
+def _select(q, key_bounds, *, k_c, config: NSAConfig, kv_len) -> BlockSparseIndices:
+    doc = key_bounds
+    c_bounds = None if doc is None else doc.compressed(config)
     B, T, HQ, D = q.shape
     N_c = k_c.shape[1]
     S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
@@ -242,13 +252,15 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, segment_i
 def selected_token_mask(sel, B: int, T: int, S: int, H: int, block_size: int):
     """bool [B, H, T, S]: key s belongs to a block selected for query t (no causal rule)."""
     if isinstance(sel, BlockSparseIndices):
-        ids, block_size = sel.indices, sel.block_size  # [B, H, N_tiles, k]
+        k = sel.indices.shape[-1]
+        used = jnp.arange(k) < jnp.clip(sel.counts, 0, k)[..., None]  # entries past counts: unused
+        ids, block_size = jnp.where(used, sel.indices, -1), sel.block_size  # [B, H, N_tiles, k]
         tile_of_t = jnp.arange(T) // sel.q_tile
         ids = ids[:, :, tile_of_t]  # [B, H, T, k]
     else:
         ids = jnp.moveaxis(jnp.asarray(sel), 1, 2)  # [B, T, H, n] -> [B, H, T, n]
     block_of_s = jnp.arange(S) // block_size
-    return (ids[..., None] == block_of_s).any(axis=-2)  # -1 never matches
+    return (ids[..., None] == block_of_s).any(axis=-2)  # ids outside [0, N_s) never match
 
 
 def _dense_branch(q, k, v, mask, config: NSAConfig):
@@ -266,16 +278,6 @@ def _causal_mask(T: int, S: int):
     return pos >= jnp.arange(S)[None, :]
 
 
-def _packed_branch(branch, q, k, v, config: NSAConfig, segment_ids, max_segments, *args):
-    """``branch(q, k, v, *args, doc=(lo, hi))`` in the aligned layout, back in token layout."""
-    B, T, S = q.shape[0], q.shape[1], k.shape[1]
-    if S != T:
-        raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
-    packing = _packing(segment_ids, config, max_segments, B, T)
-    q, k, v = (segments.to_aligned(x, packing) for x in (q, k, v))
-    return segments.from_aligned(branch(q, k, v, *args, doc=(packing.lo, packing.hi)), packing)
-
-
 def _doc_mask(doc, S: int):
     """bool [B, 1, T, S]: key s lies in query t's document."""
     s = jnp.arange(S)
@@ -285,14 +287,17 @@ def _doc_mask(doc, S: int):
 def selected_attention(q, k, v, sel, *, config: NSAConfig, segment_ids=None, max_segments=None):
     """Reference selected branch; ``sel`` is `BlockSparseIndices` or per-token int32[B, T, H, n]
     (with ``segment_ids``, from `select_blocks` with the same segment ids)."""
-    if segment_ids is not None:
-        return _packed_branch(functools.partial(_selected, config=config), q, k, v, config,
-                              segment_ids, max_segments, sel)
-    return _selected(q, k, v, sel, config=config)
-
-
-def _selected(q, k, v, sel, *, config: NSAConfig, doc=None):
+    _checks.config(config)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
+    packing = _packing(segment_ids, config, max_segments, B, T, S)
+    _checks.selection(sel, B, T if packing is None else packing.length, H, packing is not None)
+    return segments.in_documents(packing, functools.partial(_selected, sel=sel, config=config),
+                                 q, k, v)
+
+
+def _selected(q, k, v, doc, *, sel, config: NSAConfig):
+    B, T, HQ = q.shape[:3]
+    S, H = k.shape[1], k.shape[2]
     mask = selected_token_mask(sel, B, T, S, H, config.select_block)
     if config.causal:
         mask = mask & _causal_mask(T, S)
@@ -304,21 +309,20 @@ def _selected(q, k, v, sel, *, config: NSAConfig, doc=None):
 def sliding_window_attention(q, k, v, *, config: NSAConfig, segment_ids=None, max_segments=None):
     """Reference window branch: causal keys t - w < s <= t, non-causal |s - t| < w (inside each
     document with ``segment_ids``)."""
-    if segment_ids is not None:
-        return _packed_branch(functools.partial(_window, config=config), q, k, v, config,
-                              segment_ids, max_segments)
-    return _window(q, k, v, config=config)
-
-
-def _window(q, k, v, *, config: NSAConfig, doc=None):
+    _checks.config(config)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
-    if config.window == 0:
+    packing = _packing(segment_ids, config, max_segments, B, T, S)
+    return segments.in_documents(packing, functools.partial(_window, config=config), q, k, v)
+
+
+def _window(q, k, v, doc, *, config: NSAConfig):
+    B, T, HQ = q.shape[:3]
+    S, Dv = k.shape[1], v.shape[3]
+    w = _checks.effective(config, S, T).window
+    if w == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
     diff = (jnp.arange(T)[:, None] + (S - T)) - jnp.arange(S)[None, :]
-    if config.causal:
-        mask = (diff >= 0) & (diff < config.window)
-    else:
-        mask = jnp.abs(diff) < config.window
+    mask = (diff >= 0) & (diff < w) if config.causal else jnp.abs(diff) < w
     mask = mask[None, None]
     if doc is not None:
         mask = mask & _doc_mask(doc, S)
@@ -336,109 +340,26 @@ def gate_and_combine(o_c, o_s, o_w, g=None):
     return out.astype(o_c.dtype)
 
 
-def _packed_nsa_attention(q, k, v, g, segment_ids, config: NSAConfig, params):
-    """NSA over packed documents (DESIGN.md §3, Variable length), straight from the rules.
-
-    Every key position ``a`` may anchor a compressed token (if it starts a stride of its document
-    and the token's l keys stay inside it) and a selection block (if it starts an l'-block of its
-    document); query tiles start every ``select_q_tile`` tokens of a document. Masks over
-    [T, T] then restrict each rule to the query's own document.
-    """
-    B, T, HQ, D = q.shape
-    H, Dv = k.shape[2], v.shape[3]
-    l, d, ls = config.compress_block, config.compress_stride, config.select_block
-    qt, n, w = config.select_q_tile, config.num_selected, config.window
-    run, start, pos, length, pad = segments.layout(segment_ids)
-    t = jnp.arange(T)
-    real = ~pad
-    same = (run[:, :, None] == run[:, None, :]) & real[:, :, None] & real[:, None, :]  # [B, T, T]
-    before = t[:, None] >= t[None, :]  # key at or before the query
-
-    # Compression: token anchored at a covers keys a .. a + l - 1.
-    anchors_c = real & (pos % d == 0) & (pos + l <= length)  # [B, T]
-    idx = jnp.minimum(t[:, None] + jnp.arange(l)[None, :], T - 1)  # [T, l]
-    acc = _checks.accumulation(k)
-    k_c = _phi(jnp.asarray(k, acc)[:, idx], params, "k", config)  # [B, T, H, D]
-    v_c = _phi(jnp.asarray(v, acc)[:, idx], params, "v", config)
-    qf, k_c, v_c = _f32(q, k_c, v_c)
-    scale = config.softmax_scale(D)
-    last_key = t + l - 1  # [T]
-    vis_c = same & anchors_c[:, None, :]
-    if config.causal:
-        vis_c = vis_c & (last_key[None, None, :] <= t[None, :, None])
-    logits = jnp.einsum("bhgtd,bahd->bhgta", _to_heads(qf, H), k_c, precision=_HI) * scale
-    o_c, _, p = _softmax_attend(logits, vis_c[:, None, None], v_c.transpose(0, 2, 1, 3))
-
-    # Scores: compressed mass on each block's keys, summed over the group and the tile.
-    anchors_s = real & (pos % ls == 0)  # [B, T]
-    lo = jnp.maximum(t[:, None], t[None, :])  # [a, b]
-    hi = jnp.minimum(t[:, None] + l, t[None, :] + ls)
-    overlap = jnp.maximum(hi - lo, 0) / l  # [T_a, T_b], same document ensured by p
-    per_query = jnp.einsum("bhgta,ac->bhtc", jax.lax.stop_gradient(p), overlap.astype(p.dtype),
-                           precision=_HI)
-    tile = start + (pos // qt) * qt  # [B, T] first query of each query's tile
-    in_tile = (tile[:, :, None] == t[None, None, :]) & real[:, :, None]  # [B, T_query, T_tile]
-    scores = jnp.einsum("bhtc,btu->bhuc", per_query, in_tile.astype(p.dtype), precision=_HI)
-
-    # Selection per tile u (rows of tiles that do not exist are never used).
-    tile_last = jnp.minimum(t[None] + qt - 1, start + length - 1)  # [B, T], for u starting a tile
-    eligible = same & anchors_s[:, None, :]  # [B, u, b]
-    if config.causal:
-        eligible = eligible & (t[None, None, :] <= tile_last[:, :, None])
-    block = (t[None] - start) // ls  # [B, T] document-local block of each anchor
-    first_blk = (pos // ls)[:, :, None]
-    last_blk = ((tile_last - start) // ls)[:, :, None]
-    blk = block[:, None, :]
-    forced = blk < config.num_initial
-    own = (blk >= first_blk) & (blk <= last_blk)
-    if config.num_local >= 1:
-        forced = forced | ((blk >= first_blk - (config.num_local - 1)) & (blk <= last_blk))
-    else:
-        own = jnp.zeros_like(own)
-    forced, own = forced & eligible, own & eligible
-    key = jnp.where(eligible[:, None], scores, -jnp.inf)
-    key = jnp.where(forced[:, None], jnp.finfo(jnp.float32).max, key)
-    key = jnp.where(own[:, None], jnp.inf, key)  # [B, H, u, b]
-    vals, ids = jax.lax.top_k(key, min(n, T))
-    picked = (jnp.arange(T)[None, None, None, :, None] == ids[..., None, :]) & (vals > -jnp.inf)[..., None, :]
-    selected_ub = picked.any(-1)  # [B, H, u, b]
-
-    # Selected branch: keys of the tile's selected blocks, in the document, causal.
-    anchor_of = start + ((t[None] - start) // ls) * ls  # [B, T] block anchor of each key
-    sel_tb = jnp.take_along_axis(selected_ub, tile[:, None, :, None], axis=2)  # [B, H, T, T_b]
-    sel_ts = jnp.take_along_axis(sel_tb, jnp.broadcast_to(anchor_of[:, None, None, :],
-                                                          (B, H, T, T)), axis=3)  # [B, H, T, T_s]
-    mask_s = sel_ts & same[:, None]
-    if config.causal:
-        mask_s = mask_s & before
-    o_s = _dense_branch(q, k, v, mask_s, config)
-
-    # Window: the document's keys within w.
-    diff = t[:, None] - t[None, :]
-    win = (diff >= 0) & (diff < w) if config.causal else jnp.abs(diff) < w
-    o_w = (_dense_branch(q, k, v, (same & win)[:, None], config) if w
-           else jnp.zeros((B, T, HQ, Dv), q.dtype))
-    o_c = _from_heads(o_c).astype(q.dtype)
-    out = gate_and_combine(o_c, o_s, o_w, g)
-    return jnp.where(pad[:, :, None, None], 0, out)
-
-
-def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None):
+def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None,
+                  max_segments=None):
     """Reference NSA: compress, compressed branch, top-n selection, selected and window branches,
     gated sum. With ``segment_ids`` [B, T] (S == T), each document (a run of one non-zero id)
     gives what it would give alone; id 0 is padding, with zero output."""
     _checks.config(config)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
     _checks.gates(g, B, T, HQ, wide=True)
-    if segment_ids is not None:
-        segments.check(segment_ids, B, T)
-        if S != T:
-            raise ValueError(f"segment_ids need S == T (packed self-attention), got T={T}, S={S}")
-        check_params(config, compress_params, H, D, Dv)
-        return _packed_nsa_attention(q, k, v, g, segment_ids, config, compress_params)
-    k_c, v_c = compress(k, v, config=config, params=compress_params)
-    o_c, lse_c = compressed_attention(q, k_c, v_c, config=config, kv_len=S)
-    sel = select_blocks(q, k_c, config=config, lse=lse_c, kv_len=S)
-    o_s = selected_attention(q, k, v, sel, config=config)
-    o_w = sliding_window_attention(q, k, v, config=config)
+    check_params(config, compress_params, H, D, Dv)
+    packing = _packing(segment_ids, config, max_segments, B, T, S)
+    return segments.in_documents(
+        packing, functools.partial(_nsa, config=config, params=compress_params), q, k, v, g)
+
+
+def _nsa(q, k, v, g, doc, *, config: NSAConfig, params):
+    S = k.shape[1]
+    k_c, v_c = _compress(k, v, config, params)
+    o, _, _ = _compressed(q, k_c, v_c, config, S, None, doc and doc.compressed(config))
+    o_c = _from_heads(o).astype(q.dtype)
+    sel = _select(q, doc, k_c=k_c, config=config, kv_len=S)
+    o_s = _selected(q, k, v, doc, sel=sel, config=config)
+    o_w = _window(q, k, v, doc, config=config)
     return gate_and_combine(o_c, o_s, o_w, g)

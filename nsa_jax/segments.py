@@ -21,23 +21,43 @@ def segment_ids_from_cu_seqlens(cu_seqlens, T: int):
     """int32[B, T] segment ids from cumulative lengths.
 
     Args:
-      cu_seqlens: int [B, n + 1] (or [n + 1] for B = 1), non-decreasing, starting at 0: document
-        ``i`` of row ``b`` holds tokens ``cu_seqlens[b, i] .. cu_seqlens[b, i + 1] - 1``.
-        Tokens at or after the last entry are padding.
+      cu_seqlens: int [B, n + 1] (or [n + 1] for B = 1), non-decreasing, starting at 0, at most
+        ``T``: document ``i`` of row ``b`` holds tokens ``cu_seqlens[b, i] .. cu_seqlens[b, i + 1]
+        - 1``. Tokens at or after the last entry are padding.
       T: row length.
 
     Returns:
       int32[B, T]: 1 + the document index, 0 for padding.
+
+    Raises:
+      ValueError: for offsets that break the rules above (at run time under jit).
     """
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 0:
+        raise ValueError(f"T={T!r} must be a non-negative int")
     cu = jnp.asarray(cu_seqlens)
     if cu.ndim == 1:
         cu = cu[None]
     if cu.ndim != 2 or cu.shape[1] < 1 or not jnp.issubdtype(cu.dtype, jnp.integer):
         raise ValueError(f"cu_seqlens must be an integer array [B, n + 1] or [n + 1], got "
                          f"{cu.dtype} {tuple(cu.shape)}")
+    if isinstance(cu, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_check_offsets, T=int(T)), cu)
+    else:
+        _check_offsets(cu, T=int(T))
     t = jnp.arange(T)
     doc = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cu)  # [B, T], 1-based
     return jnp.where(t[None] < cu[:, -1:], doc, PAD_ID).astype(jnp.int32)
+
+
+def _check_offsets(cu, *, T: int) -> None:
+    cu = np.asarray(cu)
+    if (cu[:, 0] != 0).any():
+        raise ValueError(f"cu_seqlens must start at 0, got first entries {cu[:, 0].tolist()}")
+    if (np.diff(cu, axis=1) < 0).any():
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    if (cu[:, -1] > T).any():
+        raise ValueError(f"cu_seqlens must end at or before T={T}, got last entries "
+                         f"{cu[:, -1].tolist()}")
 
 
 def layout(segment_ids):
@@ -55,18 +75,6 @@ def layout(segment_ids):
     return run, start, t - start, length, seg == PAD_ID
 
 
-def check(segment_ids, B: int, T: int) -> None:
-    """``segment_ids`` must be an integer array [B, T]."""
-    if segment_ids is None:
-        return
-    shape = tuple(getattr(segment_ids, "shape", ()))
-    dtype = getattr(segment_ids, "dtype", None)
-    if shape != (B, T):
-        raise ValueError(f"segment_ids must have shape [B, T] = {(B, T)}, got {shape}")
-    if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise TypeError(f"segment_ids.dtype={dtype} must be an integer type")
-
-
 def unit(config) -> int:
     """Alignment of documents in the packed layout: every document starts at a multiple of the
     compression stride, the selection block and the selection query tile, so its compressed
@@ -82,6 +90,30 @@ def capacity(T: int, config, max_segments: int | None = None) -> int:
     return -(-(T + M * (A - 1)) // A) * A
 
 
+class KeyBounds(NamedTuple):
+    """Packed rows in the aligned layout: row t sees only the keys lo[t] <= s < hi[t] (its
+    document). int32 [B, T_a] each, non-decreasing along a row; lo = hi for rows of no document."""
+
+    lo: jax.Array
+    hi: jax.Array
+
+    def compressed(self, config) -> "CompressedBounds":
+        """The compressed tokens of each row's document (compressed token c covers keys
+        c * d .. c * d + l - 1 of the aligned layout)."""
+        d, l = config.compress_stride, config.compress_block
+        lo_c = (self.lo + d - 1) // d
+        hi_c = jnp.maximum((self.hi - l) // d + 1, lo_c)
+        return CompressedBounds(lo_c, jnp.where(self.hi > self.lo, hi_c, lo_c))
+
+
+class CompressedBounds(NamedTuple):
+    """Packed rows in the aligned layout: row t sees only the compressed tokens lo[t] <= i <
+    hi[t] (those wholly inside its document). int32 [B, T_a] each, non-decreasing."""
+
+    lo: jax.Array
+    hi: jax.Array
+
+
 class Packing(NamedTuple):
     """Where each token of a packed row sits in the aligned layout, and what each aligned row
     may see.
@@ -94,6 +126,27 @@ class Packing(NamedTuple):
     dest: jax.Array
     lo: jax.Array
     hi: jax.Array
+
+    @property
+    def length(self) -> int:
+        """T_a, the aligned layout's length."""
+        return self.lo.shape[1]
+
+    @property
+    def key_bounds(self) -> KeyBounds:
+        return KeyBounds(self.lo, self.hi)
+
+    def align(self, x):
+        """[B, T, ...] -> [B, T_a, ...]: tokens moved to their aligned rows, zeros elsewhere.
+        Padding tokens are dropped, so nothing in them (NaN included) reaches a document."""
+        b = jnp.arange(x.shape[0])[:, None]
+        out = jnp.zeros((x.shape[0], self.length, *x.shape[2:]), x.dtype)
+        return out.at[b, self.dest].set(x, mode="drop")
+
+    def restore(self, y, fill=0):
+        """[B, T_a, ...] -> [B, T, ...]: each token's aligned row, ``fill`` for padding."""
+        b = jnp.arange(y.shape[0])[:, None]
+        return y.at[b, self.dest].get(mode="fill", fill_value=fill)
 
 
 def pack(segment_ids, config, max_segments: int | None = None) -> Packing:
@@ -127,24 +180,21 @@ def _check_room(used, *, T_a: int, A: int, T: int) -> None:
             f"documents per row (default covers {(T_a - T) // max(A - 1, 1)} for T={T})")
 
 
-def to_aligned(x, packing: Packing):
-    """[B, T, ...] -> [B, T_a, ...]: tokens moved to their aligned rows, zeros elsewhere."""
-    B, T_a = packing.lo.shape
-    b = jnp.arange(B)[:, None]
-    out = jnp.zeros((B, T_a, *x.shape[2:]), x.dtype)
-    return out.at[b, packing.dest].set(x, mode="drop")
+def in_documents(packing: Packing | None, body, *xs, fill=0):
+    """``body(*xs, key_bounds)`` on each document as if it ran alone: the one path packed inputs
+    take through every implementation.
 
-
-def from_aligned(y, packing: Packing, fill=0):
-    """[B, T_a, ...] -> [B, T, ...]: each token's aligned row, ``fill`` for padding."""
-    b = jnp.arange(y.shape[0])[:, None]
-    return y.at[b, packing.dest].get(mode="fill", fill_value=fill)
-
-
-def compressed_bounds(lo, hi, config):
-    """Token bounds [lo, hi) of each row's document -> the compressed tokens of that document
-    (in the aligned layout compressed token c covers keys c * d .. c * d + l - 1)."""
-    d, l = config.compress_stride, config.compress_block
-    lo_c = (lo + d - 1) // d
-    hi_c = jnp.maximum((hi - l) // d + 1, lo_c)
-    return lo_c, jnp.where(hi > lo, hi_c, lo_c)
+    Without ``packing``, ``body(*xs, None)``. With it, the arrays ``xs`` ([B, T, ...] or None) move
+    to the aligned layout, ``body`` gets the documents' `KeyBounds`, and its results move back,
+    ``fill`` (one value, or one per result) where a token is padding; ``fill=None`` returns the
+    results in the aligned layout (block selections, whose tiles are the layout's).
+    """
+    if packing is None:
+        return body(*xs, None)
+    out = body(*(None if x is None else packing.align(x) for x in xs), packing.key_bounds)
+    if fill is None:
+        return out
+    if isinstance(out, tuple):
+        fills = fill if isinstance(fill, tuple) else (fill,) * len(out)
+        return tuple(packing.restore(y, f) for y, f in zip(out, fills))
+    return packing.restore(out, fill)

@@ -5,22 +5,31 @@ from __future__ import annotations
 import os
 
 # Scatter-adds in XLA's GPU gradients use atomics unless asked not to; tests demand bit-identical
-# reruns, as users who need reproducible "xla" gradients on GPU should (see README).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true").strip()
+# reruns, as users who need reproducible "xla" gradients on GPU should (see README). Four host
+# devices let the sharding tests build meshes on a CPU; computations elsewhere use the first.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
+                           " --xla_force_host_platform_device_count=4").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import nsa_jax  # noqa: E402
+from nsa_jax.metadata import BlockSparseIndices  # noqa: E402
+
 ON_GPU = jax.default_backend() == "gpu"
 
 # Every implementation the suite compares with the reference, as keyword arguments. On CPU the
-# Pallas kernels run in interpret mode, on small shapes only (see `impl_cases`).
+# Pallas kernels run in interpret mode, on small shapes only. Interpret mode fills kernel outputs
+# with NaN before the kernel runs (`test_interpret_mode_poisons_outputs`), so an element a kernel
+# fails to write fails `assert_close`.
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
     "triton": dict(implementation="triton", interpret=not ON_GPU),
 }
+# With the reference itself: for hand-computed cases, edge cases and refusals.
+ALL_IMPLEMENTATIONS = {"reference": dict(implementation="reference"), **IMPLEMENTATIONS}
 
 # Max error allowed, as a fraction of the reference's largest magnitude.
 FWD_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2.5e-2, jnp.float16: 4e-3}
@@ -45,13 +54,17 @@ def upcast(tree):
 
 
 def assert_close(actual, expected, tol: float, name: str = ""):
-    """max |actual - expected| <= tol * max(|expected|, 1e-3); NaN anywhere fails."""
+    """max |actual - expected| <= tol * max(|expected|, 1e-2); NaN anywhere fails.
+
+    The floor keeps results that are zero in exact arithmetic but sums of O(1) float32 terms
+    (e.g. the gradient of a softmax over one key) from being held below float32 rounding.
+    """
     actual = np.asarray(jnp.asarray(actual, jnp.float32))
     expected = np.asarray(jnp.asarray(expected, jnp.float32))
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
     assert not np.isnan(actual).any(), f"{name}: NaN in result"
     assert not np.isnan(expected).any(), f"{name}: NaN in reference"
-    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-3)
+    scale = max(float(np.abs(expected).max(initial=0.0)), 1e-2)
     err = float(np.abs(actual - expected).max(initial=0.0))
     assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol} * {scale:.3g}"
 
@@ -59,3 +72,40 @@ def assert_close(actual, expected, tol: float, name: str = ""):
 def assert_bit_identical(a, b):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def make_cfg(**overrides):
+    kw = dict(compress_block=32, compress_stride=16, select_block=64, num_selected=8,
+              num_initial=1, num_local=2, window=0, scale=1.0)
+    kw.update(overrides)
+    return nsa_jax.NSAConfig(**kw)
+
+
+def block_mask(sets, n):
+    """Rows of block-id sets -> bool [len(sets), n]; lets expected masks read as id sets."""
+    out = np.zeros((len(sets), n), bool)
+    for r, s in enumerate(sets):
+        out[r, sorted(s)] = True
+    return out
+
+
+def piecewise(spans):
+    """[(length, row), ...] -> rows repeated `length` times, so per-token tables stay short."""
+    return np.concatenate([np.tile(np.asarray(row)[None], (n,) + (1,) * np.ndim(row))
+                           for n, row in spans])
+
+
+def i32(x):
+    return np.array(x, np.int32)
+
+
+def bsi(indices, counts, q_tile=1, block_size=64):
+    return BlockSparseIndices(jnp.asarray(indices, jnp.int32), jnp.asarray(counts, jnp.int32),
+                              q_tile=q_tile, block_size=block_size)
+
+
+def identity(f):
+    return f
+
+
+WRAPS = [pytest.param(identity, id="eager"), pytest.param(jax.jit, id="jit")]

@@ -1,4 +1,4 @@
-"""Packed sequences (DESIGN.md §3, Variable length): a packed row gives exactly what each document
+"""Packed sequences (docs/design.md §3, Variable length): a packed row gives exactly what each document
 gives alone, forward and gradients, for every implementation; padding (id 0) gives zeros."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_pack_places_documents_on_aligned_rows():
     np.testing.assert_array_equal(pk.lo[0, [0, 2, 3, 16, 17, 33]], [0, 0, 3, 16, 17, 32])
     np.testing.assert_array_equal(pk.hi[0, [0, 2, 3, 16, 17, 33]], [3, 3, 3, 17, 17, 34])
     x = normal(jax.random.key(0), (1, 7, 2))
-    back = segments.from_aligned(segments.to_aligned(x, pk), pk)
+    back = pk.restore(pk.align(x))
     np.testing.assert_array_equal(back, jnp.where((seg > 0)[..., None], x, 0))
 
 

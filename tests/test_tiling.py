@@ -11,7 +11,7 @@ import pytest
 
 import nsa_jax
 from nsa_jax import reference
-from nsa_jax.kernels import tiling as tiling_mod
+from nsa_jax.kernels.triton import tiling as tiling_mod
 from tests.conftest import FWD_TOL, IMPLEMENTATIONS, assert_close
 
 TRITON = IMPLEMENTATIONS["triton"]

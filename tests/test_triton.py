@@ -40,7 +40,7 @@ def test_scoring_in_chunks_matches_one_pass(monkeypatch):
 def test_bounded_ranges_stay_inside_the_rule_range():
     """Rows past T carry far-away bounds; a program of only such rows must get an empty range
     inside the rule's (the scoring kernel clears every block outside it)."""
-    from nsa_jax.kernels.triton.flash_fwd import MaskRule, block_range, bounded_ranges
+    from nsa_jax.kernels.common import MaskRule, block_range, bounded_ranges
     rule = MaskRule(num_keys=100, key_stride=16, key_offset=31)
     far = jnp.full((16,), 2 ** 30, jnp.int32)
     lo, hi, flo, fhi = (int(x) for x in bounded_ranges(rule, 5000, 5015, 16, (far, far)))
@@ -133,7 +133,7 @@ def test_gradients_run_on_the_backward_kernels():
 def test_gradients_with_other_work_splits(monkeypatch, heavy, target):
     """Small cases split every block; here most blocks take the unsplit path (heavy=2, target=1)
     or none is heavy (heavy=0), and the gradients still match the reference."""
-    from nsa_jax.kernels import flash_bwd
+    from nsa_jax.kernels.triton import flash_bwd
     monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", heavy)
     monkeypatch.setattr(flash_bwd, "TARGET_PROGRAMS", target)
     cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=4,

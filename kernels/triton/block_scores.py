@@ -1,7 +1,7 @@
-"""Compressed attention mass per query tile (Pallas, Triton lowering): the input of block scoring.
+"""Compressed attention mass per query tile (Triton lowering): the input of block scoring.
 
-Given the compressed branch's log-sum-exp, a program recomputes the logits of its rows (queries x
-the G heads of one KV head) against the compressed tokens, turns them into probabilities and sums
+Given the compressed branch's log-sum-exp, a program recomputes the probabilities of its rows
+(queries x the G heads of one KV head, as in the forward) against the compressed tokens and sums
 them over the rows. Summing over a selection tile's sub-tiles and mapping compressed tokens onto
 selection blocks is linear and cheap, so it stays in XLA; no [T, N_c] array is ever formed.
 """
@@ -14,45 +14,38 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.triton.flash_fwd import (LOG2E, FlashConfig, MaskRule, bound_rows, bounded_ranges,
-                                       group_rows, heads_major, pow2, split_bounds, visible,
-                                       walk_range)
+from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, Program, bounded_ranges, read_bounds
+from nsa_jax.kernels.triton.flash_bwd import probabilities
+from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision
 
 
-def _mass_kernel(*refs, rule: MaskRule, scale: float, G: int, block_q: int, block_k: int,
-                 num_kv_blocks: int, bounded: bool):
-    (off_ref, lse_ref, q_ref, k_ref, out_ref), bounds = split_bounds(refs, bounded, 1)
+def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, bounds, out_ref, *, prog: Program):
     b, i = pl.program_id(0), pl.program_id(2)
-    rows = q_ref.shape[0]
     q = q_ref[...]  # [rows, D]
     lse2 = lse_ref[...] * LOG2E  # [rows]; +inf for rows that must not count
-    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-    first = off_ref[b] + i * block_q
-    last = first + block_q - 1
-    q_pos = first + lax.broadcasted_iota(jnp.int32, (rows,), 0) // G
-    scale2 = scale * LOG2E
+    prec = dot_precision(q.dtype)
+    first = off_ref[b] + i * prog.block_q
+    q_pos = prog.q_pos(first)
+    bounds = read_bounds(bounds)
+    bk = prog.block_k
 
     def visit(blk, carry, masked=True):
-        start = pl.multiple_of(blk * block_k, block_k)
-        k = k_ref[pl.ds(start, block_k), :]  # [BK, D]
-        s = pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * scale2  # [rows, BK]
-        p = jnp.exp2(s - lse2[:, None])
-        if masked:
-            p = jnp.where(visible(rule, q_pos, start, block_k, bounds), p, 0.0)
-        out_ref[pl.ds(start, block_k)] = jnp.sum(p, axis=0)
+        start = prog.start(blk)
+        k = k_ref[pl.ds(start, bk), :]  # [BK, D]
+        p = probabilities(prog, q, k, lse2, q_pos, start, prec=prec, masked=masked, bounds=bounds)
+        out_ref[pl.ds(start, bk)] = jnp.sum(p, axis=0)
         return carry
 
     def clear(blk, carry):
-        out_ref[pl.ds(pl.multiple_of(blk * block_k, block_k), block_k)] = jnp.zeros(
-            (block_k,), jnp.float32)
+        out_ref[pl.ds(prog.start(blk), bk)] = jnp.zeros((bk,), jnp.float32)
         return carry
 
-    lo, hi = bounded_ranges(rule, first, last, block_k, bounds)[:2]
+    # The output starts undefined: blocks no row can see are cleared.
+    lo, hi = bounded_ranges(prog.rule, first, first + prog.block_q - 1, bk, bounds)[:2]
     lax.fori_loop(0, lo, clear, 0)
-    walk_range(rule, first, last, block_k, visit, 0, bounds)
-    lax.fori_loop(hi, num_kv_blocks, clear, 0)
+    prog.walk(first, visit, 0, bounds=bounds)
+    lax.fori_loop(hi, prog.num_kv_blocks, clear, 0)
 
 
 def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_tile: int,
@@ -70,49 +63,25 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
     Returns:
       float32 [B, H, ceil(T / q_tile), N_c].
     """
-    B, T, HQ, D = q.shape
+    B, T = q.shape[:2]
     N_c, H = k_c.shape[1], k_c.shape[2]
-    G = HQ // H
     n_tiles = -(-T // q_tile)
     if N_c == 0 or T == 0:
         return jnp.zeros((B, H, n_tiles, N_c), jnp.float32)
-    G_p, D_p, bk = pow2(G), max(16, pow2(D)), config.block_k
     bq = min(config.block_q, q_tile & -q_tile)
-    if bq * G_p < 16:  # tl.dot needs at least 16 rows: pad the group with zero heads
-        G_p = 16 // bq
-    rows = bq * G_p
-    T_p = n_tiles * q_tile
-    n_kb = -(-N_c // bk)
-    qg = group_rows(q, H, T_p, G_p, D_p)
-    # Padded rows get lse = +inf, so their probabilities are exactly zero; so do rows that see no
-    # compressed token (lse = -inf).
-    lse_g = jnp.where(jnp.isfinite(lse), lse, jnp.inf)[..., None]  # [B, T, HQ, 1]
-    lse_g = group_rows(lse_g, H, T_p, G_p, 1)[..., 0]  # [B, H, T_p * G_p], zero padded
-    row = jnp.arange(T_p * G_p)
-    real = ((row // G_p) < T) & ((row % G_p) < G)
-    lse_g = jnp.where(real, lse_g, jnp.inf)
-    kh = heads_major(k_c, n_kb * bk, D_p)
-    kernel = functools.partial(_mass_kernel, rule=rule, scale=scale, G=G_p, block_q=bq,
-                               block_k=bk, num_kv_blocks=n_kb, bounded=bounds is not None)
-    n_sub = T_p // bq
-    in_specs = [pl.BlockSpec(),
-                pl.BlockSpec((None, None, rows), lambda b, h, i: (b, h, i)),
-                pl.BlockSpec((None, None, rows, D_p), lambda b, h, i: (b, h, i, 0)),
-                pl.BlockSpec((None, None, n_kb * bk, D_p), lambda b, h, i: (b, h, 0, 0))]
-    args = [offsets.astype(jnp.int32), lse_g, qg, kh]
-    if bounds is not None:
-        in_specs += [pl.BlockSpec((None, rows), lambda b, h, i: (b, i))] * 2
-        args += list(bound_rows(bounds, T_p, G_p))
+    lay = Launch.of(q, k_c, block_q=bq, block_k=config.block_k, q_unit=q_tile)
+    bound_specs, bound_args = lay.bound_inputs(bounds)
     mass = pl.pallas_call(
-        kernel,
-        grid=(B, H, n_sub),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, None, n_kb * bk), lambda b, h, i: (b, h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, H, n_sub, n_kb * bk), jnp.float32),
-        compiler_params=pltriton.CompilerParams(num_warps=config.num_warps,
-                                                num_stages=config.num_stages),
+        functools.partial(_mass_kernel, prog=lay.program(rule, scale)),
+        grid=(B, H, lay.num_q_tiles),
+        in_specs=(pl.BlockSpec(), lay.tile_spec(), lay.tile_spec(lay.D_p), lay.kv_spec(lay.D_p),
+                  bound_specs),
+        out_specs=pl.BlockSpec((None, None, None, lay.N_p), lambda b, h, i: (b, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((B, H, lay.num_q_tiles, lay.N_p), jnp.float32),
+        compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_compressed_mass",
-    )(*args)
-    mass = mass.reshape(B, H, n_tiles, q_tile // bq, n_kb * bk).sum(axis=3)
+    )(offsets.astype(jnp.int32), lay.group_lse(lse), lay.group(q, lay.D_p),
+      lay.heads_major(k_c, lay.D_p), bound_args)
+    mass = mass.reshape(B, H, n_tiles, q_tile // bq, lay.N_p).sum(axis=3)
     return mass[..., :N_c]

@@ -11,7 +11,8 @@ import dataclasses
 
 import jax
 
-from nsa_jax.kernels.triton.flash_fwd import FlashConfig, check_launch_fields, pow2
+from nsa_jax.kernels.common import check_launch_fields, pow2
+from nsa_jax.kernels.triton.flash_fwd import FlashConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,11 +1,11 @@
-"""The "triton" implementation: the three branches on the Pallas flash core (Triton lowering).
+"""The "triton" backend: the three branches on the Pallas flash core (Triton lowering).
 
 Forward and backward run kernels. Each branch is a `jax.custom_vjp` whose residuals are O(T): the
 inputs, the branch output, its log-sum-exp and the compact selection metadata. The backward
-recomputes probabilities tile by tile (`kernels/flash_bwd.py`): dQ walks the forward's KV blocks,
-dK/dV walk the query tiles that see each KV block (the reverse map for the selected branch), with
-no atomics. Block scoring runs the compressed-mass kernel; the linear map onto selection blocks
-and top-n stay in XLA; selection is not differentiated.
+recomputes probabilities tile by tile (`kernels/triton/flash_bwd.py`): dQ walks the forward's KV
+blocks, dK/dV walk the query tiles that see each KV block (the reverse map for the selected
+branch), with no atomics. Block scoring runs the compressed-mass kernel, then the shared
+selection rules (`nsa_jax.ops.selection`); selection is not differentiated.
 """
 
 from __future__ import annotations
@@ -16,28 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nsa_jax import metadata, segments
-from nsa_jax.ops import xla
+from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.common import FAR, BlockTable, MaskRule, ReverseTable
 from nsa_jax.kernels.triton.block_scores import compressed_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
-from nsa_jax.kernels.triton.flash_fwd import FAR, FlashConfig, MaskRule, flash_forward
+from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
 from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
+from nsa_jax.ops import base, selection
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
 MASS_BYTES = 1 << 29
-
-
-def check_available(interpret: bool) -> None:
-    if not interpret and jax.default_backend() != "gpu":
-        raise RuntimeError(
-            f"implementation='triton' needs an NVIDIA GPU (JAX backend is "
-            f"{jax.default_backend()!r}); pass interpret=True to run the kernels in interpret mode")
-
-
-def tilings_or_default(tilings: TritonTilings | None) -> TritonTilings:
-    return default_tilings() if tilings is None else tilings
 
 
 def _offsets(B: int, T: int, S: int, kv_len=None):
@@ -60,26 +50,17 @@ def _flash(q, k, v, offsets, sel, bounds, rule: MaskRule, scale: float, fwd: Fla
 
 
 def _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret):
-    table, counts = (None, None) if sel is None else sel
-    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, table=table,
-                           counts=counts, table_q_tile=q_tile, bounds=bounds, interpret=interpret)
+    blocks = None if sel is None else BlockTable(*sel, q_tile=q_tile)
+    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, blocks=blocks,
+                           bounds=bounds, interpret=interpret)
     return (o, lse), (q, k, v, offsets, sel, bounds, o, lse)
 
 
 def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
     q, k, v, offsets, sel, bounds, o, lse = res
     do, dlse = ct
-    kw = {}
-    if sel is not None:
-        n_kb = -(-k.shape[1] // bwd.block_k)
-        blocks = metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile,
-                                                              block_size=fwd.block_k),
-                                  bwd.block_k, n_kb)
-        rev = metadata.reverse_map(blocks, n_kb)
-        kw = dict(table=blocks.indices, counts=blocks.counts, table_q_tile=q_tile,
-                  reverse_tiles=rev.tiles, reverse_offsets=rev.offsets)
-    dq, dk, dv = flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
-                                config=bwd, bounds=bounds, interpret=interpret, **kw)
+    dq, dk, dv = _backward_kernels(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale,
+                                   fwd.block_k, bwd, q_tile, interpret)
     zeros = [None if x is None else tuple(_zero_cotangent(a) for a in x) for x in (sel, bounds)]
     return dq, dk, dv, _zero_cotangent(offsets), *zeros
 
@@ -87,14 +68,32 @@ def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def supports_compressed(cfg: NSAConfig, kv_len) -> bool:
-    """Non-causal compressed attention with a per-row kv_len is not covered yet."""
-    return cfg.causal or kv_len is None
+def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, block_k,
+              bwd: FlashConfig, q_tile, interpret):
+    blocks = reverse = None
+    if sel is not None:
+        n_kb = -(-k.shape[1] // bwd.block_k)
+        table = metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile,
+                                                             block_size=block_k), bwd.block_k, n_kb)
+        rev = metadata.reverse_map(table, n_kb)
+        blocks = BlockTable(table.indices, table.counts, q_tile=q_tile)
+        reverse = ReverseTable(rev.tiles, rev.offsets)
+    return flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale, config=bwd,
+                          blocks=blocks, reverse=reverse, bounds=bounds, interpret=interpret)
 
 
-def supports_block(select_block: int) -> bool:
-    """Selection blocks need a power-of-two KV tile of at least 16 keys dividing them."""
-    return select_block & -select_block >= 16
+# The backward kernels have no derivative of their own: differentiating them (second order)
+# raises this clear error instead of failing inside Pallas.
+_backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 14, 15))
+
+
+def _no_second_order(*args):
+    raise NotImplementedError(
+        "implementation='triton' has no second-order gradients (its backward is a Pallas kernel); "
+        "use implementation='xla' or 'reference' for gradients of gradients")
+
+
+_backward_kernels.defvjp(lambda *a: (_backward(*a), None), _no_second_order)
 
 
 def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
@@ -102,64 +101,62 @@ def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
                     key_offset=cfg.compress_block - 1, causal=cfg.causal)
 
 
-def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False,
-                         tilings=None, bounds=None):
+def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None,
+                         interpret=False, tilings: TritonTilings | None = None):
+    """``bounds``: optional `segments.CompressedBounds` (packed rows)."""
     B, T, HQ, D = q.shape
-    H = k_c.shape[2]
-    if not supports_compressed(cfg, kv_len):
-        raise NotImplementedError("implementation='triton': non-causal compressed attention with "
-                                  "per-row kv_len is not supported yet")
-    t = tilings_or_default(tilings)
-    return _flash(q, k_c, v_c, _offsets(B, T, S, kv_len), None, bounds,
-                  _compressed_rule(cfg, k_c.shape[1]),
-                  cfg.softmax_scale(D), t.compressed.flash(HQ // H), t.compressed_bwd.flash(HQ // H),
-                  1, interpret)
+    G = HQ // k_c.shape[2]
+    t = default_tilings() if tilings is None else tilings
+    return _flash(q, k_c, v_c, _offsets(B, T, S, kv_len), None, _tuple(bounds),
+                  _compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
+                  t.compressed.flash(G), t.compressed_bwd.flash(G), 1, interpret)
 
 
-def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, interpret=False,
-                       tilings=None, bounds=None):
+def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
+                       interpret=False, tilings: TritonTilings | None = None):
+    """``sel``: normalised indices (`metadata.normalize`); ``bounds``: `segments.KeyBounds`."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
-    if not supports_block(sel.block_size):
-        raise NotImplementedError(
-            f"implementation='triton' needs select_block divisible by 16, got {sel.block_size}")
-    t = tilings_or_default(tilings)
+    t = default_tilings() if tilings is None else tilings
     fwd = (t.selected_per_token if sel.q_tile == 1 else t.selected).flash(
         G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     bwd = t.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
-    o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts), bounds,
+    o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts), _tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
                   sel.q_tile, interpret)
     return o
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig, interpret=False, tilings=None, bounds=None):
+def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=False,
+                             tilings: TritonTilings | None = None):
+    """``bounds``: optional `segments.KeyBounds` (packed rows)."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
-    t = tilings_or_default(tilings)
-    o, _ = _flash(q, k, v, _offsets(B, T, S), None, bounds,
+    t = default_tilings() if tilings is None else tilings
+    o, _ = _flash(q, k, v, _offsets(B, T, S), None, _tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
                   t.window.flash(HQ // H), t.window_bwd.flash(HQ // H), 1, interpret)
     return o
 
 
-def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpret=False,
-                  tilings=None, bounds=None):
+def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=None,
+                  interpret=False, tilings: TritonTilings | None = None):
+    """``bounds``: optional `segments.KeyBounds` (packed rows in the aligned layout)."""
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     q, k_c = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_c)
-    c_bounds = None if bounds is None else segments.compressed_bounds(*bounds, cfg)
+    c_bounds = None if bounds is None else bounds.compressed(cfg)
     if lse is None:
-        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, interpret, tilings,
-                                      c_bounds)
+        _, lse = compressed_attention(q, k_c, k_c[..., :1], cfg, S, kv_len, c_bounds, interpret,
+                                      tilings)
     lse = jax.lax.stop_gradient(lse)
     qt = cfg.select_q_tile
     N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
     offsets = _offsets(B, T, S, kv_len)
     rule = _compressed_rule(cfg, N_c)
-    tiling = tilings_or_default(tilings).scoring.flash(HQ // H, q_tile=qt)
+    tiling = (default_tilings() if tilings is None else tilings).scoring.flash(HQ // H, q_tile=qt)
     # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
     per_tile = B * H * max(N_c, 1) * 4
     chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))
@@ -168,29 +165,26 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpr
     pad = n_chunks * T_c - T
     q_p = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     lse_p = jnp.pad(lse, ((0, 0), (0, pad), (0, 0)), constant_values=-jnp.inf)
-    n_kv_blocks = xla.kv_blocks(B, S, cfg, kv_len)
+    n_kv_blocks = selection.kv_blocks(B, S, cfg, kv_len)
     if bounds is not None:
         # Padded query rows see nothing; their tiles (past T) choose nothing.
-        bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=FAR) for x in bounds]
-        c_bounds_p = [jnp.pad(x, ((0, 0), (0, pad)), constant_values=FAR) for x in c_bounds]
+        far = lambda x: jnp.pad(x, ((0, 0), (0, pad)), constant_values=FAR)
+        bounds_p, c_bounds_p = tuple(map(far, bounds)), tuple(map(far, c_bounds))
 
     def chunk(c):
         start = c * T_c
-        q_c = jax.lax.dynamic_slice_in_dim(q_p, start, T_c, axis=1)
-        lse_c = jax.lax.dynamic_slice_in_dim(lse_p, start, T_c, axis=1)
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, T_c, axis=1)
-        mass = compressed_mass(q_c, k_c, lse_c, offsets + start, rule=rule,
+        mass = compressed_mass(cut(q_p), k_c, cut(lse_p), offsets + start, rule=rule,
                                scale=cfg.softmax_scale(D), q_tile=qt, config=tiling,
-                               bounds=None if bounds is None else [cut(x) for x in c_bounds_p],
+                               bounds=None if bounds is None else tuple(map(cut, c_bounds_p)),
                                interpret=interpret)  # [B, H, chunk_tiles, N_c]
-        scores = xla.block_scores_from_probs(mass, cfg, N_s)  # [B, H, chunk_tiles, N_s]
+        scores = selection.block_scores(mass, cfg, N_s)  # [B, H, chunk_tiles, N_s]
         t0 = start + jnp.arange(chunk_tiles, dtype=jnp.int32) * qt
-        first = t0[None] + offsets[:, None]
-        last = jnp.minimum(t0 + qt - 1, T - 1)[None] + offsets[:, None]
+        first, last = selection.tile_span(t0, qt, T, offsets)
         if bounds is None:
-            return xla.choose_blocks(scores, first, last, cfg, n_kv_blocks)
-        doc = xla.document_blocks([cut(x) for x in bounds_p], t0 - start, cfg)
-        return xla.choose_blocks(scores, first, last, cfg, *doc)
+            return selection.choose_blocks(scores, first, last, cfg, n_kv_blocks)
+        doc = selection.document_blocks(tuple(map(cut, bounds_p)), t0 - start, cfg)
+        return selection.choose_blocks(scores, first, last, cfg, *doc)
 
     if n_chunks == 1:
         ids, counts = chunk(0)
@@ -200,3 +194,50 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, interpr
         counts = jnp.moveaxis(counts, 0, 2).reshape(B, H, n_chunks * chunk_tiles)
     return metadata.BlockSparseIndices(ids[:, :, :N_tiles], counts[:, :, :N_tiles], q_tile=qt,
                                        block_size=cfg.select_block)
+
+
+def _tuple(bounds):
+    """Bounds as a plain (lo, hi) tuple: the custom_vjp's residual and cotangent structure."""
+    return None if bounds is None else tuple(bounds)
+
+
+class TritonBackend(base.Backend):
+    """Pallas kernels with the Triton lowering: NVIDIA GPUs, or interpret mode on any machine."""
+
+    name = "triton"
+    tilings_type = TritonTilings
+
+    def available(self, interpret: bool) -> base.Support:
+        if interpret or jax.default_backend() == "gpu":
+            return base.YES
+        return base.Support(f"needs an NVIDIA GPU (JAX backend is {jax.default_backend()!r}); pass "
+                            "interpret=True to run the kernels in interpret mode")
+
+    def supports(self, op: str, config, shapes: base.Shapes) -> base.Support:
+        if op in ("compressed", "scoring") and not config.causal and shapes.per_row_kv_len:
+            return base.Support("does not support non-causal compressed attention with a per-row "
+                                "kv_len yet")
+        if op == "selected" and shapes.select_block & -shapes.select_block < 16:
+            # The kernel's KV tile is a power of two of at least 16 keys dividing the block.
+            return base.Support(f"needs select_block divisible by 16, got {shapes.select_block}")
+        return base.YES
+
+    def default_tilings(self, device=None):
+        return default_tilings(device)
+
+    def compressed_attention(self, q, k_c, v_c, config, *, S, kv_len, compressed_bounds,
+                             interpret, tilings):
+        return compressed_attention(q, k_c, v_c, config, S, kv_len, compressed_bounds, interpret,
+                                    tilings)
+
+    def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
+        return select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret, tilings)
+
+    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
+        return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings)
+
+    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
+        return sliding_window_attention(q, k, v, config, key_bounds, interpret, tilings)
+
+
+BACKEND = TritonBackend()

@@ -8,18 +8,32 @@ gradients keep the same memory bound.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from nsa_jax.config import NSAConfig
-from nsa_jax.metadata import BlockSparseIndices, compact
-from nsa_jax.segments import compressed_bounds
+from nsa_jax.metadata import BlockSparseIndices
+from nsa_jax.ops import base
+from nsa_jax.ops.selection import block_scores, choose_blocks, document_blocks, kv_blocks
 
-# Query rows (tile size times tiles per step) one loop step handles.
-ROWS_PER_STEP = 64
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class XlaTilings:
+    """Tiling of the "xla" backend (speed and peak memory only, never results).
+
+    Attributes:
+      rows: query rows (tile size times tiles per step) one loop step handles; a power of two.
+    """
+
+    rows: int = 64
+
+    def __post_init__(self):
+        r = self.rows
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1 or r & (r - 1):
+            raise ValueError(f"XlaTilings.rows={r!r} must be a power of two >= 1")
 
 
 def precision_for(dtype):
@@ -121,16 +135,17 @@ def _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len, bounds=None):
     return q_tile.reshape(B * H, G, M, D), kc.reshape(B * H, N_c, D), mask
 
 
-def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None):
-    """``bounds``: optional (lo, hi) int32 [B, T], the compressed tokens each query's document
-    owns (packed rows, `segments.compressed_bounds`)."""
+def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None,
+                         rows: int = 64):
+    """``bounds``: optional `segments.CompressedBounds`, the compressed tokens each query's
+    document owns (packed rows)."""
     B, T, HQ, D = q.shape
     H, N_c, Dv = k_c.shape[2], k_c.shape[1], v_c.shape[3]
     scale = cfg.softmax_scale(D)
     pos = query_positions(B, T, S, kv_len)
     kc = k_c.transpose(0, 2, 1, 3)  # [B, H, N_c, D]
     vc = v_c.transpose(0, 2, 1, 3).reshape(B * H, N_c, Dv)
-    tile = min(ROWS_PER_STEP, T)
+    tile = min(rows, T)
 
     def body(args):
         q_tile, pos_tile = args[:2]  # [B, H, G, tile, D], [B, tile]
@@ -148,109 +163,17 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
     return o.astype(q.dtype), lse.transpose(0, 3, 1, 2).reshape(B, T, HQ)
 
 
-def block_scores_from_probs(p, cfg: NSAConfig, N_s: int):
-    """Compressed probabilities [..., N_c] -> selection-block scores [..., N_s].
-
-    Compressed token i covers r = l / d stride chunks i .. i + r - 1 of d keys each; every chunk
-    lies inside one selection block because l' is a multiple of d. So each chunk receives 1 / r of
-    the token's probability, and a block's score is the sum over its l' / d chunks.
-    """
-    l, d, ls = cfg.compress_block, cfg.compress_stride, cfg.select_block
-    r, per_block = l // d, ls // d
-    N_c = p.shape[-1]
-    n_chunks = N_s * per_block
-    lead = p.shape[:-1]
-    chunks = jnp.zeros((*lead, max(n_chunks, N_c + r - 1)), jnp.float32)
-    for m in range(r):
-        chunks = chunks.at[..., m: m + N_c].add(p / r)
-    return chunks[..., :n_chunks].reshape(*lead, N_s, per_block).sum(-1)
-
-
-def selection_masks(tile_first, tile_last, N_s: int, cfg: NSAConfig, kv_len_blocks, first_block=0):
-    """Eligible and forced blocks for tiles spanning key positions [tile_first, tile_last].
-
-    Args:
-      tile_first, tile_last: int32[B, C] positions of each tile's first and last query.
-      kv_len_blocks: int32 broadcastable to [B, C, 1]: blocks past it hold no key of the tile's
-        sequence (ceil(S / l'); for packed rows, the end of the tile's document).
-      first_block: int32 broadcastable to [B, C, 1]: the first block of the tile's sequence
-        (packed rows); the initial blocks count from it.
-
-    Returns:
-      (eligible, forced) bool [B, C, N_s].
-    """
-    ls = cfg.select_block
-    j = jnp.arange(N_s, dtype=jnp.int32)[None, None, :]
-    eligible = (j < kv_len_blocks) & (j >= first_block)
-    if cfg.causal:
-        eligible &= j * ls <= tile_last[..., None]
-    forced = j < first_block + cfg.num_initial
-    if cfg.num_local >= 1:
-        first_blk = (tile_first // ls)[..., None]
-        last_blk = (tile_last // ls)[..., None]
-        forced = forced | ((j >= first_blk - (cfg.num_local - 1)) & (j <= last_blk))
-    shape = (*tile_last.shape, N_s)
-    return jnp.broadcast_to(eligible, shape), jnp.broadcast_to(forced & eligible, shape)
-
-
-def tile_blocks(tile_first, tile_last, N_s: int, cfg: NSAConfig):
-    """bool [B, C, N_s]: the blocks a tile's own queries sit in."""
-    ls = cfg.select_block
-    j = jnp.arange(N_s, dtype=jnp.int32)[None, None, :]
-    return (j >= (tile_first // ls)[..., None]) & (j <= (tile_last // ls)[..., None])
-
-
-def top_blocks(scores, eligible, forced, n: int, own=None):
-    """Top-n eligible blocks (forced first, ties to the lower id) -> sorted ids and counts.
-
-    When a tile's forced blocks outnumber n (only possible for a query tile that straddles a block
-    boundary, i.e. a decode offset S - T that is not a multiple of l'), the tile's ``own`` blocks
-    win over the other forced ones, so no query loses its own block.
-    """
-    key = jnp.where(eligible, scores, -jnp.inf)
-    key = jnp.where(forced, jnp.finfo(jnp.float32).max, key)
-    if own is not None:
-        key = jnp.where(forced & own, jnp.inf, key)
-    if key.shape[-1] < n:
-        key = jnp.pad(key, [(0, 0)] * (key.ndim - 1) + [(0, n - key.shape[-1])],
-                      constant_values=-jnp.inf)
-    vals, ids = lax.top_k(key, n)
-    return compact(ids.astype(jnp.int32), vals > -jnp.inf)
-
-
-def choose_blocks(scores, tile_first, tile_last, cfg: NSAConfig, kv_len_blocks, first_block=0):
-    """Block scores [B, H, C, N_s] of tiles spanning positions [tile_first, tile_last] ([B, C])
-    -> (ids [B, H, C, n], counts [B, H, C]); the last two arguments as in `selection_masks`."""
-    N_s = scores.shape[-1]
-    eligible, forced = selection_masks(tile_first, tile_last, N_s, cfg, kv_len_blocks, first_block)
-    own = tile_blocks(tile_first, tile_last, N_s, cfg)[:, None] if cfg.num_local >= 1 else None
-    return top_blocks(scores, eligible[:, None], forced[:, None], cfg.num_selected, own)
-
-
-def kv_blocks(B: int, S: int, cfg: NSAConfig, kv_len=None):
-    """int32[B, 1, 1]: selection blocks holding keys, ceil(S / l') per batch row."""
-    length = jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len
-    return (-(-length // cfg.select_block))[:, None, None]
-
-
-def document_blocks(bounds, first, cfg: NSAConfig):
-    """Packed rows: (kv_len_blocks, first_block) [B, C, 1] of tiles whose first query is at
-    ``first`` [C], from the token bounds (lo, hi) [B, T] of each query's document."""
-    ls = cfg.select_block
-    lo, hi = (jnp.take(x, first, axis=1)[..., None] for x in bounds)
-    return jnp.where(hi > lo, -(-hi // ls), lo // ls), lo // ls
-
-
-def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=None):
-    """``bounds``: optional (lo, hi) int32 [B, T], the keys of each query's document (packed rows
-    in the aligned layout of `segments.pack`); tiles then choose among their document's blocks."""
+def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=None,
+                  rows: int = 64):
+    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed rows
+    in the aligned layout); tiles then choose among their document's blocks."""
     B, T, HQ, D = q.shape
     H, N_c = k_c.shape[2], k_c.shape[1]
     G = HQ // H
     qt, ls = cfg.select_q_tile, cfg.select_block
     N_s = -(-S // ls)
     N_tiles = -(-T // qt)
-    C = max(1, ROWS_PER_STEP // qt)  # tiles per loop step
+    C = max(1, rows // qt)  # tiles per loop step
     scale = cfg.softmax_scale(D)
     pos = query_positions(B, T, S, kv_len)
     n_kv_blocks = kv_blocks(B, S, cfg, kv_len)
@@ -266,7 +189,7 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     tile_last = jnp.minimum(tile_first + qt - 1, T - 1)
     offset = pos[:, :1]  # [B, 1]
     if bounds is not None:
-        c_bounds = compressed_bounds(*bounds, cfg)
+        c_bounds = bounds.compressed(cfg)
         n_kv_blocks, first_block = document_blocks(bounds, tile_first, cfg)  # [B, N_tiles, 1]
 
     def body(args):
@@ -285,19 +208,19 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
         p = jnp.where(mask & jnp.isfinite(lse_c), jnp.exp(s - jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)), 0.0)
         p = jnp.where(real_c[None, None, :, None], p, 0.0)
         p = p.reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))  # [B, H, C, N_c]
-        scores = block_scores_from_probs(p, cfg, N_s)  # [B, H, C, N_s]
+        scores = block_scores(p, cfg, N_s)  # [B, H, C, N_s]
         if bounds is None:
             return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg,
                                  n_kv_blocks)
         return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg, *rest[2:])
 
-    rows = C * qt
-    xs = [_tiles(qg, rows, 3), _tiles(pos, rows, 1), _tiles(real, rows, 0),
+    step = C * qt
+    xs = [_tiles(qg, step, 3), _tiles(pos, step, 1), _tiles(real, step, 0),
           _tiles(tile_first, C, 0), _tiles(tile_last, C, 0)]
     if lse_g is not None:
-        xs.append(_tiles(lse_g, rows, 3))
+        xs.append(_tiles(lse_g, step, 3))
     if bounds is not None:
-        xs += [_tiles(x, rows, 1) for x in c_bounds]
+        xs += [_tiles(x, step, 1) for x in c_bounds]
         xs += [_tiles(x, C, 1) for x in (n_kv_blocks, first_block)]
     idx, cnt = lax.map(body, tuple(xs))  # [n, B, H, C, n_sel], [n, B, H, C]
     idx = _untile(idx, 2, N_tiles)
@@ -305,14 +228,15 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     return BlockSparseIndices(idx, cnt, q_tile=qt, block_size=ls)
 
 
-def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=None):
-    """``bounds``: optional (lo, hi) int32 [B, T], the keys of each query's document (packed)."""
+def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=None,
+                       rows: int = 64):
+    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed)."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // H
     qt, bs = sel.q_tile, sel.block_size
     N_tiles, n_sel = sel.indices.shape[2], sel.indices.shape[3]
-    C = max(1, ROWS_PER_STEP // qt)
+    C = max(1, rows // qt)
     L = n_sel * bs
     scale = cfg.softmax_scale(D)
     pos = query_positions(B, T, S)
@@ -358,29 +282,33 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=
     return _ungrouped(o).astype(q.dtype)
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None):
-    """``bounds``: optional (lo, hi) int32 [B, T], the keys of each query's document (packed)."""
+def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, rows: int = 64):
+    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed)."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     w = cfg.window
     if w == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
     scale = cfg.softmax_scale(D)
-    tile = min(ROWS_PER_STEP, T)
+    tile = min(rows, T)
     n = -(-T // tile)
     reach = w - 1 if not cfg.causal else 0  # keys after the query that are in the window
     L = tile + w - 1 + reach
-    kh = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (w - 1, n * tile - T + reach), (0, 0)))
-    vh = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (w - 1, n * tile - T + reach), (0, 0)))
+    # Non-causal queries may sit before key 0 (S < T); padding in front keeps every slice start
+    # at or after 0.
+    front = w - 1 + max(0, T - S)
+    pad = ((0, 0), (0, 0), (front, n * tile - T + reach), (0, 0))
+    kh, vh = (jnp.pad(x.transpose(0, 2, 1, 3), pad) for x in (k, v))
     offs = jnp.arange(L, dtype=jnp.int32)
     qpos = jnp.arange(tile, dtype=jnp.int32)
 
     def body(args):
         q_tile, t0 = args[:2]  # [B, H, G, tile, D], scalar first query index
         p0 = t0 + (S - T)
-        # Padded coordinates are shifted by w - 1, so padded index p0 holds key p0 - w + 1.
-        k_t = lax.dynamic_slice_in_dim(kh, p0, L, axis=2)  # [B, H, L, D]
-        v_t = lax.dynamic_slice_in_dim(vh, p0, L, axis=2)
+        # Padded coordinates are shifted by `front`: padded index p0 - w + 1 + front holds key
+        # p0 - w + 1, the first the tile may see.
+        k_t = lax.dynamic_slice_in_dim(kh, p0 - (w - 1) + front, L, axis=2)  # [B, H, L, D]
+        v_t = lax.dynamic_slice_in_dim(vh, p0 - (w - 1) + front, L, axis=2)
         s_pos = p0 - (w - 1) + offs  # [L]
         t_pos = p0 + qpos  # [tile]
         diff = t_pos[:, None] - s_pos[None, :]
@@ -403,3 +331,26 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None):
         xs += [_tiles(x, tile, 1) for x in bounds]
     o = _map_tiles(body, *xs)
     return _ungrouped(_untile(o, 3, T)).astype(q.dtype)
+
+
+class XlaBackend(base.Backend):
+    """Tiled `jnp` on any JAX platform; supports every call."""
+
+    name = "xla"
+    tilings_type = XlaTilings
+
+    def compressed_attention(self, q, k_c, v_c, config, *, S, kv_len, compressed_bounds,
+                             interpret, tilings):
+        return compressed_attention(q, k_c, v_c, config, S, kv_len, compressed_bounds, tilings.rows)
+
+    def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
+        return select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, tilings.rows)
+
+    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
+        return selected_attention(q, k, v, sel, config, key_bounds, tilings.rows)
+
+    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
+        return sliding_window_attention(q, k, v, config, key_bounds, tilings.rows)
+
+
+BACKEND = XlaBackend()

@@ -6,7 +6,7 @@ and the NSA functions on the same inputs, each compiled ahead of time, then time
 of ``reps`` runs after one warm-up. Peak memory is XLA's buffer assignment of the compiled
 function (arguments + outputs + temporaries); Pallas kernels keep their tiles on chip.
 
-Useful FLOPs (DESIGN.md §7): dense causal ``2*HQ*T*T*D``; selected ``4*HQ*T*n*l'*D``; window
+Useful FLOPs (docs/design.md §7): dense causal ``2*HQ*T*T*D``; selected ``4*HQ*T*n*l'*D``; window
 ``4*HQ*T*w*D``; compressed ``2*HQ*T*N_c*D`` (a query sees half the compressed tokens on average);
 scoring recomputes the compressed logits, ``HQ*T*N_c*D``. A backward counts 2.5 times its
 forward's FLOPs (five products instead of two), forward+backward 3.5 times.
