@@ -83,11 +83,19 @@ def from_per_token(indices, block_size: int, num_blocks: int) -> BlockSparseIndi
 def normalize(sel: BlockSparseIndices, num_blocks: int) -> BlockSparseIndices:
     """Indices as docs/design.md §4 reads them, in the form `select_blocks` makes: an entry counts
     iff its position is below ``counts`` (clamped to [0, k]) and its id is in [0, num_blocks);
-    then sorted, unique, -1 padded. Kernels trust ``counts``, so user-built indices pass here."""
+    then sorted, unique, -1 padded. Kernels trust ``counts``, so user-built indices pass here.
+
+    Indices already in that form (those of `select_blocks`) come back as they are: one check over
+    the array decides, and the two sorts run only when it fails.
+    """
     k = sel.indices.shape[-1]
-    used = jnp.arange(k, dtype=jnp.int32) < jnp.clip(sel.counts, 0, k)[..., None]
-    ids = sel.indices.astype(jnp.int32)
-    ids, counts = compact(ids, used & (ids >= 0) & (ids < num_blocks))
+    ids, counts = sel.indices.astype(jnp.int32), sel.counts.astype(jnp.int32)
+    used = jnp.arange(k, dtype=jnp.int32) < jnp.clip(counts, 0, k)[..., None]
+    valid = used & (ids >= 0) & (ids < num_blocks)
+    rising = jnp.concatenate([jnp.ones_like(valid[..., :1]), ids[..., 1:] > ids[..., :-1]], -1)
+    canonical = (jnp.all(jnp.where(used, valid & rising, ids == -1))
+                 & jnp.all((counts >= 0) & (counts <= k)))
+    ids, counts = jax.lax.cond(canonical, lambda: (ids, counts), lambda: compact(ids, valid))
     return BlockSparseIndices(ids, counts, q_tile=sel.q_tile, block_size=sel.block_size)
 
 

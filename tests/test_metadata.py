@@ -159,6 +159,9 @@ def test_normalize_reads_indices_as_the_contract_says(wrap):
     chex.assert_trees_all_equal(np.asarray(out.indices), i32(
         [[[[1, 5, -1, -1], [0, 2, -1, -1], [-1, -1, -1, -1], [0, 4, -1, -1]]]]))
     chex.assert_trees_all_equal(np.asarray(out.counts), i32([[[2, 2, 0, 2]]]))
+    # Indices already in that form come back unchanged.
+    again = wrap(lambda s: metadata.normalize(s, 6))(out)
+    chex.assert_trees_all_equal((again.indices, again.counts), (out.indices, out.counts))
 
 
 def test_expand_drops_tiles_past_the_keys():

@@ -50,9 +50,7 @@ def _flash(q, k, v, offsets, sel, bounds, rule: MaskRule, scale: float, fwd: Fla
 
 
 def _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret):
-    blocks = None if sel is None else BlockTable(*sel, q_tile=q_tile)
-    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, blocks=blocks,
-                           bounds=bounds, interpret=interpret)
+    o, lse = _forward_kernel(q, k, v, offsets, sel, bounds, rule, scale, fwd, q_tile, interpret)
     return (o, lse), (q, k, v, offsets, sel, bounds, o, lse)
 
 
@@ -66,6 +64,12 @@ def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_tile, interpret):
+    blocks = None if sel is None else BlockTable(*sel, q_tile=q_tile)
+    return flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, blocks=blocks,
+                         bounds=bounds, interpret=interpret)
 
 
 def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, block_k,
@@ -82,17 +86,17 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
                           blocks=blocks, reverse=reverse, bounds=bounds, interpret=interpret)
 
 
-# The backward kernels have no derivative of their own: differentiating them (second order)
-# raises this clear error instead of failing inside Pallas.
-_backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 14, 15))
-
-
 def _no_second_order(*args):
     raise NotImplementedError(
-        "implementation='triton' has no second-order gradients (its backward is a Pallas kernel); "
-        "use implementation='xla' or 'reference' for gradients of gradients")
+        "implementation='triton' has no second-order gradients (its kernels have no derivative "
+        "of their own); use implementation='xla' or 'reference' for gradients of gradients")
 
 
+# The kernels a gradient runs, each without a derivative: differentiating a gradient (second
+# order) reaches these and raises the error above instead of failing inside Pallas.
+_forward_kernel = jax.custom_vjp(_forward, nondiff_argnums=(6, 7, 8, 9, 10))
+_forward_kernel.defvjp(lambda *a: (_forward(*a), None), _no_second_order)
+_backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 14, 15))
 _backward_kernels.defvjp(lambda *a: (_backward(*a), None), _no_second_order)
 
 
