@@ -237,9 +237,14 @@ def _select(q, key_bounds, *, k_c, config: NSAConfig, kv_len) -> BlockSparseIndi
     eligible, forced, own = (m[:, None] for m in _selection_rules(B, T, S, kv_arr, config, N_s, doc))
     # Rank 0: own blocks, 1: other forced blocks, 2: eligible by score, 3: not selectable.
     rank = jnp.where(own, 0, jnp.where(forced, 1, jnp.where(eligible, 2, 3)))
-    rank = jnp.broadcast_to(rank, scores.shape)
+    # Every operand of the sort in the scores' sharding (jnp.lexsort's own iota has none, which
+    # an explicit mesh refuses).
+    sharding = jax.typeof(scores).sharding
+    rank = jnp.broadcast_to(rank, scores.shape, out_sharding=sharding)
     by_score = jnp.where(rank == 2, -scores, 0.0)  # forced blocks are not ordered by score
-    order = jnp.lexsort((by_score, rank), axis=-1)[..., :n]  # stable: ties keep the lower id
+    ids = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 3, out_sharding=sharding)
+    # Stable: ties keep the lower id.
+    order = jax.lax.sort((rank, by_score, ids), dimension=3, num_keys=2)[-1][..., :n]
     chosen = jnp.take_along_axis(rank, order, axis=-1) < 3
     ids = jnp.sort(jnp.where(chosen, order, N_s), axis=-1)
     ids = jnp.where(ids < N_s, ids, -1)

@@ -67,7 +67,8 @@ def layout(segment_ids):
     seg = jnp.asarray(segment_ids)
     B, T = seg.shape
     t = jnp.arange(T, dtype=jnp.int32)[None]
-    boundary = jnp.concatenate([jnp.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    boundary = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]],
+                               axis=1)
     run = jnp.cumsum(boundary, axis=1, dtype=jnp.int32)  # 1-based
     start = jax.lax.cummax(jnp.where(boundary, t, 0), axis=1)
     counts = jax.vmap(lambda r: jnp.zeros(T + 1, jnp.int32).at[r].add(1))(run)  # [B, T + 1]
@@ -139,14 +140,12 @@ class Packing(NamedTuple):
     def align(self, x):
         """[B, T, ...] -> [B, T_a, ...]: tokens moved to their aligned rows, zeros elsewhere.
         Padding tokens are dropped, so nothing in them (NaN included) reaches a document."""
-        b = jnp.arange(x.shape[0])[:, None]
-        out = jnp.zeros((x.shape[0], self.length, *x.shape[2:]), x.dtype)
-        return out.at[b, self.dest].set(x, mode="drop")
+        out = jnp.zeros((self.length, *x.shape[2:]), x.dtype)
+        return jax.vmap(lambda d, r: out.at[d].set(r, mode="drop"))(self.dest, x)
 
     def restore(self, y, fill=0):
         """[B, T_a, ...] -> [B, T, ...]: each token's aligned row, ``fill`` for padding."""
-        b = jnp.arange(y.shape[0])[:, None]
-        return y.at[b, self.dest].get(mode="fill", fill_value=fill)
+        return jax.vmap(lambda r, d: r.at[d].get(mode="fill", fill_value=fill))(y, self.dest)
 
 
 def pack(segment_ids, config, max_segments: int | None = None) -> Packing:
@@ -164,11 +163,10 @@ def pack(segment_ids, config, max_segments: int | None = None) -> Packing:
     dest = jnp.where(pad, T_a, doc_start + pos).astype(jnp.int32)
     used = slot.sum(axis=1)
     jax.debug.callback(functools.partial(_check_room, T_a=T_a, A=A, T=T), used)
-    rows = jnp.broadcast_to(jnp.arange(T_a, dtype=jnp.int32), (B, T_a))
-    b = jnp.arange(B)[:, None]
-    lo = rows.at[b, dest].set(doc_start.astype(jnp.int32), mode="drop")
-    hi = rows.at[b, dest].set((doc_start + length).astype(jnp.int32), mode="drop")
-    return Packing(dest, lo, hi)
+    # Row by row (vmap): batch-sharded rows stay sharded, with no collective.
+    rows = jnp.arange(T_a, dtype=jnp.int32)
+    put = jax.vmap(lambda d, x: rows.at[d].set(x.astype(jnp.int32), mode="drop"))
+    return Packing(dest, put(dest, doc_start), put(dest, doc_start + length))
 
 
 def _check_room(used, *, T_a: int, A: int, T: int) -> None:

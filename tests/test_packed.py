@@ -132,7 +132,7 @@ def test_too_many_documents_for_the_layout_raises_at_run_time():
         jax.block_until_ready(run(q, k, v, g))
     ok = nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg, implementation="xla",
                                max_segments=T)
-    want = reference.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg)
+    want = reference.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg, max_segments=T)
     assert_close(ok, want, FWD_TOL[jnp.float32], "o")
 
 

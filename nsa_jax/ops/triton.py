@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
@@ -40,9 +41,25 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
+def _per_batch_shard(fn, *args):
+    """``fn(*args)``, on each batch shard (`jax.shard_map`) when the batch axis of the first
+    argument is sharded over explicit mesh axes: pallas_call takes no explicitly sharded operand.
+    Every array argument and result has the batch axis first."""
+    batch = jax.typeof(args[0]).sharding.spec[0]
+    if batch is None:
+        return fn(*args)
+    args = jax.tree.map(lambda x: jax.sharding.reshard(x, P(batch)), args)
+    # check_vma=False: the kernels' out_shape carries no varying-axes annotation.
+    return jax.shard_map(fn, in_specs=P(batch), out_specs=P(batch), check_vma=False)(*args)
+
+
+def _flash(q, k, v, offsets, sel, bounds, *static):
+    return _per_batch_shard(lambda *a: _flash_vjp(*a, *static), q, k, v, offsets, sel, bounds)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
-def _flash(q, k, v, offsets, sel, bounds, rule: MaskRule, scale: float, fwd: FlashConfig,
-           bwd: FlashConfig, q_tile: int, interpret: bool):
+def _flash_vjp(q, k, v, offsets, sel, bounds, rule: MaskRule, scale: float, fwd: FlashConfig,
+               bwd: FlashConfig, q_tile: int, interpret: bool):
     """(o, lse) of the flash core over a block range (``sel`` None) or the KV blocks of
     ``sel = (indices, counts)`` (selection tiles of ``q_tile`` queries, blocks of ``fwd.block_k``),
     within the per-query key ``bounds`` = (lo, hi) of packed rows if given."""
@@ -63,7 +80,7 @@ def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
     return dq, dk, dv, _zero_cotangent(offsets), *zeros
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash_vjp.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_tile, interpret):
@@ -178,10 +195,12 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     def chunk(c):
         start = c * T_c
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, T_c, axis=1)
-        mass = compressed_mass(cut(q_p), k_c, cut(lse_p), offsets + start, rule=rule,
-                               scale=cfg.softmax_scale(D), q_tile=qt, config=tiling,
-                               bounds=None if bounds is None else tuple(map(cut, c_bounds_p)),
-                               interpret=interpret)  # [B, H, chunk_tiles, N_c]
+        mass = _per_batch_shard(
+            lambda q, k_c, lse, offsets, c_bounds: compressed_mass(
+                q, k_c, lse, offsets, rule=rule, scale=cfg.softmax_scale(D), q_tile=qt,
+                config=tiling, bounds=c_bounds, interpret=interpret),
+            cut(q_p), k_c, cut(lse_p), offsets + start,
+            None if bounds is None else tuple(map(cut, c_bounds_p)))  # [B, H, chunk_tiles, N_c]
         scores = selection.block_scores(mass, cfg, N_s)  # [B, H, chunk_tiles, N_s]
         t0 = start + jnp.arange(chunk_tiles, dtype=jnp.int32) * qt
         first, last = selection.tile_span(t0, qt, T, offsets)

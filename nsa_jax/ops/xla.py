@@ -207,7 +207,8 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
             lse_c = args[5].reshape(B * H, G, -1)[..., None]
         p = jnp.where(mask & jnp.isfinite(lse_c), jnp.exp(s - jnp.where(jnp.isfinite(lse_c), lse_c, 0.0)), 0.0)
         p = jnp.where(real_c[None, None, :, None], p, 0.0)
-        p = p.reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))  # [B, H, C, N_c]
+        # Two reshapes: under an explicit mesh one cannot both split B * H and the rows.
+        p = p.reshape(B, H, G, C * qt, N_c).reshape(B, H, G, C, qt, N_c).sum(axis=(2, 4))
         scores = block_scores(p, cfg, N_s)  # [B, H, C, N_s]
         if bounds is None:
             return choose_blocks(scores, first_c[None] + offset, last_c[None] + offset, cfg,
@@ -259,8 +260,10 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=
         s_pos = (ids_c[..., None] * bs + offs).reshape(B, H, C * L)  # key positions
         ok = (jnp.repeat(ids_c >= 0, bs, axis=-1).reshape(B, H, C * L)) & (s_pos < S)
         s_idx = jnp.where(ok, s_pos, 0)
-        k_c = jnp.take_along_axis(kh, s_idx[..., None], axis=2).reshape(B * H * C, L, D)
-        v_c = jnp.take_along_axis(vh, s_idx[..., None], axis=2).reshape(B * H * C, L, Dv)
+        # Split, then merge: one reshape doing both is ambiguous under an explicit mesh.
+        gather = lambda x: jnp.take_along_axis(x, s_idx[..., None], axis=2).reshape(
+            B, H, C, L, x.shape[-1]).reshape(B * H * C, L, x.shape[-1])
+        k_c, v_c = gather(kh), gather(vh)
         ok = ok.reshape(B, H, C, 1, 1, L)
         s_pos = s_pos.reshape(B, H, C, 1, 1, L)
         mask = ok
