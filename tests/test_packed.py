@@ -21,7 +21,7 @@ HQ, H, D, Dv = 4, 2, 16, 8
 IMPLS = {"reference": dict(implementation="reference"), **IMPLEMENTATIONS}
 
 settings.register_profile("deterministic", derandomize=True, max_examples=6, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+                          database=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("deterministic")
 
 
@@ -49,8 +49,9 @@ def _flat(tree):
 
 
 # Examples per (implementation, causal); kernels compile per shape on a GPU and run in interpret
-# mode on CPU, so they get fewer.
-EXAMPLES = {"reference": 4, "xla": 4, "triton": 3 if ON_GPU else 2}
+# mode on CPU, so they get fewer; the reference, dense over the aligned layout, fewer still (the
+# others are compared with it on every example).
+EXAMPLES = {"reference": 2, "xla": 3, "triton": 3 if ON_GPU else 2}
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
