@@ -45,6 +45,19 @@ def _key_length(config: NSAConfig, T: int, S: int, segment_ids, max_segments) ->
     return S if segment_ids is None else segments.capacity(T, config, max_segments)
 
 
+def _compressed_call(q, k_c, v_c, lse, config: NSAConfig, kv_len, segment_ids, max_segments):
+    """Validates the inputs of `compressed_attention` / `select_blocks`; returns their shapes (S:
+    the key length, the aligned layout's when packed) and the per-row kv_len array or None."""
+    B, T, HQ, H, D, Dv = _checks.compressed_inputs(q, k_c, v_c)
+    _checks.lse(lse, B, T, HQ)
+    _checks.packed(segment_ids, max_segments, B, T, T, kv_len)
+    T_k = _key_length(config, T, T, segment_ids, max_segments)
+    S, kv_arr = _checks.kv_len(T_k if segment_ids is not None else kv_len, B, T_k, k_c.shape[1],
+                               config, causal=config.causal)
+    return ops.Shapes(B, T, S, HQ, H, D, Dv, per_row_kv_len=kv_arr is not None,
+                      select_block=config.select_block), kv_arr
+
+
 def _empty(B: int, T: int, HQ: int, Dv: int, dtype):
     return jnp.zeros((B, T, HQ, Dv), dtype)
 
@@ -78,14 +91,10 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
     if implementation == "reference":
         return reference.compressed_attention(q, k_c, v_c, config=config, kv_len=kv_len,
                                               segment_ids=segment_ids, max_segments=max_segments)
-    B, T, HQ, H, D, Dv = _checks.compressed_inputs(q, k_c, v_c)
-    _checks.packed(segment_ids, max_segments, B, T, T, kv_len)
-    T_k = _key_length(config, T, T, segment_ids, max_segments)
-    S, kv_arr = _checks.kv_len(T_k if segment_ids is not None else kv_len, B, T_k, k_c.shape[1],
-                               config, causal=config.causal)
-    run = _Plan(implementation, ("compressed",), config,
-                ops.Shapes(B, T, S, HQ, H, D, Dv, per_row_kv_len=kv_arr is not None,
-                           select_block=config.select_block), interpret, tilings)
+    shapes, kv_arr = _compressed_call(q, k_c, v_c, None, config, kv_len, segment_ids,
+                                      max_segments)
+    B, T, S, HQ, Dv = shapes.B, shapes.T, shapes.S, shapes.HQ, shapes.Dv
+    run = _Plan(implementation, ("compressed",), config, shapes, interpret, tilings)
     if B == 0 or T == 0:
         return _empty(B, T, HQ, Dv, q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
 
@@ -118,17 +127,12 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     if implementation == "reference":
         return reference.select_blocks(q, k_c, config=config, lse=lse, kv_len=kv_len,
                                        segment_ids=segment_ids, max_segments=max_segments)
-    B, T, HQ, H, D, _ = _checks.compressed_inputs(q, k_c)
-    _checks.lse(lse, B, T, HQ)
-    _checks.packed(segment_ids, max_segments, B, T, T, kv_len)
-    T_k = _key_length(config, T, T, segment_ids, max_segments)
-    S, kv_arr = _checks.kv_len(T_k if segment_ids is not None else kv_len, B, T_k, k_c.shape[1],
-                               config, causal=config.causal)
-    run = _Plan(implementation, ("scoring",), config,
-                ops.Shapes(B, T, S, HQ, H, D, D, per_row_kv_len=kv_arr is not None,
-                           select_block=config.select_block), interpret, tilings)
+    shapes, kv_arr = _compressed_call(q, k_c, None, lse, config, kv_len, segment_ids,
+                                      max_segments)
+    B, T, S, H = shapes.B, shapes.T, shapes.S, shapes.H
+    run = _Plan(implementation, ("scoring",), config, shapes, interpret, tilings)
     if B == 0 or T == 0:
-        n_tiles = -(-T_k // config.select_q_tile)
+        n_tiles = -(-(T if segment_ids is None else S) // config.select_q_tile)
         return BlockSparseIndices(jnp.full((B, H, n_tiles, config.num_selected), -1, jnp.int32),
                                   jnp.zeros((B, H, n_tiles), jnp.int32),
                                   q_tile=config.select_q_tile, block_size=config.select_block)
