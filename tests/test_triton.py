@@ -13,7 +13,7 @@ import nsa_jax
 from nsa_jax import reference
 from nsa_jax.ops import triton as pallas_triton
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig
-from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, assert_close, normal
+from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
 
 TRITON = IMPLEMENTATIONS["triton"]
 
@@ -142,3 +142,17 @@ def test_gradients_with_other_work_splits(monkeypatch, heavy, target):
     _grad_check(lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=cfg, **TRITON),
                 lambda q, k, v: reference.nsa_attention(q, k, v, config=cfg),
                 (q, k, v), "q k v".split())
+
+
+@pytest.mark.skipif(ON_GPU, reason="interpret mode only: on a GPU outputs start as whatever memory held")
+def test_interpret_mode_poisons_outputs():
+    """The shared suite relies on this: in interpret mode a kernel's outputs start as NaN, so an
+    element a kernel forgets to write fails `assert_close` (which rejects NaN)."""
+    from jax.experimental import pallas as pl
+
+    def kernel(x_ref, o_ref):
+        o_ref[:4] = x_ref[:4]  # rows 4.. are never written
+
+    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
+                         interpret=True)(jnp.ones((8,), jnp.float32))
+    assert not np.isnan(np.asarray(out[:4])).any() and np.isnan(np.asarray(out[4:])).all()
