@@ -166,7 +166,7 @@ def block_scores(q, k_c, *, config: NSAConfig, kv_len=None, bounds=None):
     summed over the G heads of a KV head and the queries of a tile (padding rows excluded).
     ``bounds``: `segments.CompressedBounds` (packed rows in the aligned layout)."""
     B, T, HQ, D = q.shape
-    N_c, H = k_c.shape[1], k_c.shape[2]
+    N_c = k_c.shape[1]
     S, kv_arr = _checks.kv_len(kv_len, B, T, N_c, config, causal=config.causal)
     N_s = -(-S // config.select_block)
     qt = config.select_q_tile
