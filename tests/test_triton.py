@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nsa_jax
-from nsa_jax import reference
+from nsa_jax import reference, segments
 from nsa_jax.ops import triton as pallas_triton
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig
 from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
@@ -57,6 +57,108 @@ def test_packed_scoring_in_chunks_matches_the_reference(monkeypatch):
     out = nsa_jax.nsa_attention(q, k, v, config=cfg, segment_ids=seg, **TRITON)
     want = reference.nsa_attention(q, k, v, config=cfg, segment_ids=seg)
     assert_close(out, want, FWD_TOL[jnp.float32], "o")
+
+
+def _spy_fused(monkeypatch):
+    calls = []
+    real = pallas_triton.per_token_top_blocks
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["rule"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pallas_triton, "per_token_top_blocks", spy)
+    return calls
+
+
+def _assert_same_selection(got, want):
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+    np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
+
+
+# (T, S, HQ, H, D, config overrides): G = 1, 2, 16; n not a power of two; l' = d (16 blocks per
+# 16-token chunk would not fill a tile, so chunks hold 64); non-causal; a decode offset S > T.
+PER_TOKEN_CASES = {
+    "G1-n5": (203, 203, 2, 2, 16, dict(num_selected=5)),
+    "G2-lsd": (171, 171, 4, 2, 8, dict(compress_block=16, compress_stride=16, select_block=16,
+                                       num_selected=6)),
+    "G16-noncausal": (150, 150, 16, 1, 16, dict(causal=False, window=0, num_selected=3)),
+    "G2-decode": (37, 290, 4, 2, 16, dict(num_selected=4, num_local=1)),
+}
+
+
+@pytest.mark.parametrize("case", PER_TOKEN_CASES)
+def test_per_token_selection_kernel_matches_the_reference(monkeypatch, case):
+    T, S, HQ, H, D, over = PER_TOKEN_CASES[case]
+    cfg = nsa_jax.NSAConfig(**{"compress_block": 32, "compress_stride": 16, "select_block": 32,
+                               **over})
+    ks = jax.random.split(jax.random.key(T), 2)
+    q, k = normal(ks[0], (2, T, HQ, D)), normal(ks[1], (2, S, H, D))
+    k_c, _ = nsa_jax.compress(k, k, config=cfg)
+    calls = _spy_fused(monkeypatch)
+    # Per-row lengths (the backend refuses them for non-causal compressed attention).
+    kv_len = jnp.array([S, S - 41]) if cfg.causal else None
+    got = nsa_jax.select_blocks(q, k_c, config=cfg, kv_len=kv_len, **TRITON)
+    assert len(calls) == 1
+    _assert_same_selection(got, reference.select_blocks(q, k_c, config=cfg, kv_len=kv_len))
+    again = nsa_jax.select_blocks(q, k_c, config=cfg, kv_len=kv_len, **TRITON)
+    _assert_same_selection(again, got)
+
+
+def test_per_token_selection_kernel_in_packed_rows(monkeypatch):
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=16, select_block=32, num_selected=3,
+                            num_local=1)
+    q, k, _ = _inputs(150, HQ=4, H=1)
+    seg = nsa_jax.segment_ids_from_cu_seqlens(jnp.array([0, 40, 41, 120]), 150)
+    k_cp, _ = nsa_jax.compress(k, k, config=cfg, segment_ids=seg)
+    calls = _spy_fused(monkeypatch)
+    got = nsa_jax.select_blocks(q, k_cp, config=cfg, segment_ids=seg, **TRITON)
+    assert len(calls) == 1
+    want = reference.select_blocks(q, k_cp, config=cfg, segment_ids=seg)
+    # Rows of the aligned layout that hold a token (the others choose nothing that is used).
+    rows = np.asarray(segments.pack(seg, cfg).dest[0])
+    rows = rows[rows < got.indices.shape[2]]
+    np.testing.assert_array_equal(np.asarray(got.indices)[:, :, rows],
+                                  np.asarray(want.indices)[:, :, rows])
+
+
+def test_per_token_selection_outside_the_kernel_rule_falls_back(monkeypatch):
+    """A compressed token spanning more than one block past its own (l - d > l') cannot use the
+    fused kernel's single carry; the mass kernel path gives the same selection."""
+    cfg = nsa_jax.NSAConfig(compress_block=64, compress_stride=16, select_block=32,
+                            num_selected=4)
+    assert pallas_triton._block_rule(cfg).fused() is not None
+    q, k, _ = _inputs(140)
+    k_c, _ = nsa_jax.compress(k, k, config=cfg)
+    calls = _spy_fused(monkeypatch)
+    got = nsa_jax.select_blocks(q, k_c, config=cfg, **TRITON)
+    assert not calls
+    _assert_same_selection(got, reference.select_blocks(q, k_c, config=cfg))
+
+
+def test_running_top_n_keeps_ties_on_the_lower_id():
+    from nsa_jax.kernels.triton.top_blocks import _insert
+    keys = jnp.asarray(np.random.default_rng(0).integers(0, 5, (6, 96)).astype(np.float32))
+    keys = keys.at[0, 40:].set(-jnp.inf)  # fewer candidates than n on one row
+    best, ids = jnp.full((6, 8), -jnp.inf), jnp.full((6, 8), -1, jnp.int32)
+    for c in range(6):
+        blk = jnp.arange(16 * c, 16 * c + 16)
+        best, ids = _insert(best, ids, keys[:, 16 * c:16 * c + 16], blk, 7)
+    vals, want = jax.lax.top_k(keys, 7)
+    got = jnp.where(best[:, :7] > -jnp.inf, ids[:, :7], -1)
+    want = jnp.where(vals > -jnp.inf, want, -1)
+    np.testing.assert_array_equal(np.sort(np.asarray(got)), np.sort(np.asarray(want)))
+
+
+def test_block_map_product_keeps_float32_accuracy():
+    """The token -> block product splits float32 into bfloat16 parts by truncation; a split by
+    casting would be folded away under jit (XLA drops f32 -> bf16 -> f32 round trips)."""
+    from nsa_jax.kernels.triton.top_blocks import _exact_dot
+    p = jax.random.uniform(jax.random.key(0), (32, 64))
+    m = (jnp.arange(64)[:, None] // 4 == jnp.arange(16)[None, :]).astype(jnp.bfloat16)
+    got = jax.jit(_exact_dot)(p, m)
+    want = p.reshape(32, 16, 4).sum(-1)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=3e-7, atol=0)
 
 
 @pytest.mark.parametrize("select_block", [128, 48])

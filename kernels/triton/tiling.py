@@ -63,6 +63,7 @@ class TritonTilings:
     selected_per_token: Tiling = Tiling()
     window: Tiling = Tiling()
     scoring: Tiling = Tiling()
+    scoring_per_token: Tiling = Tiling()
     compressed_bwd: Tiling = Tiling()
     selected_bwd: Tiling = Tiling()
     window_bwd: Tiling = Tiling()
@@ -82,6 +83,7 @@ SM90 = TritonTilings(
     selected_per_token=Tiling(rows=16, block_k=64, num_warps=4, num_stages=2),
     window=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     scoring=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
+    scoring_per_token=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     # Backward: `--tune --tune-length 16384` on an H100 80GB HBM3; 128 rows spill registers
     # (2x slower) and 8 warps with 3 stages exceed shared memory.
     compressed_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=3),

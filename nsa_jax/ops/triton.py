@@ -24,6 +24,7 @@ from nsa_jax.kernels.triton.block_scores import compressed_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
 from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
+from nsa_jax.kernels.triton.top_blocks import BlockRule, per_token_top_blocks
 from nsa_jax.ops import base, selection
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
@@ -177,7 +178,11 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
     offsets = _offsets(B, T, S, kv_len)
     rule = _compressed_rule(cfg, N_c)
-    tiling = (default_tilings() if tilings is None else tilings).scoring.flash(HQ // H, q_tile=qt)
+    t = default_tilings() if tilings is None else tilings
+    if qt == 1 and _block_rule(cfg).fused() is None:
+        return _per_token(q, k_c, lse, offsets, cfg, S, bounds, c_bounds, interpret,
+                          t.scoring_per_token.flash(HQ // H))
+    tiling = t.scoring.flash(HQ // H, q_tile=qt)
     # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
     per_tile = B * H * max(N_c, 1) * 4
     chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))
@@ -217,6 +222,38 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
         counts = jnp.moveaxis(counts, 0, 2).reshape(B, H, n_chunks * chunk_tiles)
     return metadata.BlockSparseIndices(ids[:, :, :N_tiles], counts[:, :, :N_tiles], q_tile=qt,
                                        block_size=cfg.select_block)
+
+
+def _block_rule(cfg: NSAConfig) -> BlockRule:
+    d = cfg.compress_stride
+    return BlockRule(select_block=cfg.select_block, per_block=cfg.select_block // d,
+                     overlap=cfg.compress_block // d, num_selected=cfg.num_selected,
+                     num_initial=cfg.num_initial, num_local=cfg.num_local, causal=cfg.causal)
+
+
+def _per_token(q, k_c, lse, offsets, cfg: NSAConfig, S: int, bounds, c_bounds, interpret,
+               tiling: FlashConfig):
+    """Per-token selection in one kernel (`kernels/triton/top_blocks.py`)."""
+    B, T = q.shape[:2]
+    N_s = -(-S // cfg.select_block)
+    if bounds is None:
+        # offsets + T is each row's key length.
+        block_hi = jnp.broadcast_to((-(-(offsets + T) // cfg.select_block))[:, None], (B, T))
+        block_lo = jnp.zeros((B, T), jnp.int32)
+    else:
+        lo, hi = bounds
+        ls = cfg.select_block
+        block_lo = lo // ls
+        block_hi = jnp.where(hi > lo, -(-hi // ls), block_lo)
+    ids = _per_batch_shard(
+        lambda q, k_c, lse, offsets, block_lo, block_hi, c_bounds: per_token_top_blocks(
+            q, k_c, lse, offsets, block_lo, block_hi, num_blocks=N_s,
+            token_rule=_compressed_rule(cfg, k_c.shape[1]), rule=_block_rule(cfg),
+            scale=cfg.softmax_scale(q.shape[-1]), config=tiling, bounds=c_bounds,
+            interpret=interpret),
+        q, k_c, lse, offsets, block_lo, block_hi, _tuple(c_bounds))
+    ids, counts = metadata.compact(ids, ids >= 0)
+    return metadata.BlockSparseIndices(ids, counts, q_tile=1, block_size=cfg.select_block)
 
 
 def _tuple(bounds):

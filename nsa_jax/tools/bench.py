@@ -43,7 +43,8 @@ ROWS = FORWARD_ROWS + BACKWARD_ROWS
 PACKED_ROWS = ("dense_packed", "nsa_qt64_packed", "nsa_per_token_packed", "dense_packed_fwd_bwd",
                "nsa_qt64_packed_fwd_bwd", "nsa_per_token_packed_fwd_bwd")
 # Rows a tiling of each kernel affects, timed together by `tune`.
-TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64", "scoring_per_token"),
+TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64",),
+            "scoring_per_token": ("scoring_per_token",),
             "selected": ("selected_qt64",), "selected_per_token": ("selected_per_token",),
             "window": ("window",),
             "compressed_bwd": ("compressed_bwd",),
