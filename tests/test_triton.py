@@ -76,14 +76,13 @@ def _assert_same_selection(got, want):
     np.testing.assert_array_equal(np.asarray(got.counts), np.asarray(want.counts))
 
 
-# (T, S, HQ, H, D, config overrides): G = 1, 2, 16; n not a power of two; l' = d (16 blocks per
-# 16-token chunk would not fill a tile, so chunks hold 64); non-causal; a decode offset S > T.
+# (T, S, HQ, H, D, config overrides), beyond the shared suite's per-token cases: l' = d (a chunk
+# of 64 tokens holds 64 blocks) with n not a power of two and a decode offset S > T; G = 16
+# non-causal.
 PER_TOKEN_CASES = {
-    "G1-n5": (203, 203, 2, 2, 16, dict(num_selected=5)),
-    "G2-lsd": (171, 171, 4, 2, 8, dict(compress_block=16, compress_stride=16, select_block=16,
-                                       num_selected=6)),
+    "G2-decode-lsd-n5": (37, 171, 4, 2, 8, dict(compress_block=16, compress_stride=16,
+                                                select_block=16, num_selected=5)),
     "G16-noncausal": (150, 150, 16, 1, 16, dict(causal=False, window=0, num_selected=3)),
-    "G2-decode": (37, 290, 4, 2, 16, dict(num_selected=4, num_local=1)),
 }
 
 

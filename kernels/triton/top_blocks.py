@@ -13,7 +13,7 @@ tokens in chunks of ``BK`` tokens, i.e. ``NB = BK / (l' / d)`` whole selection b
 4. eligibility and forced blocks, then a running top-n per query: candidates that beat the
    current n-th best replace it, best first, until none does. Once the list is full that is a
    round or two per chunk. (Merging by counting ranks, every entry against every other, has no
-   loop but measured 1.05x to 2.4x slower on an H200.)
+   loop but measured 1.06x to 2.4x slower on an H200.)
 
 Only the chosen ids, ``int32[B, H, T, n]``, reach memory; no ``[T, N_c]`` or ``[T, N_s]`` array
 is formed. Ties go to the lower block id, forced blocks rank above every scored block and the
