@@ -257,3 +257,73 @@ def test_interpret_mode_poisons_outputs():
     out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
                          interpret=True)(jnp.ones((8,), jnp.float32))
     assert not np.isnan(np.asarray(out[:4])).any() and np.isnan(np.asarray(out[4:])).all()
+
+
+def _kernel_names(fn, *args):
+    return re.findall(r"name=(nsa_\w+)", str(jax.make_jaxpr(fn)(*args)))
+
+
+@pytest.mark.parametrize("HQ,H,forward", [(4, 2, "nsa_selected_by_block"), (16, 1, "nsa_flash_fwd")])
+def test_per_token_selected_branch_picks_its_kernels(HQ, H, forward):
+    """Per token, small groups run block-major both ways; G = 16 runs its forward query-major and
+    its backward block-major (`ops.triton.BY_BLOCK_MAX_GROUP*`)."""
+    cfg = nsa_jax.NSAConfig(select_block=32, num_selected=3)
+    q, k, v = _inputs(70, HQ=HQ, H=H)
+    sel = reference.select_blocks(q, nsa_jax.compress(k, v, config=cfg)[0], config=cfg)
+    loss = lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **TRITON).sum()
+    names = _kernel_names(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    assert names.count(forward) == 1 and names.count("nsa_selected_by_block_bwd") == 1
+    assert "nsa_flash_bwd_dq" not in names
+
+
+# G = 1 with D != Dv; G = 16 forced block-major in packed rows, with a decode offset S > T.
+BY_BLOCK_CASES = {
+    "G1-D24-Dv40": (101, 101, 2, 2, 24, 40, None),
+    "G16-packed": (83, 83, 16, 1, 16, 16, [0, 30, 31, 83]),
+    "G4-decode": (45, 170, 8, 2, 16, 16, None),
+}
+
+
+@pytest.mark.parametrize("case", BY_BLOCK_CASES)
+def test_block_major_selected_attention_matches_the_reference(monkeypatch, case):
+    """Work items of one chunk (8 or 16 rows), so most blocks are cut into several items whose
+    dK/dV are summed; forward and gradients against the reference, and reruns bit-identical."""
+    from nsa_jax.kernels.triton import selected_by_block
+    T, S, HQ, H, D, Dv, cu = BY_BLOCK_CASES[case]
+    monkeypatch.setattr(pallas_triton, "BY_BLOCK_MAX_GROUP", 16)
+    monkeypatch.setattr(selected_by_block, "CHUNKS_PER_PROGRAM", 1)
+    monkeypatch.setattr(selected_by_block, "BWD_CHUNKS_PER_PROGRAM", 1)
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=16,
+                            num_selected=4, select_q_tile=1)
+    ks = jax.random.split(jax.random.key(T), 3)
+    q = normal(ks[0], (1, T, HQ, D))
+    k, v = normal(ks[1], (1, S, H, D)), normal(ks[2], (1, S, H, Dv))
+    kw = {} if cu is None else dict(segment_ids=nsa_jax.segment_ids_from_cu_seqlens(
+        jnp.array(cu), T))
+    sel = reference.select_blocks(q, nsa_jax.compress(k, v, config=cfg, **kw)[0], config=cfg,
+                                  kv_len=None if cu else S, **kw)
+    fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **kw,
+                                                            **TRITON))
+    assert "nsa_selected_by_block" in _kernel_names(fn, q, k, v)
+    ref_fn = lambda q, k, v: reference.selected_attention(q, k, v, sel, config=cfg, **kw)
+    assert_close(fn(q, k, v), ref_fn(q, k, v), FWD_TOL[jnp.float32], "o")
+    _grad_check(fn, ref_fn, (q, k, v), "q k v".split())
+    grads = jax.grad(lambda q, k, v: (fn(q, k, v) ** 2).sum(), argnums=(0, 1, 2))
+    for a, b in zip(grads(q, k, v), grads(q, k, v)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_block_major_work_items_cover_each_block_once():
+    from nsa_jax.kernels.triton.selected_by_block import block_entries, work_items
+    ids = jnp.array([[[[0, 2, -1], [0, 1, 2], [2, -1, -1], [0, 2, 3]]]], jnp.int32)  # [1,1,4,3]
+    counts = jnp.array([[[2, 3, 1, 3]]], jnp.int32)
+    entries, offsets = block_entries(ids, counts, 5)
+    # block 0: (t0, e0), (t1, e0), (t3, e0); 1: (t1, e1); 2: t0 e1, t1 e2, t2 e0, t3 e1; 3: t3 e2
+    np.testing.assert_array_equal(entries[0, 0], [0, 3, 9, 4, 1, 5, 6, 10, 11, -1, -1, -1])
+    np.testing.assert_array_equal(offsets[0, 0], [0, 3, 4, 8, 9, 9])
+    (blk, lo, hi), (first, pieces) = work_items(offsets, 2, 9)
+    np.testing.assert_array_equal(blk[0, 0, :6], [0, 0, 1, 2, 2, 3])
+    np.testing.assert_array_equal(lo[0, 0], [0, 2, 3, 4, 6, 8, 0, 0, 0])
+    np.testing.assert_array_equal(hi[0, 0], [2, 3, 4, 6, 8, 9, 0, 0, 0])
+    np.testing.assert_array_equal(first[0, 0], [0, 2, 3, 5, 6])
+    np.testing.assert_array_equal(pieces[0, 0], [2, 1, 2, 1, 0])

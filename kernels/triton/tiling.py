@@ -53,20 +53,24 @@ class Tiling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TritonTilings:
-    """One `Tiling` per kernel of the "triton" implementation. ``selected_per_token`` tiles the
-    selected forward when ``select_q_tile == 1`` (a program then owns one query; its rows are
-    the group's heads), ``selected`` otherwise; ``scoring_per_token`` tiles the fused per-token
-    selection kernel, ``scoring`` the compressed-mass kernel of tiled selection; ``*_bwd`` tile
-    both backward kernels (dQ and dK/dV) of a branch."""
+    """One `Tiling` per kernel of the "triton" implementation. With ``select_q_tile == 1`` the
+    selected branch runs block-major for small groups (``selected_by_block`` and its ``_bwd``:
+    rows = gathered queries x G) and query-major otherwise (``selected_per_token``: a program owns
+    one query, its rows are the group's heads; backward ``selected_bwd``); ``selected`` tiles it
+    for query tiles. ``scoring_per_token`` tiles the fused per-token selection kernel, ``scoring``
+    the compressed-mass kernel of tiled selection; ``*_bwd`` tile both backward kernels (dQ and
+    dK/dV) of a branch."""
 
     compressed: Tiling = Tiling()
     selected: Tiling = Tiling()
     selected_per_token: Tiling = Tiling()
+    selected_by_block: Tiling = Tiling()
     window: Tiling = Tiling()
     scoring: Tiling = Tiling()
     scoring_per_token: Tiling = Tiling()
     compressed_bwd: Tiling = Tiling()
     selected_bwd: Tiling = Tiling()
+    selected_by_block_bwd: Tiling = Tiling()
     window_bwd: Tiling = Tiling()
 
     def __post_init__(self):
@@ -82,6 +86,9 @@ SM90 = TritonTilings(
     compressed=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     selected=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     selected_per_token=Tiling(rows=16, block_k=64, num_warps=4, num_stages=2),
+    # H200, T=65536, HQ=32/H=8: 64 rows (16 queries) 19.6 ms; 32 and 128 rows 20.5-21.3 ms at 4
+    # warps, 256 rows 18.9 ms only with 8 warps (34 ms with 4).
+    selected_by_block=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
     window=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     scoring=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     # H200, T=65536, HQ=64/H=4 and HQ=32/H=8: 128 rows beat 64 by 2-5% and 32 by 2.3-2.6x;
@@ -92,6 +99,9 @@ SM90 = TritonTilings(
     compressed_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=3),
     selected_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=3),
     window_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=2),
+    # H200, T=65536, HQ=32/H=8, forward+backward: 128 rows at 8 warps 41.4 ms; 64 rows at 4
+    # warps 53.5, 32 rows 45.0, 128 rows at 4 warps 51.6.
+    selected_by_block_bwd=Tiling(rows=128, block_k=64, num_warps=8, num_stages=2),
 )
 # Other generations (Ampere, Ada, ...): not measured here; small tiles that fit any of them.
 GENERIC = TritonTilings()

@@ -10,6 +10,7 @@ selection rules (`nsa_jax.ops.selection`); selection is not differentiated.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,13 +20,24 @@ from jax.sharding import PartitionSpec as P
 
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.common import FAR, BlockTable, MaskRule, ReverseTable
+from nsa_jax.kernels.common import FAR, BlockTable, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.triton.block_scores import compressed_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
+from nsa_jax.kernels.triton.selected_by_block import selected_by_block, selected_by_block_backward
 from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
 from nsa_jax.kernels.triton.top_blocks import BlockRule, per_token_top_blocks
 from nsa_jax.ops import base, selection
+
+# Per-token selected attention runs block-major (`kernels/triton/selected_by_block.py`) for
+# groups of at most these many heads (padded to a power of two), query-major above; forward and
+# backward choose apart. H200, T=65536, bf16, forward: G=2 11.8 ms block-major against 42.3
+# query-major, G=4 19.4 / 42.4, G=8 17.4 / 19.8, G=16 33.4 / 20.3 (there the float32 partials
+# cost more traffic than re-loading blocks for 16 rows saves). Forward+backward: G=4 41.4 ms
+# both block-major against 144.2 both query-major; G=16, query-major forward, 61.3 with the
+# block-major backward against 70.9. G > 16 is unmeasured.
+BY_BLOCK_MAX_GROUP = 8
+BY_BLOCK_MAX_GROUP_BWD = 16
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
@@ -54,29 +66,34 @@ def _per_batch_shard(fn, *args):
     return jax.shard_map(fn, in_specs=P(batch), out_specs=P(batch), check_vma=False)(*args)
 
 
-def _flash(q, k, v, offsets, sel, bounds, *static):
-    return _per_batch_shard(lambda *a: _flash_vjp(*a, *static), q, k, v, offsets, sel, bounds)
+def _flash(q, k, v, offsets, sel, bounds, *static, by_block=(False, False)):
+    return _per_batch_shard(lambda *a: _flash_vjp(*a, *static, by_block), q, k, v, offsets, sel,
+                            bounds)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10, 11, 12))
 def _flash_vjp(q, k, v, offsets, sel, bounds, rule: MaskRule, scale: float, fwd: FlashConfig,
-               bwd: FlashConfig, q_tile: int, interpret: bool):
+               bwd: FlashConfig, q_tile: int, interpret: bool, by_block: tuple[bool, bool]):
     """(o, lse) of the flash core over a block range (``sel`` None) or the KV blocks of
     ``sel = (indices, counts)`` (selection tiles of ``q_tile`` queries, blocks of ``fwd.block_k``),
-    within the per-query key ``bounds`` = (lo, hi) of packed rows if given."""
-    return _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret)[0]
+    within the per-query key ``bounds`` = (lo, hi) of packed rows if given. ``by_block``
+    (forward, backward; ``q_tile`` 1 only): run the block-major kernels of `selected_by_block`
+    for that pass. Either pass reads the other's results, so they may differ."""
+    return _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret,
+                      by_block)[0]
 
 
-def _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret):
-    o, lse = _forward_kernel(q, k, v, offsets, sel, bounds, rule, scale, fwd, q_tile, interpret)
+def _flash_fwd(q, k, v, offsets, sel, bounds, rule, scale, fwd, bwd, q_tile, interpret, by_block):
+    o, lse = _forward_kernel(q, k, v, offsets, sel, bounds, rule, scale, fwd, q_tile, interpret,
+                             by_block[0])
     return (o, lse), (q, k, v, offsets, sel, bounds, o, lse)
 
 
-def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
+def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, by_block, res, ct):
     q, k, v, offsets, sel, bounds, o, lse = res
     do, dlse = ct
     dq, dk, dv = _backward_kernels(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale,
-                                   fwd.block_k, bwd, q_tile, interpret)
+                                   fwd.block_k, bwd, q_tile, interpret, by_block[1])
     zeros = [None if x is None else tuple(_zero_cotangent(a) for a in x) for x in (sel, bounds)]
     return dq, dk, dv, _zero_cotangent(offsets), *zeros
 
@@ -84,14 +101,24 @@ def _flash_bwd(rule, scale, fwd, bwd, q_tile, interpret, res, ct):
 _flash_vjp.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_tile, interpret):
+def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_tile, interpret,
+             by_block):
+    if by_block:
+        return selected_by_block(q, k, v, offsets, *sel, rule=rule, scale=scale, config=fwd,
+                                 bounds=bounds, interpret=interpret)
     blocks = None if sel is None else BlockTable(*sel, q_tile=q_tile)
     return flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, blocks=blocks,
                          bounds=bounds, interpret=interpret)
 
 
 def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, block_k,
-              bwd: FlashConfig, q_tile, interpret):
+              bwd: FlashConfig, q_tile, interpret, by_block):
+    if by_block:
+        # The forward's block ids are the backward's: one kernel reads both.
+        bwd = dataclasses.replace(bwd, block_k=block_k)
+        return selected_by_block_backward(q, k, v, o, lse, do, dlse, offsets, *sel, rule=rule,
+                                          scale=scale, config=bwd, bounds=bounds,
+                                          interpret=interpret)
     blocks = reverse = None
     if sel is not None:
         n_kb = -(-k.shape[1] // bwd.block_k)
@@ -112,9 +139,9 @@ def _no_second_order(*args):
 
 # The kernels a gradient runs, each without a derivative: differentiating a gradient (second
 # order) reaches these and raises the error above instead of failing inside Pallas.
-_forward_kernel = jax.custom_vjp(_forward, nondiff_argnums=(6, 7, 8, 9, 10))
+_forward_kernel = jax.custom_vjp(_forward, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 _forward_kernel.defvjp(lambda *a: (_forward(*a), None), _no_second_order)
-_backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 14, 15))
+_backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 14, 15, 16))
 _backward_kernels.defvjp(lambda *a: (_backward(*a), None), _no_second_order)
 
 
@@ -141,13 +168,19 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
     t = default_tilings() if tilings is None else tilings
-    fwd = (t.selected_per_token if sel.q_tile == 1 else t.selected).flash(
-        G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
-    bwd = t.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
+    by_block = (sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP,
+                sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP_BWD)
+    fwd = (t.selected_by_block if by_block[0] else
+           t.selected_per_token if sel.q_tile == 1 else t.selected)
+    bwd = t.selected_by_block_bwd if by_block[1] else t.selected_bwd
+    fwd = fwd.flash(G, q_tile=None if by_block[0] else sel.q_tile,
+                    block_k_divides=sel.block_size)
+    bwd = bwd.flash(G, q_tile=None if by_block[1] else sel.q_tile,
+                    block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
     o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts), _tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
-                  sel.q_tile, interpret)
+                  sel.q_tile, interpret, by_block=by_block)
     return o
 
 

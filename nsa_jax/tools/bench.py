@@ -46,9 +46,10 @@ PACKED_ROWS = ("dense_packed", "nsa_qt64_packed", "nsa_per_token_packed", "dense
 TUNED_BY = {"compressed": ("compressed",), "scoring": ("scoring_qt64",),
             "scoring_per_token": ("scoring_per_token",),
             "selected": ("selected_qt64",), "selected_per_token": ("selected_per_token",),
-            "window": ("window",),
+            "selected_by_block": ("selected_per_token",), "window": ("window",),
             "compressed_bwd": ("compressed_bwd",),
             "selected_bwd": ("selected_qt64_bwd", "selected_per_token_bwd"),
+            "selected_by_block_bwd": ("selected_per_token_bwd",),
             "window_bwd": ("window_bwd",)}
 CANDIDATES = tuple(Tiling(rows=r, block_k=bk, num_warps=w, num_stages=s) for r, bk, w, s in (
     (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3),
