@@ -16,7 +16,9 @@ blocks per query; the partials are float32, so the result matches the one-pass k
 rounding.
 
 A block chosen by many queries (the forced first block, by all of them) is cut into work items of
-at most ``CHUNKS_PER_PROGRAM * block_q`` entries, one program each, so no program runs long.
+at most ``CHUNKS_PER_PROGRAM * block_q`` entries, one program each, so no program runs long. The
+partials take ``T * n * HQ * Dv`` float32 (dQ's: ``* D``), so long inputs run in several launches
+of consecutive queries (`PARTIAL_BYTES`); the backward adds their dK/dV in order.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision, scores
 
 CHUNKS_PER_PROGRAM = 16
 BWD_CHUNKS_PER_PROGRAM = 64
+# Longer inputs run in launches of fewer queries, so their partials stay under this many bytes
+# (without it: 17 GB forward at T=65536, G=4, n=16 and 34 GB of dQ partials at G=16).
+PARTIAL_BYTES = 1 << 32
 
 
 def block_entries(indices, counts, num_kv_blocks: int):
@@ -167,6 +172,28 @@ def selected_by_block(q, k, v, offsets, indices, counts, *, rule: MaskRule, scal
     if S == 0 or T == 0 or n == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k, q_unit=1)
+    parts = [_forward_chunk(q[:, a:b], k, v, offsets + a, indices[:, :, a:b], counts[:, :, a:b],
+                            _cut(bounds, a, b), rule, scale, config, interpret)
+             for a, b in query_chunks(T, B * n * lay.H * lay.G_p * lay.Dv_p)]
+    return tuple(jnp.concatenate(x, axis=1) for x in zip(*parts))
+
+
+def _cut(bounds, a: int, b: int):
+    return None if bounds is None else tuple(x[:, a:b] for x in bounds)
+
+
+def query_chunks(T: int, per_query: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of queries whose float32 partials (``per_query`` elements each) stay under
+    `PARTIAL_BYTES`."""
+    size = max(1, min(T, PARTIAL_BYTES // (4 * per_query)))
+    return [(a, min(T, a + size)) for a in range(0, T, size)]
+
+
+def _forward_chunk(q, k, v, offsets, indices, counts, bounds, rule, scale, config, interpret):
+    B, T, HQ, _ = q.shape
+    Dv = v.shape[3]
+    n = indices.shape[-1]
+    lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k, q_unit=1)
     prog = lay.program(rule, scale)
     entries, ent_offsets = block_entries(indices, counts, lay.num_kv_blocks)
     per_item = CHUNKS_PER_PROGRAM * config.block_q
@@ -266,6 +293,23 @@ def selected_by_block_backward(q, k, v, o, lse, do, dlse, offsets, indices, coun
     if S == 0 or T == 0 or n == 0:
         return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k, q_unit=1)
+    dq, dk, dv = [], 0.0, 0.0
+    for a, b in query_chunks(T, B * n * lay.H * lay.G_p * lay.D_p):
+        part = _backward_chunk(q[:, a:b], k, v, o[:, a:b], lse[:, a:b], do[:, a:b],
+                               None if dlse is None else dlse[:, a:b], offsets + a,
+                               indices[:, :, a:b], counts[:, :, a:b], _cut(bounds, a, b), rule,
+                               scale, config, interpret)
+        dq.append(part[0])
+        dk, dv = dk + part[1], dv + part[2]
+    return jnp.concatenate(dq, axis=1), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _backward_chunk(q, k, v, o, lse, do, dlse, offsets, indices, counts, bounds, rule, scale,
+                    config, interpret):
+    """dq in q.dtype; dk, dv float32."""
+    B, T, HQ, D = q.shape
+    n = indices.shape[-1]
+    lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k, q_unit=1)
     prog = lay.program(rule, scale)
     f32 = jnp.float32
     delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1)  # [B, T, HQ]
@@ -305,8 +349,7 @@ def selected_by_block_backward(q, k, v, o, lse, do, dlse, offsets, indices, coun
     used = jnp.arange(n, dtype=jnp.int32) < counts[..., None]  # [B, H, T, n]
     dq = jnp.sum(jnp.where(used[..., None, None], dq, 0.0), axis=3)  # [B, H, T, G_p, D_p]
     dq = dq[:, :, :, :lay.G, :D].transpose(0, 2, 1, 3, 4).reshape(B, T, HQ, D)
-    return (dq.astype(q.dtype), lay.seq_major(dk, D).astype(k.dtype),
-            lay.seq_major(dv, lay.Dv).astype(v.dtype))
+    return dq.astype(q.dtype), lay.seq_major(dk, D), lay.seq_major(dv, lay.Dv)
 
 
 def _sum_items_kernel(first_ref, count_ref, dk_ref, dv_ref, dk_out, dv_out):
