@@ -23,6 +23,10 @@ def _inputs(T, HQ=4, H=2, D=16, Dv=16, seed=0):
     return (normal(ks[0], (1, T, HQ, D)), normal(ks[1], (1, T, H, D)), normal(ks[2], (1, T, H, Dv)))
 
 
+def _kernel_names(fn, *args):
+    return re.findall(r"name=(nsa_\w+)", str(jax.make_jaxpr(fn)(*args)))
+
+
 def test_scoring_in_chunks_matches_one_pass(monkeypatch):
     cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=16, select_block=32, num_selected=3,
                             select_q_tile=16)
@@ -218,16 +222,21 @@ def test_compressed_lse_cotangent():
                 (q, k_c, v_c), "q k_c v_c".split())
 
 
-def test_gradients_run_on_the_backward_kernels():
+@pytest.mark.parametrize("q_tile", [1, 16])
+def test_gradients_run_on_the_backward_kernels(q_tile):
     cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=3,
-                            window=32)
+                            window=32, select_q_tile=q_tile)
     q, k, v = _inputs(64)
     loss = lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=cfg, **TRITON).sum()
-    text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
-    kernels = re.findall(r"name=(nsa_\w+)", text)
-    # one dQ kernel per branch; dK/dV: one per range branch, two (all blocks, heavy blocks) for
-    # the selected branch
-    assert kernels.count("nsa_flash_bwd_dq") == 3 and kernels.count("nsa_flash_bwd_dkv") == 4
+    kernels = _kernel_names(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    # The range branches: one dQ and one dK/dV kernel each. The selected branch: per token, the
+    # block-major backward and its sum of dK/dV over work items; tiled, a dQ kernel and two
+    # dK/dV kernels (all blocks, heavy blocks).
+    by_block = int(q_tile == 1)
+    assert kernels.count("nsa_flash_bwd_dq") == 3 - by_block
+    assert kernels.count("nsa_flash_bwd_dkv") == 4 - 2 * by_block
+    assert kernels.count("nsa_selected_by_block_bwd") == by_block
+    assert kernels.count("nsa_selected_by_block_sum") == by_block
 
 
 @pytest.mark.parametrize("heavy,target", [(2, 1), (0, 64)])
@@ -257,10 +266,6 @@ def test_interpret_mode_poisons_outputs():
     out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32),
                          interpret=True)(jnp.ones((8,), jnp.float32))
     assert not np.isnan(np.asarray(out[:4])).any() and np.isnan(np.asarray(out[4:])).all()
-
-
-def _kernel_names(fn, *args):
-    return re.findall(r"name=(nsa_\w+)", str(jax.make_jaxpr(fn)(*args)))
 
 
 @pytest.mark.parametrize("HQ,H,forward", [(4, 2, "nsa_selected_by_block"), (16, 1, "nsa_flash_fwd")])

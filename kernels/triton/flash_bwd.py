@@ -45,6 +45,17 @@ def probabilities(prog: Program, q, k, lse2, q_pos, start, *, prec, masked=True,
     return p
 
 
+def backward_rows(lay: Launch, q, o, lse, do, dlse):
+    """The per-row inputs of a backward kernel in ``lay``'s grouped layout: q, dO, lse (+inf
+    where a row sees no key) and delta = rowsum(o * dO) - dlse."""
+    f32 = jnp.float32
+    delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1)  # [B, T, HQ]
+    if dlse is not None:  # d lse / d s = p, so it folds into delta
+        delta = delta - dlse.astype(f32)
+    return (lay.group(q, lay.D_p), lay.group(do, lay.Dv_p), lay.group_lse(lse),
+            lay.group_vector(delta))
+
+
 def _dq_kernel(off_ref, rows, kv, blocks, bounds, dq_ref, *, prog: Program):
     q_ref, do_ref, lse_ref, dl_ref = rows
     k_ref, v_ref = kv
@@ -214,11 +225,7 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
     prog = lay.program(rule, scale)
     B, H, n_kb = lay.B, lay.H, lay.num_kv_blocks
     f32 = jnp.float32
-    delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1)  # [B, T, HQ]
-    if dlse is not None:  # d lse / d s = p, so it folds into delta
-        delta = delta - dlse.astype(f32)
-    rows = (lay.group(q, lay.D_p), lay.group(do, lay.Dv_p), lay.group_lse(lse),
-            lay.group_vector(delta))
+    rows = backward_rows(lay, q, o, lse, do, dlse)
     kv = (lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
     kv_specs = (lay.kv_spec(lay.D_p), lay.kv_spec(lay.Dv_p))
     offsets = offsets.astype(jnp.int32)

@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax.kernels.common import LN2, LOG2E, Launch, MaskRule, Program
+from nsa_jax.kernels.triton.flash_bwd import backward_rows
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision, scores
 
 CHUNKS_PER_PROGRAM = 16
@@ -88,27 +89,42 @@ def work_items(offsets, per_item: int, num_items: int):
             ((ends - pieces).astype(jnp.int32), pieces.astype(jnp.int32)))
 
 
+def _item(prog: Program, work, k_ref, v_ref):
+    """This program's work item: (lo, hi) of its entries, its block's first key, and the block's
+    K [BK, D] and V [BK, Dv]."""
+    blk_ref, lo_ref, hi_ref = work
+    w = pl.program_id(2)
+    start = prog.start(blk_ref[w])
+    bk = prog.block_k
+    return lo_ref[w], hi_ref[w], start, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+
+
+def _chunk_rows(prog: Program, ent_ref, lo, hi, c, slots: int, trash):
+    """Rows of chunk ``c`` of entries lo..hi - 1 (row r: entry ``lo + c * block_q + r // G``,
+    head ``r % G``), each [rows]: whether it holds an entry, its query, its row in the grouped
+    query arrays, and its row in a per-entry buffer (entry ``trash`` when it holds none)."""
+    G = prog.group
+    r = lax.broadcasted_iota(jnp.int32, (prog.rows,), 0)
+    e = lo + c * prog.block_q + r // G
+    valid = e < hi
+    ent = jnp.where(valid, ent_ref[jnp.where(valid, e, lo)], 0)
+    t = ent // slots
+    return valid, t, t * G + r % G, jnp.where(valid, ent, trash) * G + r % G
+
+
+def _num_chunks(prog: Program, lo, hi):
+    return (hi - lo + prog.block_q - 1) // prog.block_q
+
+
 def _kernel(off_ref, work, ent_ref, q_ref, k_ref, v_ref, bounds, o_ref, lse_ref, *,
             prog: Program, slots: int):
-    blk_ref, lo_ref, hi_ref = work
-    b, w = pl.program_id(0), pl.program_id(2)
-    j, lo, hi = blk_ref[w], lo_ref[w], hi_ref[w]
-    bk, G, rows = prog.block_k, prog.group, prog.rows
-    start = prog.start(j)
-    k = k_ref[pl.ds(start, bk), :]  # [BK, D]
-    v = v_ref[pl.ds(start, bk), :]  # [BK, Dv]
+    lo, hi, start, k, v = _item(prog, work, k_ref, v_ref)
     prec = dot_precision(k.dtype)
-    offset = off_ref[b]
-    r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    head = r % G
-    trash = o_ref.shape[0] // G - 1  # the buffer's last entry takes the rows past ``hi``
+    offset = off_ref[pl.program_id(0)]
+    trash = o_ref.shape[0] // prog.group - 1  # the buffer's last entry takes rows without one
 
     def chunk(c, carry):
-        e = lo + c * prog.block_q + r // G  # [rows] position in the block's entry list
-        valid = e < hi
-        ent = jnp.where(valid, ent_ref[jnp.where(valid, e, lo)], 0)  # [rows]
-        t = ent // slots
-        q_row = t * G + head
+        valid, t, q_row, out_row = _chunk_rows(prog, ent_ref, lo, hi, c, slots, trash)
         q = q_ref[q_row, :]  # [rows, D]
         row_bounds = None if bounds is None else (bounds[0][q_row], bounds[1][q_row])
         s = scores(prog, q, k, prec)  # [rows, BK]
@@ -121,12 +137,11 @@ def _kernel(off_ref, work, ent_ref, q_ref, k_ref, v_ref, bounds, o_ref, lse_ref,
         has_key = l > 0
         l_safe = jnp.where(has_key, l, 1.0)
         o = pltriton.dot(p.astype(v.dtype), v, precision=prec).astype(jnp.float32)  # [rows, Dv]
-        out_row = jnp.where(valid, ent, trash) * G + head
         o_ref[out_row, :] = (o / l_safe[:, None]).astype(o_ref.dtype)
         lse_ref[out_row] = jnp.where(has_key, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
         return carry
 
-    lax.fori_loop(0, (hi - lo + prog.block_q - 1) // prog.block_q, chunk, 0)
+    lax.fori_loop(0, _num_chunks(prog, lo, hi), chunk, 0)
 
 
 def merge_partials(part_o, part_lse, counts, slots: int, G: int, Dv: int):
@@ -225,27 +240,15 @@ def _forward_chunk(q, k, v, offsets, indices, counts, bounds, rule, scale, confi
 def _bwd_kernel(off_ref, work, ent_ref, rows_in, k_ref, v_ref, bounds, dk_ref, dv_ref, dq_ref, *,
                 prog: Program, slots: int):
     """dK, dV of one work item's block (summed over its entries) and each entry's share of dQ."""
-    blk_ref, lo_ref, hi_ref = work
     q_ref, do_ref, lse_ref, dl_ref = rows_in
-    b, w = pl.program_id(0), pl.program_id(2)
-    j, lo, hi = blk_ref[w], lo_ref[w], hi_ref[w]
-    bk, G, rows = prog.block_k, prog.group, prog.rows
-    start = prog.start(j)
-    k = k_ref[pl.ds(start, bk), :]  # [BK, D]
-    v = v_ref[pl.ds(start, bk), :]  # [BK, Dv]
+    lo, hi, start, k, v = _item(prog, work, k_ref, v_ref)
     prec = dot_precision(k.dtype)
-    offset = off_ref[b]
-    r = lax.broadcasted_iota(jnp.int32, (rows,), 0)
-    head = r % G
-    trash = dq_ref.shape[0] // G - 1
+    offset = off_ref[pl.program_id(0)]
+    trash = dq_ref.shape[0] // prog.group - 1
 
     def chunk(c, carry):
         dk, dv = carry  # [BK, D], [BK, Dv] float32
-        e = lo + c * prog.block_q + r // G
-        valid = e < hi
-        ent = jnp.where(valid, ent_ref[jnp.where(valid, e, lo)], 0)
-        t = ent // slots
-        q_row = t * G + head
+        valid, t, q_row, out_row = _chunk_rows(prog, ent_ref, lo, hi, c, slots, trash)
         q = q_ref[q_row, :]  # [rows, D]
         do = do_ref[q_row, :]  # [rows, Dv]
         lse2 = lse_ref[q_row] * LOG2E
@@ -261,10 +264,10 @@ def _bwd_kernel(off_ref, work, ent_ref, rows_in, k_ref, v_ref, bounds, dk_ref, d
         dk = dk + pltriton.dot(ds.astype(q.dtype), q, trans_a=True,
                                precision=prec).astype(jnp.float32)
         dq = pltriton.dot(ds.astype(k.dtype), k, precision=prec).astype(jnp.float32)  # [rows, D]
-        dq_ref[jnp.where(valid, ent, trash) * G + head, :] = dq * prog.scale
+        dq_ref[out_row, :] = dq * prog.scale
         return dk, dv
 
-    dk, dv = lax.fori_loop(0, (hi - lo + prog.block_q - 1) // prog.block_q, chunk,
+    dk, dv = lax.fori_loop(0, _num_chunks(prog, lo, hi), chunk,
                            (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
     dk_ref[...] = dk * prog.scale
     dv_ref[...] = dv
@@ -312,11 +315,7 @@ def _backward_chunk(q, k, v, o, lse, do, dlse, offsets, indices, counts, bounds,
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k, q_unit=1)
     prog = lay.program(rule, scale)
     f32 = jnp.float32
-    delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=-1)  # [B, T, HQ]
-    if dlse is not None:  # d lse / d s = p, so it folds into delta
-        delta = delta - dlse.astype(f32)
-    rows_in = (lay.group(q, lay.D_p), lay.group(do, lay.Dv_p), lay.group_lse(lse),
-               lay.group_vector(delta))
+    rows_in = backward_rows(lay, q, o, lse, do, dlse)
     entries, ent_offsets = block_entries(indices, counts, lay.num_kv_blocks)
     per_item = BWD_CHUNKS_PER_PROGRAM * config.block_q
     num_items = -(-T * n // per_item) + lay.num_kv_blocks
