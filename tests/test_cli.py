@@ -11,7 +11,7 @@ from nsa_jax.tools import bench, cli
 
 
 def test_demo_smoke(tmp_path, capsys):
-    assert cli.main(["demo", "--steps", "2", "--seq-len", "256", "--batch-size", "2",
+    assert cli.main(["demo", "--steps", "1", "--seq-len", "256", "--batch-size", "2",
                      "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "held-out answer accuracy" in out and "chance" in out
@@ -60,3 +60,41 @@ def test_bench_rejects(argv, message, capsys):
 def test_shape_parse():
     assert bench.Shape.parse("32x8") == bench.Shape(HQ=32, H=8, D=128)
     assert bench.Shape.parse("4x2x64").name == "HQ4-H2-D64"
+
+
+def test_demo_defaults_in_the_parser_match_the_demo():
+    from nsa_jax.tools import demo
+    cfg = demo.DemoConfig()
+    assert cli.DEMO_DEFAULTS == {name: getattr(cfg, name) for name in cli.DEMO_DEFAULTS}
+
+
+def test_help_and_version_load_no_jax():
+    """`nsa-jax --help` and `--version` answer without importing jax (a fresh interpreter)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom nsa_jax.tools import cli\n"
+            "for argv in (['--version'], ['--help'], ['demo', '--help']):\n"
+            "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\n"
+            "print('JAX LOADED' if 'jax' in sys.modules else 'NO JAX')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "nsa-jax" in out.stdout and out.stdout.strip().endswith("NO JAX")
+
+
+def test_triton_on_a_cpu_needs_interpret(capsys):
+    import jax
+    if jax.default_backend() == "gpu":
+        pytest.skip("a GPU runs the kernels natively")
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--implementation", "triton", "--steps", "1"])
+    assert "--interpret" in capsys.readouterr().err
+
+
+def test_bench_refuses_dense_attention_larger_than_memory(capsys, monkeypatch):
+    import jax
+    if jax.default_backend() == "gpu":
+        pytest.skip("the guard is for XLA's dense attention on a CPU")
+    monkeypatch.setattr(cli, "_memory_bytes", lambda: 2**30)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--lengths", "8192", "--shapes", "64x4"])
+    err = capsys.readouterr().err
+    assert "would need about 32 GiB" in err and "--force" in err

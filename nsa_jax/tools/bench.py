@@ -387,7 +387,10 @@ def table_rows(results: dict[int, dict[str, Row]]) -> str:
     return "\n".join(lines)
 
 
-def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) -> None:
+def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path,
+         title: str = "") -> None:
+    """Times (top) and speed-ups over dense (bottom) per shape and group of rows: lines over T, or
+    bars when one T was measured. ``title``: the device and versions, above every panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -402,6 +405,13 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
         lengths = sorted(results)
         for gi, group in enumerate(groups):
             top, bottom = axes[2 * gi, col], axes[2 * gi + 1, col]
+            kind = {FORWARD_ROWS: "forward", BACKWARD_ROWS: "backward / forward+backward",
+                    PACKED_ROWS: "packed documents"}[group]
+            if len(lengths) == 1:
+                _bars(top, bottom, group, results[lengths[0]])
+                top.set_title(f"{shape_name}, bf16, T={lengths[0]}")
+                top.set_xlabel(f"{kind} ms")
+                continue
             for name in group:
                 pts = [(T, results[T][name].ms) for T in lengths
                        if name in results[T] and results[T][name].ms is not None]
@@ -420,17 +430,38 @@ def plot(all_results: dict[str, dict[int, dict[str, Row]]], path: pathlib.Path) 
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("T (tokens)")
                 ax.grid(True, which="both", alpha=0.3)
-            kind = {FORWARD_ROWS: "forward", BACKWARD_ROWS: "backward / forward+backward",
-                    PACKED_ROWS: "packed documents"}[group]
             top.set_yscale("log")
             top.set_ylabel(f"{kind} ms")
             top.set_title(f"{shape_name}, bf16")
             bottom.axhline(1.0, color="k", lw=0.8)
             bottom.set_ylabel("speed-up over dense (x)")
             top.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _bars(top, bottom, group, rows: dict[str, Row]) -> None:
+    """One T: a bar per measured row of ``group`` (ms, log scale) and per speed-up over dense."""
+    names = [n for n in group if n in rows and rows[n].ms is not None]
+    y = range(len(names))
+    top.barh(y, [rows[n].ms for n in names], color=[f"C{group.index(n) % 10}" for n in names])
+    top.set_yticks(list(y), names, fontsize=7)
+    top.set_xscale("log")
+    top.invert_yaxis()
+    top.grid(True, axis="x", which="both", alpha=0.3)
+    ups = [(n, rows[baseline(n)].ms / rows[n].ms) for n in names
+           if n != baseline(n) and baseline(n) in rows and rows[baseline(n)].ms]
+    if ups:
+        yu = range(len(ups))
+        bottom.barh(yu, [u for _, u in ups], color=[f"C{group.index(n) % 10}" for n, _ in ups])
+        bottom.set_yticks(list(yu), [n for n, _ in ups], fontsize=7)
+        bottom.invert_yaxis()
+    bottom.axvline(1.0, color="k", lw=0.8)
+    bottom.set_xlabel("speed-up over dense (x)")
+    bottom.grid(True, axis="x", alpha=0.3)
 
 
 def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
@@ -486,6 +517,8 @@ def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
             "results": {str(T): {n: dataclasses.asdict(r) for n, r in rows.items()}
                         for T, rows in results.items()}}
     (out / "bench.json").write_text(json.dumps(record, indent=1))
-    plot(all_results, out / "bench.png")
+    plot(all_results, out / "bench.png",
+         title=f"{device.device_kind}, jax {jax.__version__}, implementation={implementation}, "
+               f"{record['date']}")
     log(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return record

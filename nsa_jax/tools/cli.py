@@ -1,19 +1,38 @@
-"""The ``nsa-jax`` command line."""
+"""The ``nsa-jax`` command line.
+
+jax, flax and matplotlib load only once a command runs, so ``--help`` and ``--version`` answer at
+once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
+import os
 import sys
 
-from nsa_jax.tools import bench, demo
-from nsa_jax._checks import IMPLEMENTATIONS
+# `nsa_jax.tools.demo.DemoConfig`'s defaults, repeated so that building the parser imports
+# nothing heavy (tests/test_cli.py checks that they agree).
+DEMO_DEFAULTS = dict(steps=300, seq_len=2048, batch_size=8, seed=0)
+# The implementations the commands can run; "reference" is too slow to train or time with.
+RUNNABLE = ("xla", "triton")
+GPU_LENGTHS = [8192, 16384, 32768, 65536, 131072]
+CPU_LENGTHS = [2048]
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("nsa-jax")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsa-jax", description="Native Sparse Attention for JAX.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    defaults = demo.DemoConfig()
+    defaults = argparse.Namespace(**DEMO_DEFAULTS)
     sub = commands.add_parser(
         "demo", help="train a small NSA transformer on long-range key-value retrieval",
         description="Train a small NSA transformer to retrieve values stored farther back than "
@@ -26,8 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="sequences per step")
     sub.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
     sub.add_argument("--out", default="nsa_demo_out", help="directory for loss.png and selection.png")
-    sub.add_argument("--implementation", default=None, choices=IMPLEMENTATIONS,
+    sub.add_argument("--implementation", default=None, choices=RUNNABLE,
                      help="NSA implementation; None picks the fastest available")
+    sub.add_argument("--interpret", action="store_true",
+                     help="run the Pallas kernels in interpret mode (--implementation triton on a "
+                          "CPU; slow)")
     sub.set_defaults(error=sub.error, run=_demo)
 
     sub = commands.add_parser(
@@ -36,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                     "attention (cuDNN on a GPU) in the same process; print tables and write "
                     "bench.json and bench.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub.add_argument("--lengths", type=int, nargs="*",
-                     default=[8192, 16384, 32768, 65536, 131072], help="sequence lengths T")
+    sub.add_argument("--lengths", type=int, nargs="*", default=None,
+                     help=f"sequence lengths T (default: {GPU_LENGTHS} on a GPU, {CPU_LENGTHS} "
+                          "on a CPU)")
     sub.add_argument("--shapes", nargs="+", default=["64x4", "32x8"],
                      help="HQxH or HQxHxD (B=1, D=128 unless given)")
     sub.add_argument("--reps", type=int, default=5, help="timed runs per row (median reported)")
@@ -52,20 +75,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--tune", action="store_true",
                      help="sweep tilings per kernel first (needs implementation triton)")
     sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
-    sub.add_argument("--implementation", default=None, choices=("xla", "triton"),
+    sub.add_argument("--implementation", default=None, choices=RUNNABLE,
                      help="NSA implementation; default triton on a GPU, xla otherwise")
     sub.add_argument("--out", default="nsa_bench_out", help="directory for bench.json and bench.png")
+    sub.add_argument("--force", action="store_true",
+                     help="run even when dense attention on a CPU would need more memory than the "
+                          "machine has")
     sub.set_defaults(error=sub.error, run=_bench)
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from nsa_jax.tools import demo
+
     try:
         cfg = dataclasses.replace(demo.DemoConfig(), steps=args.steps, seq_len=args.seq_len,
                                   batch_size=args.batch_size, seed=args.seed,
-                                  implementation=args.implementation)
+                                  implementation=args.implementation, interpret=args.interpret)
     except ValueError as err:
         args.error(str(err))
+    _check_backend(args)
     result = demo.run(cfg, out=args.out)
     print(f"held-out answer accuracy {result.accuracy:.1%} (chance {result.chance:.1%}); needle "
           f"blocks selected by the query tiles: {result.needle_recall:.1%}; wall time "
@@ -73,7 +102,33 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_backend(args: argparse.Namespace) -> None:
+    """Refuses --implementation triton without a GPU unless interpret mode is asked for."""
+    import jax
+
+    interpret = getattr(args, "interpret", False)
+    if args.implementation == "triton" and jax.default_backend() != "gpu" and not interpret:
+        hint = " with --interpret (slow)" if hasattr(args, "interpret") else ""
+        args.error(f"--implementation triton needs an NVIDIA GPU (JAX backend is "
+                   f"{jax.default_backend()!r}); use --implementation xla, or run the kernels "
+                   f"in interpret mode{hint}")
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _bench(args: argparse.Namespace) -> int:
+    import jax
+
+    from nsa_jax.tools import bench
+
+    on_gpu = jax.default_backend() == "gpu"
+    if args.lengths is None:
+        args.lengths = GPU_LENGTHS if on_gpu else CPU_LENGTHS
     if not 1 <= args.document_range[0] <= args.document_range[1]:
         args.error(f"--document-range needs 1 <= SHORTEST <= LONGEST, got {args.document_range}")
     if min(args.lengths + args.packed_lengths, default=1) < 1 or args.reps < 1 or args.tune_length < 1:
@@ -85,6 +140,16 @@ def _bench(args: argparse.Namespace) -> int:
         args.error(str(err))
     if args.tune and args.implementation == "xla":
         args.error("--tune sweeps the triton kernels' tilings; it needs --implementation triton")
+    _check_backend(args)
+    if not on_gpu and not args.force:
+        # XLA's dense attention on a CPU holds the float32 scores and probabilities, [HQ, T, T].
+        need = max((2 * 4 * s.HQ * T * T for s in shapes
+                    for T in args.lengths + args.packed_lengths + args.train_lengths), default=0)
+        have = _memory_bytes()
+        if have is not None and need > have:
+            args.error(f"dense attention on this CPU would need about {need / 2**30:.0f} GiB at "
+                       f"the longest T and largest HQ; the machine has {have / 2**30:.0f} GiB. "
+                       "Pass shorter --lengths or fewer heads in --shapes (or --force)")
     bench.run(lengths=args.lengths, shapes=shapes, reps=args.reps,
               implementation=args.implementation,
               tune_length=args.tune_length if args.tune else None, out=args.out,

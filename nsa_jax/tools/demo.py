@@ -79,6 +79,7 @@ class DemoConfig:
       use_rope: rotary embeddings in the NSA layers.
       nsa: the layers' `NSAConfig`.
       implementation: NSA implementation (None: the fastest available).
+      interpret: run Pallas kernels in interpret mode (``implementation="triton"`` on a CPU).
     """
 
     steps: int = 300
@@ -101,6 +102,7 @@ class DemoConfig:
     use_rope: bool = False
     nsa: nsa_jax.NSAConfig = _NSA
     implementation: str | None = None
+    interpret: bool = False
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "eval_batches", "num_keys", "num_values",
@@ -221,7 +223,8 @@ class Block(nnx.Module):
         self.attn_norm = nnx.RMSNorm(cfg.width, rngs=rngs)
         self.attn = nsa_jax.NSAAttention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                          cfg.nsa, use_rope=cfg.use_rope,
-                                         implementation=cfg.implementation, rngs=rngs)
+                                         implementation=cfg.implementation,
+                                         interpret=cfg.interpret, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(cfg.width, rngs=rngs)
         self.up = nnx.Linear(cfg.width, 4 * cfg.width, rngs=rngs)
         self.down = nnx.Linear(4 * cfg.width, cfg.width, rngs=rngs)
@@ -271,7 +274,7 @@ def layer_selection(layer: nsa_jax.NSAAttention, x) -> nsa_jax.BlockSparseIndice
         k = apply_rope(k, positions, layer.rope_base)
     params = {name: p[...] for name, p in layer.compress_params.items()} or None
     k_c, v_c = nsa_jax.compress(k, v, config=layer.config, params=params)
-    kw = dict(config=layer.config, implementation=layer.implementation)
+    kw = dict(config=layer.config, implementation=layer.implementation, interpret=layer.interpret)
     _, lse = nsa_jax.compressed_attention(q, k_c, v_c, **kw)
     return nsa_jax.select_blocks(q, k_c, lse=lse, **kw)
 
@@ -398,6 +401,16 @@ class DemoResult:
     selection_png: str
 
 
+def _schedule(cfg: DemoConfig):
+    """AdamW's learning rate: 10% linear warmup (none under 10 steps), then cosine decay to a
+    tenth."""
+    warmup = cfg.steps // 10
+    if warmup == 0:
+        return optax.cosine_decay_schedule(cfg.learning_rate, cfg.steps, alpha=0.1)
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, cfg.steps,
+                                              cfg.learning_rate / 10)
+
+
 def run(cfg: DemoConfig = DemoConfig(), out: str = "nsa_demo_out") -> DemoResult:
     """Trains the retrieval model, evaluates it on held-out sequences and writes the plots.
 
@@ -418,21 +431,27 @@ def run(cfg: DemoConfig = DemoConfig(), out: str = "nsa_demo_out") -> DemoResult
 
     init_key, train_key, eval_key = jax.random.split(jax.random.key(cfg.seed), 3)
     model = RetrievalModel(task.vocab_size, cfg, rngs=nnx.Rngs(init_key))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(1, cfg.steps // 10),
-                                                  cfg.steps, cfg.learning_rate / 10)
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=0.01), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optax.adamw(_schedule(cfg), weight_decay=0.01),
+                              wrt=nnx.Param)
 
-    losses, accs = [], []
-    with tqdm(jax.random.split(train_key, cfg.steps), desc="train", unit="step") as bar:
+    keys = jax.random.split(train_key, cfg.steps)
+    print("compiling the training step ...", flush=True)
+    tic = time.perf_counter()
+    loss, acc = _train_step(model, optimizer, keys[0], task, cfg.batch_size)
+    losses, accs = [float(loss)], [float(acc)]
+    print(f"compiled and ran step 1 in {time.perf_counter() - tic:.1f} s", flush=True)
+    with tqdm(keys[1:], desc="train", unit="step", initial=1, total=cfg.steps) as bar:
         for key in bar:
             loss, acc = _train_step(model, optimizer, key, task, cfg.batch_size)
             losses.append(float(loss))
             accs.append(float(acc))
             bar.set_postfix(loss=f"{losses[-1]:.3f}", acc=f"{accs[-1]:.2f}")
 
+    eval_keys = jax.random.split(eval_key, cfg.eval_batches)
     held_out = np.array([[float(x) for x in _evaluate(model, key, task, cfg.batch_size)]
-                         for key in jax.random.split(eval_key, cfg.eval_batches)]).mean(0)
+                         for key in tqdm(eval_keys, desc="held-out", unit="batch")]).mean(0)
     eval_loss, eval_acc, recall = (float(x) for x in held_out)
+    print("plotting ...", flush=True)
 
     os.makedirs(out, exist_ok=True)
     loss_png = os.path.join(out, "loss.png")
