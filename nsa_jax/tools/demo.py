@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 import nsa_jax
 from nsa_jax.module import apply_rope
+from nsa_jax.ops import selection
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -323,8 +324,11 @@ def _plot_training(loss, acc, eval_acc: float, chance: float, path: str) -> None
         ax.plot(steps, series, lw=0.6, alpha=0.4, color="C0")
         ax.plot(steps[smooth - 1:], np.convolve(series, kernel, "valid"), color="C0",
                 label=f"training batch ({smooth}-step mean)")
+    ax_loss.axhline(-np.log(chance), color="gray", ls=":",
+                    label=f"chance: ln {round(1 / chance)} = {-np.log(chance):.2f}")
     ax_loss.set(xlabel="step", ylabel="cross-entropy at answer positions", yscale="log",
                 title="training loss")
+    ax_loss.legend(loc="upper right", fontsize=8)
     ax_acc.axhline(eval_acc, color="C2", ls="--", label=f"held out: {eval_acc:.1%}")
     ax_acc.axhline(chance, color="gray", ls=":", label=f"chance: {chance:.1%}")
     ax_acc.set(xlabel="step", ylabel="answer accuracy", ylim=(0, 1.02), title="accuracy")
@@ -335,15 +339,21 @@ def _plot_training(loss, acc, eval_acc: float, chance: float, path: str) -> None
 
 
 def _plot_selection(sel: nsa_jax.BlockSparseIndices, pair_pos, task: RetrievalTask,
-                    window: int, path: str) -> None:
-    """Blocks selected per query tile (all tiles, then the query tiles per KV head), needles marked."""
+                    nsa: nsa_jax.NSAConfig, path: str) -> None:
+    """Blocks selected per query tile (all tiles, then the query tiles per KV head); needles,
+    forced blocks and the first query's window marked."""
     indices = np.asarray(sel.indices[0])  # [H, N_tiles, k]
     H, N_tiles, _ = indices.shape
     N_s = -(-task.seq_len // sel.block_size)
+    window = nsa.window
     picked = np.zeros((H, N_tiles, N_s))
     for h, tile in np.ndindex(H, N_tiles):
         ids = indices[h, tile]
         picked[h, tile, ids[ids >= 0]] = 1.0
+    first, last = selection.tile_span(jnp.arange(N_tiles) * sel.q_tile, sel.q_tile, task.seq_len,
+                                      jnp.zeros((1,), jnp.int32))
+    _, forced = selection.selection_masks(first, last, N_s, nsa, N_s)
+    forced_tile, forced_block = np.nonzero(np.asarray(forced[0]))  # [N_tiles, N_s] cells
     needle_blocks = sorted({int(p) // sel.block_size for p in np.asarray(pair_pos)})
     query_tiles = list(range((task.seq_len - task.tail) // sel.q_tile, N_tiles))
     window_block = (task.seq_len - task.tail - window + 1) // sel.block_size
@@ -351,16 +361,22 @@ def _plot_selection(sel: nsa_jax.BlockSparseIndices, pair_pos, task: RetrievalTa
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 10), sharex=True,
                                       height_ratios=[N_tiles, max(4, len(query_rows))])
-    style = dict(cmap="Blues", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    image = top.imshow(picked.mean(0), **style)
-    fig.colorbar(image, ax=[top, bottom], label=f"share of the {H} KV heads selecting the block")
+    # The top panel counts the KV heads that chose a block: H + 1 values, one colour each.
+    levels = matplotlib.colors.BoundaryNorm(np.arange(H + 2) - 0.5, H + 1)
+    image = top.imshow(picked.sum(0), cmap=plt.get_cmap("Blues", H + 1), norm=levels,
+                       aspect="auto", interpolation="nearest")
+    bar = fig.colorbar(image, ax=[top, bottom], ticks=range(H + 1))
+    bar.set_label(f"KV heads (of {H}) selecting the block")
+    top.scatter(forced_block, forced_tile, marker=".", color="C1", s=4,
+                label="forced block (initial or local)")
     top.scatter(needle_blocks, [-1.0] * len(needle_blocks), marker="v", color="C3", s=60,
                 clip_on=False, label="block holding a needle")
     top.scatter([-1.0] * len(query_tiles), query_tiles, marker=">", color="C1", s=60,
                 clip_on=False, label="tile of the query tokens")
     top.set(ylabel=f"query tile ({sel.q_tile} queries)", ylim=(N_tiles - 0.5, -1.5),
             title="blocks selected by the last NSA layer, one held-out sequence")
-    bottom.imshow(query_rows, **style)
+    bottom.imshow(query_rows, cmap=plt.get_cmap("Blues", 2), vmin=0, vmax=1, aspect="auto",
+                  interpolation="nearest")
     bottom.set_yticks(range(len(query_rows)),
                       [f"tile {t}, KV head {h}" for t in query_tiles for h in range(H)])
     bottom.set(xlabel=f"KV block ({sel.block_size} keys)", xlim=(-1.5, N_s - 0.5),
@@ -368,6 +384,8 @@ def _plot_selection(sel: nsa_jax.BlockSparseIndices, pair_pos, task: RetrievalTa
     for row in range(len(query_rows)):
         for j in needle_blocks:
             bottom.add_patch(plt.Rectangle((j - 0.5, row - 0.5), 1, 1, fill=False, ec="C3", lw=2))
+        tile_forced = forced_block[forced_tile == query_tiles[row // H]]
+        bottom.scatter(tile_forced, [row] * len(tile_forced), marker=".", color="C1", s=30)
     top.set_yticks(range(0, N_tiles, -(-N_tiles // 8)))
     bottom.set_xticks(range(0, N_s, -(-N_s // 8)))
     for ax in (top, bottom):
@@ -458,7 +476,7 @@ def run(cfg: DemoConfig = DemoConfig(), out: str = "nsa_demo_out") -> DemoResult
     selection_png = os.path.join(out, "selection.png")
     _plot_training(losses, accs, eval_acc, task.chance, loss_png)
     tokens, _, _, pair_pos = make_batch(eval_key, task, 1)
-    _plot_selection(_last_layer_selection(model, tokens), pair_pos[0], task, cfg.nsa.window,
+    _plot_selection(_last_layer_selection(model, tokens), pair_pos[0], task, cfg.nsa,
                     selection_png)
     return DemoResult(eval_acc, eval_loss, recall, task.chance, time.perf_counter() - start,
                       loss_png, selection_png)
