@@ -10,6 +10,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_deterministic_ops=true"
                            " --xla_force_host_platform_device_count=4").strip()
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,7 +62,7 @@ def assert_close(actual, expected, tol: float, name: str = ""):
     """
     actual = np.asarray(jnp.asarray(actual, jnp.float32))
     expected = np.asarray(jnp.asarray(expected, jnp.float32))
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    chex.assert_equal_shape([actual, expected], custom_message=name)
     assert not np.isnan(actual).any(), f"{name}: NaN in result"
     assert not np.isnan(expected).any(), f"{name}: NaN in reference"
     scale = max(float(np.abs(expected).max(initial=0.0)), 1e-2)
@@ -70,8 +71,9 @@ def assert_close(actual, expected, tol: float, name: str = ""):
 
 
 def assert_bit_identical(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    """Same tree structure, shapes, dtypes and bits (NaN equal to NaN)."""
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+    chex.assert_trees_all_equal(a, b)
 
 
 def make_cfg(**overrides):
