@@ -143,17 +143,27 @@ def reblock(sel: BlockSparseIndices, block_k: int, num_kv_blocks: int | None = N
     return contract(sel, block_k, num_kv_blocks)
 
 
-def reverse_map(sel: BlockSparseIndices, num_kv_blocks: int) -> ReverseBlockMap:
-    """The query tiles that selected each KV block, for deterministic dK/dV without atomics."""
-    B, H, N_tiles, k = sel.indices.shape
-    blocks = sel.indices.reshape(B, H, N_tiles * k)
-    key = jnp.where(blocks >= 0, blocks, num_kv_blocks)
-    order = jnp.argsort(key, axis=-1, stable=True)
-    tile_of_slot = jnp.repeat(jnp.arange(N_tiles, dtype=jnp.int32), k)
+def entries_by_block(ids, valid, num_kv_blocks: int):
+    """The (row, slot) entries of ids [B, H, R, k] grouped by block.
+
+    Returns entries int32 [B, H, R * k]: ``row * k + slot`` of the ``valid`` entries, by block
+    then ascending, -1 after the last; and offsets int32 [B, H, num_kv_blocks + 1]: block j owns
+    ``entries[..., offsets[j]:offsets[j + 1]]``.
+    """
+    B, H, R, k = ids.shape
+    key = jnp.where(valid & (ids >= 0), ids, num_kv_blocks).reshape(B, H, R * k)
+    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
     sorted_key = jnp.take_along_axis(key, order, axis=-1)
-    tiles = jnp.where(sorted_key < num_kv_blocks, tile_of_slot[order], -1)
+    entries = jnp.where(sorted_key < num_kv_blocks, order, -1)
     edges = jnp.arange(num_kv_blocks + 1, dtype=key.dtype)
     search = jax.vmap(jax.vmap(lambda a: jnp.searchsorted(a, edges, side="left")))
-    offsets = search(sorted_key).astype(jnp.int32)
+    return entries, search(sorted_key).astype(jnp.int32)
+
+
+def reverse_map(sel: BlockSparseIndices, num_kv_blocks: int) -> ReverseBlockMap:
+    """The query tiles that selected each KV block, for deterministic dK/dV without atomics."""
+    k = sel.indices.shape[-1]
+    entries, offsets = entries_by_block(sel.indices, True, num_kv_blocks)
+    tiles = jnp.where(entries >= 0, entries // k, -1)
     return ReverseBlockMap(tiles.astype(jnp.int32), offsets, q_tile=sel.q_tile,
                            block_size=sel.block_size)

@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from nsa_jax import metadata
 from nsa_jax.kernels.common import LN2, LOG2E, Launch, MaskRule, Program
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision, scores
@@ -49,26 +50,10 @@ PARTIAL_BYTES = 1 << 32
 
 
 def block_entries(indices, counts, num_kv_blocks: int):
-    """The (query, slot) entries of per-token block ids grouped by block.
-
-    Args:
-      indices: int32 [B, H, T, n] block ids, valid before ``counts`` (sorted or not).
-      counts: int32 [B, H, T].
-
-    Returns:
-      entries int32 [B, H, T * n]: ``t * n + e`` for the pairs, by block then ascending, -1
-      after the last; offsets int32 [B, H, num_kv_blocks + 1]: block j owns
-      ``entries[..., offsets[j]:offsets[j + 1]]``.
-    """
-    B, H, T, n = indices.shape
-    used = jnp.arange(n, dtype=jnp.int32) < counts[..., None]
-    key = jnp.where(used & (indices >= 0), indices, num_kv_blocks).reshape(B, H, T * n)
-    order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
-    sorted_key = jnp.take_along_axis(key, order, axis=-1)
-    entries = jnp.where(sorted_key < num_kv_blocks, order, -1)
-    edges = jnp.arange(num_kv_blocks + 1, dtype=jnp.int32)
-    search = jax.vmap(jax.vmap(lambda a: jnp.searchsorted(a, edges, side="left")))
-    return entries, search(sorted_key).astype(jnp.int32)
+    """`metadata.entries_by_block` of per-token ids int32 [B, H, T, n] (valid before ``counts``
+    [B, H, T]): entry ``t * n + e`` is the e-th id of query t."""
+    used = jnp.arange(indices.shape[-1], dtype=jnp.int32) < counts[..., None]
+    return metadata.entries_by_block(indices, used, num_kv_blocks)
 
 
 def work_items(offsets, per_item: int, num_items: int):
