@@ -28,6 +28,8 @@ _LAZY = {
     "TritonTilings": "nsa_jax.kernels.triton.tiling",
     "default_tilings": "nsa_jax.kernels.triton.tiling",
     "XlaTilings": "nsa_jax.ops.xla",
+    "MosaicFlashConfig": "nsa_jax.kernels.mosaic_gpu.flash_fwd",
+    "MosaicTilings": "nsa_jax.kernels.mosaic_gpu.tiling",
 }
 _RENAMED = {"init_compress_params": ("nsa_jax.compression", "init_params")}
 _SUBMODULES = ("reference",)
@@ -39,6 +41,8 @@ if TYPE_CHECKING:
     from nsa_jax.compression import compress
     from nsa_jax.compression import init_params as init_compress_params
     from nsa_jax.config import NSAConfig
+    from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
+    from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
     from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings, default_tilings
     from nsa_jax.metadata import BlockSparseIndices, ReverseBlockMap, reblock, reverse_map
     from nsa_jax.module import NSAAttention
@@ -65,8 +69,8 @@ def __dir__():
 
 
 __all__ = [
-    "BlockSparseIndices", "NSAAttention", "NSAConfig", "ReverseBlockMap", "Tiling", "TritonTilings",
-    "XlaTilings", "compress", "compressed_attention", "default_tilings", "gate_and_combine",
+    "BlockSparseIndices", "MosaicFlashConfig", "MosaicTilings", "NSAAttention", "NSAConfig",
+    "ReverseBlockMap", "Tiling", "TritonTilings", "XlaTilings", "compress", "compressed_attention", "default_tilings", "gate_and_combine",
     "init_compress_params", "nsa_attention", "reblock", "reference", "reverse_map",
     "segment_ids_from_cu_seqlens", "select_blocks", "selected_attention",
     "sliding_window_attention",

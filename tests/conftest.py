@@ -29,6 +29,10 @@ IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
     "triton": dict(implementation="triton", interpret=not ON_GPU),
 }
+# The Mosaic GPU interpreter takes seconds per kernel call, so on CPU "mosaic" is checked by
+# tests/test_mosaic.py alone; on a GPU it runs the whole suite.
+if ON_GPU:
+    IMPLEMENTATIONS["mosaic"] = dict(implementation="mosaic")
 # With the reference itself: for hand-computed cases, edge cases and refusals.
 ALL_IMPLEMENTATIONS = {"reference": dict(implementation="reference"), **IMPLEMENTATIONS}
 

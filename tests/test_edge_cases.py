@@ -162,7 +162,8 @@ q0, k0, v0, g0 = _qkv()
                                    lse=jnp.zeros((1, 40, 4), jnp.int32)), TypeError,
      "lse.dtype=int32 must be float32"),
     (lambda: nsa_jax.nsa_attention(q0, k0, v0, config=CFG, tilings=nsa_jax.Tiling()), TypeError,
-     "tilings must be an nsa_jax.TritonTilings or nsa_jax.XlaTilings or None"),
+     "tilings must be an nsa_jax.MosaicTilings or nsa_jax.TritonTilings or "
+     "nsa_jax.XlaTilings or None"),
     (lambda: nsa_jax.nsa_attention(q0[:, :, :0], k0, v0, config=CFG), ValueError,
      "query heads HQ=0 must be a multiple of KV heads H=2"),
 ])
@@ -195,9 +196,9 @@ def test_explicit_backend_refusals_name_the_reason():
     with pytest.raises(NotImplementedError, match="non-causal compressed attention"):
         ops.resolve("triton", ("scoring",), noncausal,
                     base.Shapes(**{**SHAPES.__dict__, "per_row_kv_len": True}), True)
-    with pytest.raises(NotImplementedError, match="implementation='mosaic' is not yet available"):
-        ops.resolve("mosaic", ("window",), CFG, SHAPES, False)
     if not ON_GPU:
+        with pytest.raises(RuntimeError, match="implementation='mosaic' needs a Hopper GPU"):
+            ops.resolve("mosaic", ("window",), CFG, SHAPES, False)
         with pytest.raises(RuntimeError, match="implementation='triton' needs an NVIDIA GPU"):
             ops.resolve("triton", ("window",), CFG, SHAPES, False)
 

@@ -14,14 +14,12 @@ from nsa_jax.ops.base import OPERATIONS, Backend, Shapes, Support
 
 # Fastest first: `implementation=None` takes, per operation, the first that can serve it.
 _BACKENDS = {
+    "mosaic": "nsa_jax.ops.mosaic",
     "triton": "nsa_jax.ops.triton",
     "xla": "nsa_jax.ops.xla",
 }
 # Names users may already write whose backend has not landed; asking for one raises this reason.
-_PLANNED = {
-    "mosaic": "the Mosaic GPU (Hopper) kernels have not landed; use implementation='triton' or "
-              "'xla'",
-}
+_PLANNED: dict[str, str] = {}
 NAMES = ("reference", *_BACKENDS, *_PLANNED)
 
 

@@ -21,6 +21,8 @@ from jax.sharding import PartitionSpec as P
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import FAR, BlockTable, MaskRule, ReverseTable, pow2
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
@@ -44,7 +46,8 @@ BY_BLOCK_MAX_GROUP_BWD = 16
 MASS_BYTES = 1 << 29
 
 
-def _offsets(B: int, T: int, S: int, kv_len=None):
+def key_offsets(B: int, T: int, S: int, kv_len=None):
+    """int32[B]: the key position of query 0 of each row."""
     if kv_len is None:
         return jnp.full((B,), S - T, jnp.int32)
     return (kv_len - T).astype(jnp.int32)
@@ -66,7 +69,11 @@ def _per_batch_shard(fn, *args):
     return jax.shard_map(fn, in_specs=P(batch), out_specs=P(batch), check_vma=False)(*args)
 
 
-def _flash(q, k, v, offsets, sel, bounds, *static, by_block=(False, False)):
+def flash(q, k, v, offsets, sel, bounds, *static, by_block=(False, False)):
+    """(o, lse) of the flash core, differentiable (`_flash_vjp`), per batch shard. The forward
+    runs the Mosaic GPU kernel when its tiling ``static[2]`` is a `MosaicFlashConfig` (the
+    "mosaic" backend), the Triton kernels otherwise; the backward always runs the Triton kernels,
+    which read only the residuals (inputs, o, lse), whichever kernel made them."""
     return _per_batch_shard(lambda *a: _flash_vjp(*a, *static, by_block), q, k, v, offsets, sel,
                             bounds)
 
@@ -107,6 +114,10 @@ def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_til
         return selected_by_block(q, k, v, offsets, *sel, rule=rule, scale=scale, config=fwd,
                                  bounds=bounds, interpret=interpret)
     blocks = None if sel is None else BlockTable(*sel, q_tile=q_tile)
+    if isinstance(fwd, MosaicFlashConfig):
+        # The "mosaic" backend serves no packed rows (`bounds` is None here).
+        return mosaic_flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd,
+                                    blocks=blocks, interpret=interpret)
     return flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, blocks=blocks,
                          bounds=bounds, interpret=interpret)
 
@@ -145,7 +156,7 @@ _backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 1
 _backward_kernels.defvjp(lambda *a: (_backward(*a), None), _no_second_order)
 
 
-def _compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
+def compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
     return MaskRule(num_keys=N_c, key_stride=cfg.compress_stride,
                     key_offset=cfg.compress_block - 1, causal=cfg.causal)
 
@@ -156,8 +167,8 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
     B, T, HQ, D = q.shape
     G = HQ // k_c.shape[2]
     t = default_tilings() if tilings is None else tilings
-    return _flash(q, k_c, v_c, _offsets(B, T, S, kv_len), None, _tuple(bounds),
-                  _compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
+    return flash(q, k_c, v_c, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
+                  compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
                   t.compressed.flash(G), t.compressed_bwd.flash(G), 1, interpret)
 
 
@@ -178,7 +189,7 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     bwd = bwd.flash(G, q_tile=None if by_block[1] else sel.q_tile,
                     block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
-    o, _ = _flash(q, k, v, _offsets(B, T, S), (blocks.indices, blocks.counts), _tuple(bounds),
+    o, _ = flash(q, k, v, key_offsets(B, T, S), (blocks.indices, blocks.counts), bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
                   sel.q_tile, interpret, by_block=by_block)
     return o
@@ -190,7 +201,7 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = default_tilings() if tilings is None else tilings
-    o, _ = _flash(q, k, v, _offsets(B, T, S), None, _tuple(bounds),
+    o, _ = flash(q, k, v, key_offsets(B, T, S), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
                   t.window.flash(HQ // H), t.window_bwd.flash(HQ // H), 1, interpret)
     return o
@@ -209,8 +220,8 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     lse = jax.lax.stop_gradient(lse)
     qt = cfg.select_q_tile
     N_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
-    offsets = _offsets(B, T, S, kv_len)
-    rule = _compressed_rule(cfg, N_c)
+    offsets = key_offsets(B, T, S, kv_len)
+    rule = compressed_rule(cfg, N_c)
     t = default_tilings() if tilings is None else tilings
     if qt == 1 and _block_rule(cfg).fused() is None:
         return _per_token(q, k_c, lse, offsets, cfg, S, bounds, c_bounds, interpret,
@@ -281,15 +292,15 @@ def _per_token(q, k_c, lse, offsets, cfg: NSAConfig, S: int, bounds, c_bounds, i
     ids = _per_batch_shard(
         lambda q, k_c, lse, offsets, block_lo, block_hi, c_bounds: per_token_top_blocks(
             q, k_c, lse, offsets, block_lo, block_hi, num_blocks=N_s,
-            token_rule=_compressed_rule(cfg, k_c.shape[1]), rule=_block_rule(cfg),
+            token_rule=compressed_rule(cfg, k_c.shape[1]), rule=_block_rule(cfg),
             scale=cfg.softmax_scale(q.shape[-1]), config=tiling, bounds=c_bounds,
             interpret=interpret),
-        q, k_c, lse, offsets, block_lo, block_hi, _tuple(c_bounds))
+        q, k_c, lse, offsets, block_lo, block_hi, bounds_tuple(c_bounds))
     ids, counts = metadata.compact(ids, ids >= 0)
     return metadata.BlockSparseIndices(ids, counts, q_tile=1, block_size=cfg.select_block)
 
 
-def _tuple(bounds):
+def bounds_tuple(bounds):
     """Bounds as a plain (lo, hi) tuple: the custom_vjp's residual and cotangent structure."""
     return None if bounds is None else tuple(bounds)
 

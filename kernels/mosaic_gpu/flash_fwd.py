@@ -1,0 +1,317 @@
+"""The grouped flash-attention forward core on Hopper, in Pallas Mosaic GPU.
+
+Same contract as `kernels/triton/flash_fwd.py` (one core for the three branches, `MaskRule`
+masks, an optional `BlockTable`), written for the sm90 machinery:
+
+- A CTA runs three warpgroups. Two compute warpgroups each own 64 rows of `common.Launch`'s
+  grouped layout (``64 // G_p`` queries times the G_p heads of one KV head, so wgmma's 64-row
+  minimum is met at any G up to 64); a memory warpgroup streams the KV blocks both need through
+  a ring of ``num_stages`` SMEM slots with TMA, each slot guarded by a ready and a free barrier.
+- Scores and the output accumulate with wgmma in registers; the softmax runs in float32 in
+  log2 units.
+- The KV blocks a CTA walks are decided outside the kernel: in range mode XLA computes, per
+  warpgroup, the range its queries can see and the part of it they see whole (no mask needed),
+  and the memory warpgroup streams the union; in table mode both warpgroups walk their table row.
+  A warpgroup waits on and releases the blocks outside its own range without computing, so the
+  barriers' phases stay in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from nsa_jax.kernels.common import LN2, LOG2E, BlockTable, Launch, MaskRule, bounded_ranges, pow2
+
+ROWS = 64  # rows per compute warpgroup: wgmma's M
+COMPUTE_WGS = 2
+# Channels are padded to whole 128-byte swizzle rows of 16-bit elements.
+CHANNELS = 64
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicFlashConfig:
+    """Tiling of the Mosaic GPU flash kernels; not semantics.
+
+    Attributes:
+      block_k: keys per KV block (64 or 128; the unit a `BlockTable` refers to).
+      num_stages: KV blocks in flight (SMEM ring slots), at least 2.
+    """
+
+    block_k: int = 64
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_k not in (64, 128):
+            raise ValueError(f"MosaicFlashConfig.block_k={self.block_k!r} must be 64 or 128")
+        if not isinstance(self.num_stages, int) or self.num_stages < 2:
+            raise ValueError(
+                f"MosaicFlashConfig.num_stages={self.num_stages!r} must be an int >= 2")
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def launch(q, k, v, block_k: int) -> Launch:
+    """The grouped layout of one call: 64 rows per warpgroup, CTAs of two warpgroups."""
+    G_p = pow2(q.shape[2] // k.shape[2])
+    if G_p > ROWS:
+        raise ValueError(f"the Mosaic GPU kernels take at most {ROWS} query heads per KV head, "
+                         f"got {q.shape[2] // k.shape[2]}")
+    block_q = ROWS // G_p
+    lay = Launch.of(q, k, v, block_q=block_q, block_k=block_k, q_unit=COMPUTE_WGS * block_q)
+    return dataclasses.replace(lay, G_p=G_p, D_p=_round_up(lay.D, CHANNELS),
+                               Dv_p=_round_up(lay.Dv, CHANNELS))
+
+
+def _visible(rule: MaskRule, first, start, group_shift: int, block_k: int):
+    """bool [ROWS, BK] in the wgmma layout: `common.visible` of one warpgroup's rows (queries from
+    position ``first``) against the keys from index ``start``."""
+    shape = (ROWS, block_k)
+    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
+    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+    j = start + col
+    diff = (first + lax.shift_right_logical(row, group_shift)) - (
+        j * rule.key_stride + rule.key_offset)
+    ok = j < rule.num_keys
+    if rule.causal:
+        ok = ok & (diff >= 0)
+        if rule.window:
+            ok = ok & (diff < rule.window)
+    elif rule.window:
+        ok = ok & (diff < rule.window) & (diff > -rule.window)
+    return ok
+
+
+def _row_vector(value):
+    return plgpu.layout_cast(jnp.full((ROWS,), value, jnp.float32),
+                             plgpu.Layout.WGMMA.reduce(1))
+
+
+def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
+            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig, q_tile: int):
+    """``plan_ref`` int32 [B, 1 or H, n_cta, 10]: the union [lo, hi) of KV steps, then per
+    warpgroup its (lo, flo, fhi, hi) (`common.bounded_ranges`); in table mode (one plan per head)
+    step e is entry e of the head's table row ``tab_ref`` and the plan holds (0, count) and
+    (0, 0, 0, count)."""
+    q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
+    q_bar, k_ready, v_ready, k_free, v_free = barriers
+    stages, bk = cfg.num_stages, cfg.block_k
+    n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
+    c = lax.axis_index("q")
+    if rule.causal:  # the later tiles see more keys: start them first
+        c = n_cta - 1 - c
+    h, b = lax.axis_index("h"), lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    plan = plan_ref.at[b, 0 if tab_ref is None else h, c]
+    u_lo, u_hi = plan[0], plan[1]
+
+    if tab_ref is None:
+        block_of = lambda step: step
+    else:
+        row = (c * COMPUTE_WGS * lay.block_q) // q_tile
+        block_of = lambda step: tab_ref[b, h, row, step]
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        tile = c * COMPUTE_WGS + wg
+        row0 = tile * ROWS
+        first = off_ref[b] + tile * lay.block_q
+        plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg], q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        q = q_smem.at[wg]
+        lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
+
+        def slot_of(step):
+            return lax.rem(step - u_lo, jnp.int32(stages))
+
+        def skip(step, carry):
+            slot = slot_of(step)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            return carry
+
+        def visit(step, carry, masked: bool):
+            acc, m, l = carry  # [ROWS, Dv] f32, [ROWS], [ROWS]; m in log2 units
+            slot = slot_of(step)
+            plgpu.barrier_wait(k_ready.at[slot])
+
+            def qk(acc_ref):
+                plgpu.wgmma(acc_ref, q, k_smem.at[slot].transpose((1, 0)))
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))  # [ROWS, BK]
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * scale2
+            if masked:
+                ok = _visible(rule, first, block_of(step) * bk, lay.G_p.bit_length() - 1, bk)
+                s = jnp.where(ok, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m - m_safe)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+            l = l * alpha + p.sum(axis=1)
+            p = p.astype(q_ref.dtype)
+            plgpu.barrier_wait(v_ready.at[slot])
+
+            if p_smem is not None:
+                # The interpreter's wgmma reads operands from SMEM only.
+                p_smem.at[wg][...] = p
+                plgpu.commit_smem()
+                p = p_smem.at[wg]
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                return acc_ref[...]
+
+            # A fresh accumulator rather than `run_state` on ``acc``: the Mosaic GPU interpreter
+            # cannot run `run_state`, and the add is cheap beside the rescale.
+            pv = pl.run_scoped(pv, plgpu.ACC((ROWS, lay.Dv_p), jnp.float32))  # [ROWS, Dv]
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+
+        acc = plgpu.layout_cast(jnp.zeros((ROWS, lay.Dv_p), jnp.float32), plgpu.Layout.WGMMA)
+        carry = (acc, _row_vector(-jnp.inf), _row_vector(0.0))
+        lax.fori_loop(u_lo, lo, skip, None)
+        carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
+        carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
+        acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
+        lax.fori_loop(hi, u_hi, skip, None)
+
+        has_key = l > 0.0
+        l_safe = jnp.where(has_key, l, 1.0)
+        o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(
+            o_smem.dtype)
+        lse_smem.at[wg][...] = jnp.where(has_key, m * LN2 + jnp.log(l_safe), -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, pl.ds(row0, ROWS)])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        @pl.loop(u_lo, u_hi)
+        def _(step):
+            i = step - u_lo
+            slot = lax.rem(i, jnp.int32(stages))
+            keys = pl.ds(block_of(step) * bk, bk)
+
+            @pl.when(i >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[b, h, keys], k_smem.at[slot], k_ready.at[slot])
+
+            @pl.when(i >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[b, h, keys], v_smem.at[slot], v_ready.at[slot])
+
+        # Observe the last releases too, so that every phase of the ring has been waited on
+        # before the barriers go out of scope (the interpreter checks this).
+        @pl.loop(jnp.maximum(u_lo, u_hi - stages), u_hi)
+        def _(step):
+            slot = lax.rem(step - u_lo, jnp.int32(stages))
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+
+def _plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
+    """int32 [B, 1 or H, n_cta, 10]: see `_kernel`."""
+    n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
+    if blocks is not None:
+        cta_row = (jnp.arange(n_cta) * COMPUTE_WGS * lay.block_q) // blocks.q_tile
+        count = blocks.counts[:, :, cta_row]  # [B, H, n_cta]
+        z = jnp.zeros_like(count)
+        return jnp.stack([z, count, z, z, z, count, z, z, z, count], axis=-1).astype(jnp.int32)
+    first = offsets[:, None] + jnp.arange(n_cta * COMPUTE_WGS) * lay.block_q  # [B, tiles]
+    lo, hi, flo, fhi = (jnp.broadcast_to(x, first.shape) for x in bounded_ranges(
+        rule, first, first + lay.block_q - 1, lay.block_k))
+    per_wg = jnp.stack([lo, flo, fhi, hi], axis=-1).reshape(lay.B, 1, n_cta, COMPUTE_WGS * 4)
+    u_lo = jnp.min(lo.reshape(lay.B, 1, n_cta, COMPUTE_WGS), axis=-1, keepdims=True)
+    u_hi = jnp.max(hi.reshape(lay.B, 1, n_cta, COMPUTE_WGS), axis=-1, keepdims=True)
+    return jnp.concatenate([u_lo, u_hi, per_wg], axis=-1).astype(jnp.int32)
+
+
+def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: MosaicFlashConfig,
+                  blocks: BlockTable | None = None, interpret: bool = False):
+    """Grouped flash attention over a block list or a block range (the contract of
+    `kernels.triton.flash_fwd.flash_forward`, without packed bounds).
+
+    Args:
+      q: [B, T, HQ, D]; k: [B, N, H, D]; v: [B, N, H, Dv]; bfloat16 or float16, one dtype.
+      offsets: int32[B], key position of query 0.
+      rule, scale: the token mask rule and the softmax scale.
+      config: tiling; ``config.block_k`` is the KV block the table ids refer to.
+      blocks: optional KV blocks per query tile; ``blocks.q_tile`` must be a multiple of the
+        queries of one CTA (``2 * 64 // G_p``).
+      interpret: run under the Mosaic GPU interpreter (CPU).
+
+    Returns:
+      o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
+    """
+    B, T, HQ, _ = q.shape
+    N, Dv = k.shape[1], v.shape[3]
+    if N == 0 or T == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
+    lay = launch(q, k, v, config.block_k)
+    cta_q = COMPUTE_WGS * lay.block_q
+    if blocks is not None and blocks.q_tile % cta_q:
+        raise ValueError(f"the table's q_tile={blocks.q_tile} must be a multiple of {cta_q}, "
+                         "the queries of one Mosaic GPU CTA")
+    n_cta = lay.T_p // cta_q
+    dtype = q.dtype
+    stages, bk = config.num_stages, config.block_k
+
+    def smem_2d(lead, rows, width):
+        swizzle = plgpu.SwizzleTransform(128)
+        tiling = plgpu.TilingTransform((8, 128 // dtype.itemsize))
+        return plgpu.SMEM((lead, rows, width), dtype, transforms=(tiling, swizzle))
+
+    def body(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+        smem = (smem_2d(COMPUTE_WGS, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
+                smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
+                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
+                smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
+        barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS),
+                    plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+        pl.run_scoped(
+            lambda *scoped: _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref,
+                                    lse_ref, *scoped, rule=rule, scale2=scale * LOG2E, lay=lay,
+                                    cfg=config, q_tile=0 if blocks is None else blocks.q_tile),
+            smem, barriers, collective_axes="wg")
+
+    if blocks is None:
+        entry = lambda off, plan, *refs: body(off, plan, None, *refs)
+        table_args = ()
+    else:
+        entry = body
+        table_args = (blocks.table.astype(jnp.int32),)
+    o, lse = plgpu.kernel(
+        entry,
+        out_type=(lay.rows_shape(dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
+        grid=(n_cta, lay.H, lay.B),
+        grid_names=("q", "h", "b"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        kernel_name="nsa_mosaic_flash_fwd",
+    )(offsets.astype(jnp.int32), _plan(rule, lay, offsets, blocks), *table_args,
+      lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
+    return lay.ungroup(o, Dv), lay.ungroup_vector(lse)

@@ -1,0 +1,120 @@
+"""The "mosaic" backend: the three branches' forward on Pallas Mosaic GPU kernels (Hopper).
+
+A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when the call is one it serves
+(`mosaic_serves`: bfloat16/float16, unpacked rows, at most 64 query heads per KV head, head
+widths up to 128, and for the selected branch selection rows of whole CTAs); other calls, block
+scoring and every backward pass run the Triton-lowered kernels of the "triton" backend. Both
+forwards feed the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs,
+o and lse, so results agree with "triton" up to float rounding whichever kernel ran.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from nsa_jax import metadata
+from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.common import MaskRule, pow2
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import COMPUTE_WGS, ROWS
+from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
+from nsa_jax.ops import base
+from nsa_jax.ops import triton as tri
+
+
+def mosaic_serves(q, k, v, *, packed: bool, q_tile: int | None = None,
+                  select_block: int | None = None) -> bool:
+    """Whether the Mosaic GPU forward kernel serves a branch call (see the module docstring)."""
+    G = q.shape[2] // k.shape[2]
+    if q.dtype.name not in ("bfloat16", "float16") or packed or pow2(G) > ROWS:
+        return False
+    if max(q.shape[3], v.shape[3]) > 128:
+        return False
+    if q_tile is not None:
+        return q_tile % (COMPUTE_WGS * ROWS // pow2(G)) == 0 and select_block % 64 == 0
+    return True
+
+
+def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, interpret,
+                         t: MosaicTilings):
+    if not mosaic_serves(q, k_c, v_c, packed=bounds is not None):
+        return tri.compressed_attention(q, k_c, v_c, cfg, S, kv_len, bounds, interpret, t.triton)
+    B, T, HQ, D = q.shape
+    G = HQ // k_c.shape[2]
+    return tri.flash(q, k_c, v_c, tri.key_offsets(B, T, S, kv_len), None, None,
+                     tri.compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D), t.compressed,
+                     t.triton.compressed_bwd.flash(G), 1, interpret)
+
+
+def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
+                       interpret, t: MosaicTilings):
+    if not mosaic_serves(q, k, v, packed=bounds is not None, q_tile=sel.q_tile,
+                         select_block=sel.block_size):
+        return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton)
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    G = HQ // H
+    fwd = t.selected
+    bwd = t.triton.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
+    blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
+    o, _ = tri.flash(q, k, v, tri.key_offsets(B, T, S), (blocks.indices, blocks.counts), None,
+                     MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
+                     sel.q_tile, interpret)
+    return o
+
+
+def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings):
+    if not mosaic_serves(q, k, v, packed=bounds is not None):
+        return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton)
+    B, T, HQ, D = q.shape
+    S, H = k.shape[1], k.shape[2]
+    o, _ = tri.flash(q, k, v, tri.key_offsets(B, T, S), None, None,
+                     MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window),
+                     cfg.softmax_scale(D), t.window, t.triton.window_bwd.flash(HQ // H), 1,
+                     interpret)
+    return o
+
+
+def _hopper() -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    capability = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    return capability.split(".")[0] == "9"
+
+
+class MosaicBackend(base.Backend):
+    """Pallas Mosaic GPU kernels where they serve, Triton-lowered ones elsewhere: Hopper GPUs
+    (sm90), or the interpreters on any machine."""
+
+    name = "mosaic"
+    tilings_type = MosaicTilings
+
+    def available(self, interpret: bool) -> base.Support:
+        if interpret or _hopper():
+            return base.YES
+        device = jax.devices()[0]
+        kind = getattr(device, "device_kind", jax.default_backend())
+        return base.Support(
+            f"needs a Hopper GPU (compute capability 9.x; this machine has {kind!r}); use "
+            "implementation='triton' on other GPUs, or pass interpret=True to run the kernels "
+            "under the Mosaic GPU interpreter")
+
+    def supports(self, op: str, config, shapes: base.Shapes) -> base.Support:
+        return tri.BACKEND.supports(op, config, shapes)
+
+    def compressed_attention(self, q, k_c, v_c, config, *, S, kv_len, compressed_bounds,
+                             interpret, tilings):
+        return compressed_attention(q, k_c, v_c, config, S, kv_len, compressed_bounds,
+                                    interpret, tilings)
+
+    def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
+        return tri.select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret,
+                                 tilings.triton)
+
+    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
+        return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings)
+
+    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
+        return sliding_window_attention(q, k, v, config, key_bounds, interpret, tilings)
+
+
+BACKEND = MosaicBackend()

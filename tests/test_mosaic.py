@@ -1,0 +1,126 @@
+"""The "mosaic" implementation: its Mosaic GPU forward kernel against the reference, on the GPU
+or under the Mosaic GPU interpreter (small shapes: seconds per kernel call)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nsa_jax
+from nsa_jax import reference
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
+from conftest import FWD_TOL, GRAD_TOL, ON_GPU, assert_bit_identical, assert_close, normal, upcast
+
+MOSAIC = dict(implementation="mosaic", interpret=not ON_GPU)
+BF16 = jnp.bfloat16
+
+
+def _kernels(fn, *args):
+    """The forward kernels ``fn`` runs (each name once)."""
+    return set(re.findall(r"(nsa_mosaic_\w+|nsa_flash_fwd)", str(jax.make_jaxpr(fn)(*args))))
+
+
+def _inputs(T, HQ, H, D, Dv, seed, dtype=BF16, S=None):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    S = T if S is None else S
+    return (normal(ks[0], (1, T, HQ, D), dtype), normal(ks[1], (1, S, H, D), dtype),
+            normal(ks[2], (1, S, H, Dv), dtype))
+
+
+def _check(fn, ref_fn, args, seed, names, dtype=BF16):
+    """Forward and gradients against the float32 reference; reruns bit-identical."""
+    out, vjp = jax.vjp(fn, *args)
+    ref_out, ref_vjp = jax.vjp(ref_fn, *upcast(args))
+    assert_close(out, ref_out, FWD_TOL[dtype], "o")
+    ct = normal(jax.random.key(seed), out.shape)
+    for name, got, want in zip(names, vjp(ct.astype(out.dtype)), ref_vjp(ct)):
+        assert_close(got, want, GRAD_TOL[dtype], f"d{name}")
+    assert_bit_identical(fn(*args), out)
+
+
+# T odd; G = 1, 4, 16 (64, 16 and 4 queries per warpgroup); D != Dv; decode with S > T.
+@pytest.mark.parametrize("T,HQ,H,D,Dv,S", [(150, 4, 1, 24, 40, None), (131, 16, 1, 16, 16, None),
+                                           (37, 2, 2, 16, 16, 203)],
+                         ids=["G4-D24-Dv40", "G16", "G1-decode"])
+def test_compressed_branch(T, HQ, H, D, Dv, S):
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4)
+    q, k, v = _inputs(T, HQ, H, D, Dv, 1, S=S)
+    k_c, v_c = nsa_jax.compress(k, v, config=cfg)
+    kv_len = k.shape[1]
+    fn = jax.jit(lambda q, kc, vc: nsa_jax.compressed_attention(q, kc, vc, config=cfg,
+                                                                 kv_len=kv_len, **MOSAIC)[0])
+    assert _kernels(fn, q, k_c, v_c) == {"nsa_mosaic_flash_fwd"}
+    _check(fn, lambda *a: reference.compressed_attention(*a, config=cfg, kv_len=kv_len)[0],
+           (q, k_c, v_c), 1, ("q", "k_c", "v_c"))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_branch_where_warpgroups_see_different_blocks(causal):
+    """A window of 48 keys and 64-key blocks: the two warpgroups of a CTA start at different
+    blocks, so each skips blocks the other needs."""
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4,
+                            window=48, causal=causal)
+    q, k, v = _inputs(203, 8, 2, 16, 16, 2)
+    fn = jax.jit(lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg, **MOSAIC))
+    assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
+    _check(fn, lambda *a: reference.sliding_window_attention(*a, config=cfg), (q, k, v), 2,
+           ("q", "k", "v"))
+
+
+@pytest.mark.parametrize("select_block", [64, 128])
+def test_selected_branch_walks_the_table(select_block):
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
+                            num_selected=3, select_q_tile=64)
+    q, k, v = _inputs(200, 8, 2, 16, 16, 3)
+    rng = np.random.default_rng(3)
+    n_blocks, n_tiles = -(-200 // select_block), -(-200 // 64)
+    ids = np.full((1, 2, n_tiles, 3), -1, np.int32)
+    counts = rng.integers(0, 4, (1, 2, n_tiles)).astype(np.int32)
+    counts[0, 0, 0] = 0  # a tile that sees nothing writes zeros
+    for h, i in np.ndindex(2, n_tiles):
+        c = min(counts[0, h, i], n_blocks)
+        counts[0, h, i] = c
+        ids[0, h, i, :c] = np.sort(rng.choice(n_blocks, c, replace=False))
+    sel = nsa_jax.BlockSparseIndices(jnp.asarray(ids), jnp.asarray(counts), q_tile=64,
+                                     block_size=select_block)
+    fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **MOSAIC))
+    assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
+    _check(fn, lambda *a: reference.selected_attention(*a, sel, config=cfg), (q, k, v), 3,
+           ("q", "k", "v"))
+
+
+def test_calls_it_does_not_serve_run_the_triton_kernel():
+    """float32, and per-token selection rows shorter than a CTA, take the Triton-lowered forward
+    (same semantics)."""
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4,
+                            window=32)
+    q, k, v = _inputs(70, 4, 2, 16, 16, 4, dtype=jnp.float32)
+    fn = lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg, **MOSAIC)
+    assert _kernels(fn, q, k, v) == {"nsa_flash_fwd"}
+    assert_close(fn(q, k, v), reference.sliding_window_attention(q, k, v, config=cfg),
+                 FWD_TOL[jnp.float32], "o")
+
+
+def test_whole_nsa_forward():
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4,
+                            window=32, select_q_tile=64)
+    q, k, v = _inputs(130, 8, 2, 16, 16, 5)
+    got = jax.jit(lambda q, k, v: nsa_jax.nsa_attention(q, k, v, config=cfg, **MOSAIC))(q, k, v)
+    want = reference.nsa_attention(*upcast((q, k, v)), config=cfg)
+    assert got.dtype == BF16
+    assert_close(got, want, FWD_TOL[BF16], "o")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("block_k", 32, "block_k=32 must be 64 or 128"), ("num_stages", 1, "num_stages=1 must be")])
+def test_config_validation(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MosaicFlashConfig(**{field: value})
+    with pytest.raises(TypeError, match="MosaicTilings.window must be a MosaicFlashConfig"):
+        nsa_jax.MosaicTilings(window=nsa_jax.Tiling())
+    assert dataclasses.replace(nsa_jax.MosaicTilings(), window=MosaicFlashConfig(block_k=128))
