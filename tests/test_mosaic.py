@@ -43,10 +43,11 @@ def _check(fn, ref_fn, args, seed, names, dtype=BF16):
     assert_bit_identical(fn(*args), out)
 
 
-# T odd; G = 1, 4, 16 (64, 16 and 4 queries per warpgroup); D != Dv; decode with S > T.
-@pytest.mark.parametrize("T,HQ,H,D,Dv,S", [(150, 4, 1, 24, 40, None), (131, 16, 1, 16, 16, None),
+# T odd; G = 1, 4, 16 (64, 16 and 4 queries per warpgroup); D != Dv (Q and O in separate
+# buffers); decode with S > T.
+@pytest.mark.parametrize("T,HQ,H,D,Dv,S", [(150, 4, 1, 24, 72, None), (131, 16, 1, 16, 16, None),
                                            (37, 2, 2, 16, 16, 203)],
-                         ids=["G4-D24-Dv40", "G16", "G1-decode"])
+                         ids=["G4-D24-Dv72", "G16", "G1-decode"])
 def test_compressed_branch(T, HQ, H, D, Dv, S):
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4)
     q, k, v = _inputs(T, HQ, H, D, Dv, 1, S=S)
@@ -72,8 +73,9 @@ def test_window_branch_where_warpgroups_see_different_blocks(causal):
            ("q", "k", "v"))
 
 
-@pytest.mark.parametrize("select_block", [64, 128])
-def test_selected_branch_walks_the_table(select_block):
+@pytest.mark.parametrize("select_block,block_k", [(64, 64), (128, 64), (64, 128)])
+def test_selected_branch_walks_the_table(select_block, block_k):
+    """Blocks of 128 keys walk as two tiles of 64; a 128-key tiling of 64-key blocks runs at 64."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
                             num_selected=3, select_q_tile=64)
     q, k, v = _inputs(200, 8, 2, 16, 16, 3)
@@ -88,7 +90,9 @@ def test_selected_branch_walks_the_table(select_block):
         ids[0, h, i, :c] = np.sort(rng.choice(n_blocks, c, replace=False))
     sel = nsa_jax.BlockSparseIndices(jnp.asarray(ids), jnp.asarray(counts), q_tile=64,
                                      block_size=select_block)
-    fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **MOSAIC))
+    tilings = nsa_jax.MosaicTilings(selected=MosaicFlashConfig(block_k=block_k))
+    fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg,
+                                                            tilings=tilings, **MOSAIC))
     assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
     _check(fn, lambda *a: reference.selected_attention(*a, sel, config=cfg), (q, k, v), 3,
            ("q", "k", "v"))

@@ -32,7 +32,7 @@ def test_triton_tilings_rejects_non_tiling():
 def test_tilings_argument_type_checked():
     cfg = nsa_jax.NSAConfig()
     q = jnp.zeros((1, 8, 2, 16))
-    with pytest.raises(TypeError, match="tilings must be an nsa_jax.TritonTilings"):
+    with pytest.raises(TypeError, match="tilings must be an nsa_jax.MosaicTilings or nsa_jax.TritonTilings"):
         nsa_jax.sliding_window_attention(q, q, q, config=cfg, tilings={"window": 1})
 
 

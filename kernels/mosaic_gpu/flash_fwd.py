@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -41,10 +42,12 @@ class MosaicFlashConfig:
     Attributes:
       block_k: keys per KV block (64 or 128; the unit a `BlockTable` refers to).
       num_stages: KV blocks in flight (SMEM ring slots), at least 2.
+      num_ctas: persistent CTAs; None: one per multiprocessor.
     """
 
     block_k: int = 64
     num_stages: int = 2
+    num_ctas: int | None = None
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
@@ -52,6 +55,15 @@ class MosaicFlashConfig:
         if not isinstance(self.num_stages, int) or self.num_stages < 2:
             raise ValueError(
                 f"MosaicFlashConfig.num_stages={self.num_stages!r} must be an int >= 2")
+        if self.num_ctas is not None and (not isinstance(self.num_ctas, int)
+                                          or self.num_ctas < 1):
+            raise ValueError(
+                f"MosaicFlashConfig.num_ctas={self.num_ctas!r} must be a positive int or None")
+
+
+def _multiprocessors() -> int:
+    # H100 / H200 SXM have 132; the interpreter and unknown devices take the same.
+    return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -95,8 +107,14 @@ def _row_vector(value):
 
 
 def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
-            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig, q_tile: int):
-    """``plan_ref`` int32 [B, 1 or H, n_cta, 10]: the union [lo, hi) of KV steps, then per
+            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig, q_tile: int,
+            num_ctas: int):
+    """A persistent CTA: it takes work units (b, h, c) — CTA tile c of KV head h of row b —
+    ``num_ctas`` apart. The KV steps of all its units form one sequence, so the ring's slots and
+    barrier phases run on across units and the memory warpgroup prefetches the next unit's blocks
+    while the compute warpgroups finish the current one.
+
+    ``plan_ref`` int32 [B, 1 or H, n_cta, 10]: the union [lo, hi) of KV steps, then per
     warpgroup its (lo, flo, fhi, hi) (`common.bounded_ranges`); in table mode (one plan per head)
     step e is entry e of the head's table row ``tab_ref`` and the plan holds (0, count) and
     (0, 0, 0, count)."""
@@ -104,128 +122,150 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
     q_bar, k_ready, v_ready, k_free, v_free = barriers
     stages, bk = cfg.num_stages, cfg.block_k
     n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
-    c = lax.axis_index("q")
-    if rule.causal:  # the later tiles see more keys: start them first
-        c = n_cta - 1 - c
-    h, b = lax.axis_index("h"), lax.axis_index("b")
+    n_units = n_cta * lay.H * lay.B
     wg = lax.axis_index("wg")
-    plan = plan_ref.at[b, 0 if tab_ref is None else h, c]
-    u_lo, u_hi = plan[0], plan[1]
 
-    if tab_ref is None:
-        block_of = lambda step: step
-    else:
-        row = (c * COMPUTE_WGS * lay.block_q) // q_tile
-        block_of = lambda step: tab_ref[b, h, row, step]
+    def unit(u):
+        """(b, h, c, plan ref, step -> KV block) of work unit u; the tiles that see the most keys
+        come first under a causal rule."""
+        c, hb = lax.div(u, jnp.int32(lay.H * lay.B)), lax.rem(u, jnp.int32(lay.H * lay.B))
+        h, b = lax.div(hb, jnp.int32(lay.B)), lax.rem(hb, jnp.int32(lay.B))
+        if rule.causal:
+            c = n_cta - 1 - c
+        plan = plan_ref.at[b, 0 if tab_ref is None else h, c]
+        if tab_ref is None:
+            block_of = lambda step: step
+        else:
+            row = (c * COMPUTE_WGS * lay.block_q) // q_tile
+            block_of = lambda step: tab_ref[b, h, row, step]
+        return b, h, c, plan, block_of
+
+    def slot_of(i):
+        return lax.rem(i, jnp.int32(stages))
+
+    first_unit = lax.axis_index("cta")
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        tile = c * COMPUTE_WGS + wg
-        row0 = tile * ROWS
-        first = off_ref[b] + tile * lay.block_q
-        plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg], q_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
-        q = q_smem.at[wg]
-        lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
 
-        def slot_of(step):
-            return lax.rem(step - u_lo, jnp.int32(stages))
+        @pl.loop(first_unit, n_units, step=num_ctas, init_carry=jnp.int32(0))
+        def _(u, done):  # done: KV steps of this CTA's earlier units
+            b, h, c, plan, block_of = unit(u)
+            u_lo, u_hi = plan[0], plan[1]
+            tile = c * COMPUTE_WGS + wg
+            row0 = tile * ROWS
+            first = off_ref[b] + tile * lay.block_q
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg],
+                                    q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            q = q_smem.at[wg]
+            lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
+            slot_at = lambda step: slot_of(done + step - u_lo)
 
-        def skip(step, carry):
-            slot = slot_of(step)
-            plgpu.barrier_wait(k_ready.at[slot])
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            return carry
+            def skip(step, carry):
+                slot = slot_at(step)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                return carry
 
-        def visit(step, carry, masked: bool):
-            acc, m, l = carry  # [ROWS, Dv] f32, [ROWS], [ROWS]; m in log2 units
-            slot = slot_of(step)
-            plgpu.barrier_wait(k_ready.at[slot])
+            def visit(step, carry, masked: bool):
+                acc, m, l = carry  # [ROWS, Dv] f32, [ROWS], [ROWS]; m in log2 units
+                slot = slot_at(step)
+                plgpu.barrier_wait(k_ready.at[slot])
 
-            def qk(acc_ref):
-                plgpu.wgmma(acc_ref, q, k_smem.at[slot].transpose((1, 0)))
-                return acc_ref[...]
+                def qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q, k_smem.at[slot].transpose((1, 0)))
+                    return acc_ref[...]
 
-            s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))  # [ROWS, BK]
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = s * scale2
-            if masked:
-                ok = _visible(rule, first, block_of(step) * bk, lay.G_p.bit_length() - 1, bk)
-                s = jnp.where(ok, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m - m_safe)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            l = l * alpha + p.sum(axis=1)
-            p = p.astype(q_ref.dtype)
-            plgpu.barrier_wait(v_ready.at[slot])
+                s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))  # [ROWS, BK]
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * scale2
+                if masked:
+                    ok = _visible(rule, first, block_of(step) * bk, lay.G_p.bit_length() - 1, bk)
+                    s = jnp.where(ok, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m - m_safe)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                p = p.astype(q_ref.dtype)
+                plgpu.barrier_wait(v_ready.at[slot])
 
-            if p_smem is not None:
-                # The interpreter's wgmma reads operands from SMEM only.
-                p_smem.at[wg][...] = p
-                plgpu.commit_smem()
-                p = p_smem.at[wg]
+                if p_smem is not None:
+                    # The interpreter's wgmma reads operands from SMEM only.
+                    p_smem.at[wg][...] = p
+                    plgpu.commit_smem()
+                    p = p_smem.at[wg]
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                return acc_ref[...]
+                def pv(acc_ref):
+                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                    return acc_ref[...]
 
-            # A fresh accumulator rather than `run_state` on ``acc``: the Mosaic GPU interpreter
-            # cannot run `run_state`, and the add is cheap beside the rescale.
-            pv = pl.run_scoped(pv, plgpu.ACC((ROWS, lay.Dv_p), jnp.float32))  # [ROWS, Dv]
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+                # A fresh accumulator rather than `run_state` on ``acc``: the Mosaic GPU
+                # interpreter cannot run `run_state`, and the add is cheap beside the rescale.
+                pv = pl.run_scoped(pv, plgpu.ACC((ROWS, lay.Dv_p), jnp.float32))  # [ROWS, Dv]
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
 
-        acc = plgpu.layout_cast(jnp.zeros((ROWS, lay.Dv_p), jnp.float32), plgpu.Layout.WGMMA)
-        carry = (acc, _row_vector(-jnp.inf), _row_vector(0.0))
-        lax.fori_loop(u_lo, lo, skip, None)
-        carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
-        carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
-        acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
-        lax.fori_loop(hi, u_hi, skip, None)
+            acc = plgpu.layout_cast(jnp.zeros((ROWS, lay.Dv_p), jnp.float32), plgpu.Layout.WGMMA)
+            carry = (acc, _row_vector(-jnp.inf), _row_vector(0.0))
+            lax.fori_loop(u_lo, lo, skip, None)
+            carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
+            carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
+            acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
+            lax.fori_loop(hi, u_hi, skip, None)
 
-        has_key = l > 0.0
-        l_safe = jnp.where(has_key, l, 1.0)
-        o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(
-            o_smem.dtype)
-        lse_smem.at[wg][...] = jnp.where(has_key, m * LN2 + jnp.log(l_safe), -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, pl.ds(row0, ROWS)])
-        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
-        plgpu.wait_smem_to_gmem(0)
+            has_key = l > 0.0
+            l_safe = jnp.where(has_key, l, 1.0)
+            # With D == Dv the output reuses Q's buffer: every product reading Q has completed.
+            o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(
+                o_smem.dtype)
+            lse_smem.at[wg][...] = jnp.where(has_key, m * LN2 + jnp.log(l_safe), -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, pl.ds(row0, ROWS)])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
+            # The next unit overwrites these buffers.
+            plgpu.wait_smem_to_gmem(0)
+            return done + u_hi - u_lo
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
 
-        @pl.loop(u_lo, u_hi)
-        def _(step):
-            i = step - u_lo
-            slot = lax.rem(i, jnp.int32(stages))
-            keys = pl.ds(block_of(step) * bk, bk)
+        @pl.loop(first_unit, n_units, step=num_ctas, init_carry=jnp.int32(0))
+        def issued(u, done):
+            b, h, _, plan, block_of = unit(u)
+            u_lo, u_hi = plan[0], plan[1]
 
-            @pl.when(i >= stages)
-            def _():
-                plgpu.barrier_wait(k_free.at[slot])
+            @pl.loop(u_lo, u_hi)
+            def _(step):
+                i = done + step - u_lo
+                slot = slot_of(i)
+                keys = pl.ds(block_of(step) * bk, bk)
 
-            plgpu.copy_gmem_to_smem(k_ref.at[b, h, keys], k_smem.at[slot], k_ready.at[slot])
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
 
-            @pl.when(i >= stages)
-            def _():
-                plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, h, keys], k_smem.at[slot], k_ready.at[slot])
 
-            plgpu.copy_gmem_to_smem(v_ref.at[b, h, keys], v_smem.at[slot], v_ready.at[slot])
+                @pl.when(i >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[b, h, keys], v_smem.at[slot], v_ready.at[slot])
+
+            return done + u_hi - u_lo
 
         # Observe the last releases too, so that every phase of the ring has been waited on
         # before the barriers go out of scope (the interpreter checks this).
-        @pl.loop(jnp.maximum(u_lo, u_hi - stages), u_hi)
-        def _(step):
-            slot = lax.rem(step - u_lo, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
+        @pl.loop(jnp.maximum(0, issued - stages), issued)
+        def _(i):
+            plgpu.barrier_wait(k_free.at[slot_of(i)])
+            plgpu.barrier_wait(v_free.at[slot_of(i)])
 
 
 def _plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
@@ -280,8 +320,14 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
         tiling = plgpu.TilingTransform((8, 128 // dtype.itemsize))
         return plgpu.SMEM((lead, rows, width), dtype, transforms=(tiling, swizzle))
 
+    n_units = n_cta * lay.H * lay.B
+    # Under the interpreter a few CTAs, so that each runs several units as on a GPU.
+    num_ctas = min(n_units, config.num_ctas or (3 if interpret else _multiprocessors()))
+    shared_qo = lay.D_p == lay.Dv_p
+
     def body(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        smem = (smem_2d(COMPUTE_WGS, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
+        qo = smem_2d(COMPUTE_WGS, ROWS, lay.D_p)
+        smem = (qo, None if shared_qo else smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
                 smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
                 plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
                 smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
@@ -289,11 +335,14 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
                     plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
-        pl.run_scoped(
-            lambda *scoped: _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref,
-                                    lse_ref, *scoped, rule=rule, scale2=scale * LOG2E, lay=lay,
-                                    cfg=config, q_tile=0 if blocks is None else blocks.q_tile),
-            smem, barriers, collective_axes="wg")
+
+        def run(q_smem, o_smem, *rest):
+            _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                    (q_smem, q_smem if o_smem is None else o_smem, *rest[:-5]), rest[-5:],
+                    rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config,
+                    q_tile=0 if blocks is None else blocks.q_tile, num_ctas=num_ctas)
+
+        pl.run_scoped(lambda smem, bars: run(*smem, *bars), smem, barriers, collective_axes="wg")
 
     if blocks is None:
         entry = lambda off, plan, *refs: body(off, plan, None, *refs)
@@ -304,8 +353,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     o, lse = plgpu.kernel(
         entry,
         out_type=(lay.rows_shape(dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
-        grid=(n_cta, lay.H, lay.B),
-        grid_names=("q", "h", "b"),
+        grid=(num_ctas,),
+        grid_names=("cta",),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(

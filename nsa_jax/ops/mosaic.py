@@ -10,6 +10,8 @@ o and lse, so results agree with "triton" up to float rounding whichever kernel 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from nsa_jax import metadata
@@ -54,6 +56,8 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
     fwd = t.selected
+    if sel.block_size % fwd.block_k:  # a KV tile may not straddle two selection blocks
+        fwd = dataclasses.replace(fwd, block_k=64)
     bwd = t.triton.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
     o, _ = tri.flash(q, k, v, tri.key_offsets(B, T, S), (blocks.indices, blocks.counts), None,
