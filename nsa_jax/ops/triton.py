@@ -144,8 +144,9 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
 
 def _no_second_order(*args):
     raise NotImplementedError(
-        "implementation='triton' has no second-order gradients (its kernels have no derivative "
-        "of their own); use implementation='xla' or 'reference' for gradients of gradients")
+        "implementation='triton' and 'mosaic' have no second-order gradients (their kernels "
+        "have no derivative of their own); use implementation='xla' or 'reference' for gradients "
+        "of gradients")
 
 
 # The kernels a gradient runs, each without a derivative: differentiating a gradient (second
