@@ -120,6 +120,29 @@ def test_whole_nsa_forward():
     assert_close(got, want, FWD_TOL[BF16], "o")
 
 
+@pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
+@pytest.mark.parametrize("table", [False, True])
+def test_no_shared_memory_races(table):
+    """The interpreter's happens-before race detector on a window walk (warpgroups with
+    different ranges, Q and O in one buffer, ping-pong meetings) and a table walk, three CTAs
+    taking several units each."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from nsa_jax.kernels.common import BlockTable, MaskRule
+    from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
+    q, k, v = _inputs(150, 8, 2, 64, 64, 6)
+    blocks = None
+    if table:
+        ids = jnp.array([[[[0, 2], [1, -1], [0, 1]]] * 2], jnp.int32)  # [1, 2, 3, 2]
+        blocks = BlockTable(ids, jnp.array([[[2, 1, 2]] * 2], jnp.int32), q_tile=64)
+    o, _ = flash_forward(q, k, v, jnp.zeros((1,), jnp.int32),
+                         rule=MaskRule(num_keys=150, window=0 if table else 40), scale=0.125,
+                         config=MosaicFlashConfig(), blocks=blocks,
+                         interpret=plgpu.InterpretGPUParams(detect_races=True))
+    o.block_until_ready()
+    assert not interpret_pallas_call.get_races().races_found
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("block_k", 32, "block_k=32 must be 64 or 128"), ("num_stages", 1, "num_stages=1 must be")])
 def test_config_validation(field, value, match):

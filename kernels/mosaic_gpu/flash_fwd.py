@@ -31,6 +31,8 @@ from nsa_jax.kernels.common import LN2, LOG2E, BlockTable, Launch, MaskRule, bou
 
 ROWS = 64  # rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
+_PINGPONG = True
+_ACC_IN_PLACE = True
 # Channels are padded to whole 128-byte swizzle rows of 16-bit elements.
 CHANNELS = 64
 
@@ -119,7 +121,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
     step e is entry e of the head's table row ``tab_ref`` and the plan holds (0, count) and
     (0, 0, 0, count)."""
     q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
-    q_bar, k_ready, v_ready, k_free, v_free = barriers
+    q_bar, k_ready, v_ready, k_free, v_free, sched = barriers
     stages, bk = cfg.num_stages, cfg.block_k
     n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
     n_units = n_cta * lay.H * lay.B
@@ -145,6 +147,14 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
 
     first_unit = lax.axis_index("cta")
 
+    def rendezvous():
+        # Both compute warpgroups meet here. One meeting per step half and an extra one at each
+        # unit's start (warpgroup 1) and end (warpgroup 0) keep them half a step apart: one
+        # issues its products while the other runs its softmax.
+        if _PINGPONG:
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
@@ -160,6 +170,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                                     q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             q = q_smem.at[wg]
+            pl.when(wg == 1)(rendezvous)
             lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
             slot_at = lambda step: slot_of(done + step - u_lo)
 
@@ -169,6 +180,8 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                 plgpu.barrier_arrive(k_free.at[slot])
                 plgpu.barrier_wait(v_ready.at[slot])
                 plgpu.barrier_arrive(v_free.at[slot])
+                rendezvous()
+                rendezvous()
                 return carry
 
             def visit(step, carry, masked: bool):
@@ -178,6 +191,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
 
                 def qk(acc_ref):
                     plgpu.wgmma(acc_ref, q, k_smem.at[slot].transpose((1, 0)))
+                    rendezvous()
                     return acc_ref[...]
 
                 s = pl.run_scoped(qk, plgpu.ACC((ROWS, bk), jnp.float32))  # [ROWS, BK]
@@ -192,7 +206,12 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
                 l = l * alpha + p.sum(axis=1)
                 p = p.astype(q_ref.dtype)
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                if _PINGPONG:
+                    plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_ready.at[slot])
+                if _PINGPONG:
+                    plgpu.barrier_wait(sched)
 
                 if p_smem is not None:
                     # The interpreter's wgmma reads operands from SMEM only.
@@ -200,15 +219,18 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                     plgpu.commit_smem()
                     p = p_smem.at[wg]
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p, v_smem.at[slot])
-                    return acc_ref[...]
+                if p_smem is None and _ACC_IN_PLACE:
+                    acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem.at[slot]))(
+                        plgpu.ACC.init(acc))
+                else:
+                    # The interpreter cannot run `run_state`: a fresh accumulator, then an add.
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p, v_smem.at[slot])
+                        return acc_ref[...]
 
-                # A fresh accumulator rather than `run_state` on ``acc``: the Mosaic GPU
-                # interpreter cannot run `run_state`, and the add is cheap beside the rescale.
-                pv = pl.run_scoped(pv, plgpu.ACC((ROWS, lay.Dv_p), jnp.float32))  # [ROWS, Dv]
+                    acc = acc + pl.run_scoped(pv, plgpu.ACC((ROWS, lay.Dv_p), jnp.float32))
                 plgpu.barrier_arrive(v_free.at[slot])
-                return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l
+                return acc, m_new, l
 
             acc = plgpu.layout_cast(jnp.zeros((ROWS, lay.Dv_p), jnp.float32), plgpu.Layout.WGMMA)
             carry = (acc, _row_vector(-jnp.inf), _row_vector(0.0))
@@ -217,6 +239,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
             carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
             acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
             lax.fori_loop(hi, u_hi, skip, None)
+            pl.when(wg == 0)(rendezvous)
 
             has_key = l > 0.0
             l_safe = jnp.where(has_key, l, 1.0)
@@ -286,7 +309,8 @@ def _plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
 
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: MosaicFlashConfig,
-                  blocks: BlockTable | None = None, interpret: bool = False):
+                  blocks: BlockTable | None = None,
+                  interpret: bool | plgpu.InterpretGPUParams = False):
     """Grouped flash attention over a block list or a block range (the contract of
     `kernels.triton.flash_fwd.flash_forward`, without packed bounds).
 
@@ -297,7 +321,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
       config: tiling; ``config.block_k`` is the KV block the table ids refer to.
       blocks: optional KV blocks per query tile; ``blocks.q_tile`` must be a multiple of the
         queries of one CTA (``2 * 64 // G_p``).
-      interpret: run under the Mosaic GPU interpreter (CPU).
+      interpret: run under the Mosaic GPU interpreter (CPU); True, or its parameters
+        (`plgpu.InterpretGPUParams`, e.g. with ``detect_races=True``).
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
@@ -334,11 +359,12 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
         barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS),
                     plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS))
 
         def run(q_smem, o_smem, *rest):
             _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                    (q_smem, q_smem if o_smem is None else o_smem, *rest[:-5]), rest[-5:],
+                    (q_smem, q_smem if o_smem is None else o_smem, *rest[:-6]), rest[-6:],
                     rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config,
                     q_tile=0 if blocks is None else blocks.q_tile, num_ctas=num_ctas)
 
@@ -359,7 +385,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
         kernel_name="nsa_mosaic_flash_fwd",
     )(offsets.astype(jnp.int32), _plan(rule, lay, offsets, blocks), *table_args,
       lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
