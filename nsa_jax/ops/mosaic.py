@@ -98,7 +98,7 @@ class MosaicBackend(base.Backend):
         device = jax.devices()[0]
         kind = getattr(device, "device_kind", jax.default_backend())
         return base.Support(
-            f"needs a Hopper GPU (compute capability 9.x; this machine has {kind!r}); use "
+            f"needs a Hopper GPU (compute capability 9.x, this machine has {kind!r}); use "
             "implementation='triton' on other GPUs, or pass interpret=True to run the kernels "
             "under the Mosaic GPU interpreter")
 

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from nsa_jax import api
+from nsa_jax import api, ops
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings, default_tilings
@@ -475,8 +475,9 @@ def run(*, lengths: Sequence[int], shapes: Sequence[Shape], reps: int = 5,
     ``packed_lengths``: rows of T tokens packed with documents of lengths drawn from
     ``document_range`` (`measure_packed`; forward only with ``rows`` = `FORWARD_ROWS`)."""
     config = NSAConfig() if config is None else config
-    if implementation is None:
-        implementation = "triton" if jax.default_backend() == "gpu" else "xla"
+    if implementation is None:  # the first natively available: "mosaic", "triton", "xla"
+        implementation = next(name for name in ("mosaic", "triton", "xla")
+                              if ops.get(name).available(False))
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = jax.devices()[0]

@@ -16,7 +16,7 @@ import sys
 # nothing heavy (tests/test_cli.py checks that they agree).
 DEMO_DEFAULTS = dict(steps=300, seq_len=2048, batch_size=8, seed=0)
 # The implementations the commands can run; "reference" is too slow to train or time with.
-RUNNABLE = ("xla", "triton")
+RUNNABLE = ("xla", "triton", "mosaic")
 GPU_LENGTHS = [8192, 16384, 32768, 65536, 131072]
 CPU_LENGTHS = [2048]
 
@@ -48,8 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--implementation", default=None, choices=RUNNABLE,
                      help="NSA implementation; None picks the fastest available")
     sub.add_argument("--interpret", action="store_true",
-                     help="run the Pallas kernels in interpret mode (--implementation triton on a "
-                          "CPU; slow)")
+                     help="run the Pallas kernels in interpret mode (--implementation triton or "
+                          "mosaic on a CPU; slow)")
     sub.set_defaults(error=sub.error, run=_demo)
 
     sub = commands.add_parser(
@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="sweep tilings per kernel first (needs implementation triton)")
     sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
     sub.add_argument("--implementation", default=None, choices=RUNNABLE,
-                     help="NSA implementation; default triton on a GPU, xla otherwise")
+                     help="NSA implementation; default mosaic on Hopper, triton on other GPUs, "
+                          "xla otherwise")
     sub.add_argument("--out", default="nsa_bench_out", help="directory for bench.json and bench.png")
     sub.add_argument("--force", action="store_true",
                      help="run even when dense attention on a CPU would need more memory than the "
@@ -103,15 +104,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check_backend(args: argparse.Namespace) -> None:
-    """Refuses --implementation triton without a GPU unless interpret mode is asked for."""
-    import jax
+    """Refuses a Pallas implementation this machine cannot run natively, unless interpret mode
+    is asked for."""
+    from nsa_jax import ops
 
     interpret = getattr(args, "interpret", False)
-    if args.implementation == "triton" and jax.default_backend() != "gpu" and not interpret:
-        hint = " with --interpret (slow)" if hasattr(args, "interpret") else ""
-        args.error(f"--implementation triton needs an NVIDIA GPU (JAX backend is "
-                   f"{jax.default_backend()!r}); use --implementation xla, or run the kernels "
-                   f"in interpret mode{hint}")
+    if args.implementation in (None, "xla") or interpret:
+        return
+    if not (ok := ops.get(args.implementation).available(False)):
+        hint = (", or run the kernels in interpret mode with --interpret (slow)"
+                if hasattr(args, "interpret") else "")
+        args.error(f"--implementation {args.implementation} {ok.reason.split(';')[0]}; use "
+                   f"--implementation xla{hint}")
 
 
 def _memory_bytes() -> int | None:
