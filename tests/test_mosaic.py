@@ -60,14 +60,16 @@ def test_compressed_branch(T, HQ, H, D, Dv, S):
            (q, k_c, v_c), 1, ("q", "k_c", "v_c"))
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_window_branch_where_warpgroups_see_different_blocks(causal):
+@pytest.mark.parametrize("causal,pingpong", [(True, True), (False, False)])
+def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong):
     """A window of 48 keys and 64-key blocks: the two warpgroups of a CTA start at different
     blocks, so each skips blocks the other needs."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4,
                             window=48, causal=causal)
     q, k, v = _inputs(203, 8, 2, 16, 16, 2)
-    fn = jax.jit(lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg, **MOSAIC))
+    tilings = nsa_jax.MosaicTilings(window=MosaicFlashConfig(pingpong=pingpong))
+    fn = jax.jit(lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg,
+                                                                  tilings=tilings, **MOSAIC))
     assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
     _check(fn, lambda *a: reference.sliding_window_attention(*a, config=cfg), (q, k, v), 2,
            ("q", "k", "v"))

@@ -31,8 +31,6 @@ from nsa_jax.kernels.common import LN2, LOG2E, BlockTable, Launch, MaskRule, bou
 
 ROWS = 64  # rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
-_PINGPONG = True
-_ACC_IN_PLACE = True
 # Channels are padded to whole 128-byte swizzle rows of 16-bit elements.
 CHANNELS = 64
 
@@ -45,11 +43,14 @@ class MosaicFlashConfig:
       block_k: keys per KV block (64 or 128; the unit a `BlockTable` refers to).
       num_stages: KV blocks in flight (SMEM ring slots), at least 2.
       num_ctas: persistent CTAs; None: one per multiprocessor.
+      pingpong: keep the two compute warpgroups half a step apart, so that one's softmax runs
+        while the other's products do (FA3's schedule).
     """
 
     block_k: int = 64
     num_stages: int = 2
     num_ctas: int | None = None
+    pingpong: bool = True
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
@@ -151,7 +152,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
         # Both compute warpgroups meet here. One meeting per step half and an extra one at each
         # unit's start (warpgroup 1) and end (warpgroup 0) keep them half a step apart: one
         # issues its products while the other runs its softmax.
-        if _PINGPONG:
+        if cfg.pingpong:
             plgpu.barrier_arrive(sched)
             plgpu.barrier_wait(sched)
 
@@ -207,10 +208,10 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                 l = l * alpha + p.sum(axis=1)
                 p = p.astype(q_ref.dtype)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                if _PINGPONG:
+                if cfg.pingpong:
                     plgpu.barrier_arrive(sched)
                 plgpu.barrier_wait(v_ready.at[slot])
-                if _PINGPONG:
+                if cfg.pingpong:
                     plgpu.barrier_wait(sched)
 
                 if p_smem is not None:
@@ -219,7 +220,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                     plgpu.commit_smem()
                     p = p_smem.at[wg]
 
-                if p_smem is None and _ACC_IN_PLACE:
+                if p_smem is None:
                     acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p, v_smem.at[slot]))(
                         plgpu.ACC.init(acc))
                 else:
