@@ -10,5 +10,7 @@ Kernels see only arrays and compact block metadata, never `NSAConfig`'s meaning.
   mode: `flash_fwd` (the flash-attention forward core shared by the three branches), `flash_bwd`
   (dQ, and dK/dV without atomics), `block_scores` (compressed attention mass per query tile for
   block selection) and `tiling` (their frozen tilings, with a default per GPU generation).
-- Mosaic GPU (Hopper) kernels are to come under ``mosaic_gpu/``, on the same `common` pieces.
+- `mosaic_gpu/`: Pallas Mosaic GPU kernels for Hopper on the same `common` pieces: `flash_fwd`
+  (the forward core, warp-specialised with a TMA ring and wgmma; runs under the Mosaic GPU
+  interpreter on CPU) and `tiling` (the "mosaic" backend's tilings).
 """

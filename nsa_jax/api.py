@@ -73,12 +73,13 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
       kv_len: key length S the compressed tokens came from (int or int32[B]); default T. Query t
         sits at key position t + (S - T).
       implementation: None (per operation, the fastest backend that runs here and supports the
-        call: "triton" on a GPU, "xla" elsewhere), "xla", "triton", "reference" or "mosaic"
-        (not yet available). An explicit backend that cannot serve the call raises, saying why.
+        call: "mosaic" on Hopper, "triton" on other GPUs, "xla" elsewhere), "xla", "triton",
+        "mosaic" (Mosaic GPU forward kernels where they serve the call, Triton kernels for the
+        rest) or "reference". An explicit backend that cannot serve the call raises, saying why.
       interpret: run Pallas kernels in interpret mode (with an explicit Pallas implementation).
-      tilings: a backend's tilings (`TritonTilings`, `XlaTilings`; speed only); None, or
-        another backend's, means that backend's default for the device. Every function below
-        takes the same ``implementation``, ``interpret`` and ``tilings``.
+      tilings: a backend's tilings (`MosaicTilings`, `TritonTilings`, `XlaTilings`; speed
+        only); None, or another backend's, means that backend's default for the device. Every
+        function below takes the same ``implementation``, ``interpret`` and ``tilings``.
       segment_ids, max_segments: packed documents, as in `nsa_attention` (then kv_len must be
         None, and k_c, v_c come from `compress` with the same segment ids). Every function below
         takes them; each document gives what it gives alone.
@@ -267,10 +268,12 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         each rounded up to lcm(d, l', select_q_tile) tokens.
       compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
       implementation: None (per operation, the fastest backend that runs here and supports the
-        call), "xla", "triton" (Pallas kernels, forward and backward), "reference" or "mosaic"
-        (not yet available). An explicit backend that cannot serve the call raises, saying why.
+        call), "xla", "triton" (Pallas kernels, forward and backward), "mosaic" (Mosaic GPU
+        forward kernels on Hopper where they serve the call, Triton kernels for the rest) or
+        "reference". An explicit backend that cannot serve the call raises, saying why.
       interpret: run Pallas kernels in interpret mode.
-      tilings: a backend's tilings (`TritonTilings`, `XlaTilings`); None: the device's default.
+      tilings: a backend's tilings (`MosaicTilings`, `TritonTilings`, `XlaTilings`); None: the
+        device's default.
       max_segments: static room of that layout, in documents per row; the default, ceil(T /
         lcm(...)), holds any packing whose documents average at least lcm(...) tokens. A row
         needing more room raises at run time.

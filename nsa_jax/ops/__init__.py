@@ -18,15 +18,11 @@ _BACKENDS = {
     "triton": "nsa_jax.ops.triton",
     "xla": "nsa_jax.ops.xla",
 }
-# Names users may already write whose backend has not landed; asking for one raises this reason.
-_PLANNED: dict[str, str] = {}
-NAMES = ("reference", *_BACKENDS, *_PLANNED)
+NAMES = ("reference", *_BACKENDS)
 
 
 def get(name: str) -> Backend:
     """The backend called ``name`` (`NAMES` less "reference")."""
-    if name in _PLANNED:
-        raise NotImplementedError(f"implementation={name!r} is not yet available: {_PLANNED[name]}")
     return importlib.import_module(_BACKENDS[name]).BACKEND
 
 
