@@ -30,8 +30,8 @@ class Block(nnx.Module):
     def __init__(self, width: int, heads: int, kv_heads: int, config: nsa_jax.NSAConfig, *, dtype,
                  rngs: nnx.Rngs):
         self.norm1 = nnx.RMSNorm(width, rngs=rngs)
-        self.attn = nsa_jax.NSAAttention(width, heads, kv_heads, width // heads, config,
-                                         dtype=dtype, rngs=rngs)
+        self.attn = nsa_jax.NSAAttention(heads, width, num_kv_heads=kv_heads, config=config,
+                                         use_bias=False, dtype=dtype, rngs=rngs)
         self.norm2 = nnx.RMSNorm(width, rngs=rngs)
         self.up = nnx.Linear(width, 4 * width, dtype=dtype, rngs=rngs)
         self.down = nnx.Linear(4 * width, width, dtype=dtype, rngs=rngs)

@@ -254,7 +254,7 @@ def _combine(o_c, o_s, o_w, g):
 
 def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None,
                   implementation=None, interpret: bool = False, tilings=None,
-                  max_segments: int | None = None):
+                  max_segments: int | None = None, return_selection: bool = False):
     """Native Sparse Attention: compressed, selected and sliding-window branches, gated.
 
     Args:
@@ -277,14 +277,26 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
       max_segments: static room of that layout, in documents per row; the default, ceil(T /
         lcm(...)), holds any packing whose documents average at least lcm(...) tokens. A row
         needing more room raises at run time.
+      return_selection: also return the blocks the selected branch attended to (not with
+        ``segment_ids``: packed rows select in the aligned layout).
 
     Returns:
-      [B, T, HQ, Dv] in q.dtype. Differentiable in q, k, v, g and compress_params.
+      [B, T, HQ, Dv] in q.dtype, differentiable in q, k, v, g and compress_params; with
+      ``return_selection``, a pair of it and the `BlockSparseIndices` (not differentiated).
     """
     _checks.options(config, implementation, interpret, tilings)
+    if not isinstance(return_selection, bool):
+        raise TypeError(f"return_selection must be a bool, got {return_selection!r}")
+    if return_selection and segment_ids is not None:
+        raise ValueError("return_selection is not supported with segment_ids: packed rows "
+                         "select blocks in the aligned layout, not per token of the input")
     if implementation == "reference":
-        return reference.nsa_attention(q, k, v, g, config=config, segment_ids=segment_ids,
-                                       compress_params=compress_params, max_segments=max_segments)
+        o = reference.nsa_attention(q, k, v, g, config=config, segment_ids=segment_ids,
+                                    compress_params=compress_params, max_segments=max_segments)
+        if not return_selection:
+            return o
+        k_c, _ = compress_checked(k, v, config, compress_params)
+        return o, reference.select_blocks(q, k_c, config=config, kv_len=k.shape[1])
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     _checks.gates(g, B, T, HQ)
     check_params(config, compress_params, H, D, Dv)
@@ -296,7 +308,13 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
                 ops.Shapes(B, T, T_k, HQ, H, D, Dv, select_block=config.select_block), interpret,
                 tilings)
     if B == 0 or T == 0 or S == 0:
-        return _empty(B, T, HQ, Dv, q.dtype)
+        o = _empty(B, T, HQ, Dv, q.dtype)
+        if not return_selection:
+            return o
+        n_rows = -(-T // config.select_q_tile)
+        return o, BlockSparseIndices(jnp.full((B, H, n_rows, config.num_selected), -1, jnp.int32),
+                                     jnp.zeros((B, H, n_rows), jnp.int32),
+                                     q_tile=config.select_q_tile, block_size=config.select_block)
 
     def body(q, k, v, g, key_bounds):
         k_c, v_c = compress_checked(k, v, config, compress_params)
@@ -308,6 +326,7 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
                               key_bounds=_selected_bounds(config, key_bounds))
         o_w = (run("window")(q, k, v, config, key_bounds=key_bounds) if config.window
                else jnp.zeros_like(o_s))
-        return _combine(o_c, o_s, o_w, g)
+        o = _combine(o_c, o_s, o_w, g)
+        return (o, sel) if return_selection else o
 
     return segments.in_documents(_packing(segment_ids, config, max_segments), body, q, k, v, g)

@@ -6,6 +6,8 @@ itself is the pure function `nsa_jax.nsa_attention`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -29,98 +31,147 @@ def apply_rope(x, positions, base: float):
 
 
 class NSAAttention(nnx.Module):
-    """Native Sparse Attention layer with GQA, optional RoPE and learned gates.
+    """Native Sparse Attention as a causal self-attention layer: GQA, optional RoPE, learned gates.
+
+    Shaped like `flax.nnx.MultiHeadAttention` where the two coincide: the same leading arguments
+    in the same order (``num_heads, in_features, qkv_features, out_features, num_kv_heads``),
+    ``head_dim = qkv_features // num_heads``, the projections ``query``, ``key``, ``value`` and
+    ``out`` as `nnx.LinearGeneral` with ``use_bias``, ``kernel_init``, ``bias_init``,
+    ``out_kernel_init``, ``out_bias_init`` (so `nnx.with_partitioning` works), ``precision``,
+    ``dtype`` and ``param_dtype``, and ``input_positions`` at call time. Where NSA differs:
+    self-attention only (one input), causal or not by ``config.causal``, no mask or dropout
+    arguments, a value width ``v_head_dim`` that may differ from ``head_dim``, a ``gate``
+    projection (three sigmoid gates per head, starting at 1/2), the compression parameters of
+    ``config.compress_method``, and ``sow_selection`` to record the blocks it selected.
 
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
       >>> import nsa_jax
       >>> cfg = nsa_jax.NSAConfig(window=64, num_selected=4, select_q_tile=16)
-      >>> layer = nsa_jax.NSAAttention(in_features=32, num_heads=4, num_kv_heads=2, head_dim=8,
-      ...                              config=cfg, rngs=nnx.Rngs(0))
+      >>> layer = nsa_jax.NSAAttention(4, 32, num_kv_heads=2, config=cfg, rngs=nnx.Rngs(0))
       >>> layer(jnp.ones((1, 100, 32))).shape
       (1, 100, 32)
 
     Args:
-      in_features: width of the layer input x [B, T, in_features].
       num_heads: query heads HQ.
-      num_kv_heads: key/value heads H; HQ must be a multiple of H.
-      head_dim: D, the query/key head dim.
-      config: `NSAConfig` (its ``compress_method`` decides the compression parameters).
-      v_head_dim: Dv, default ``head_dim``.
-      out_features: output width, default ``in_features``.
-      use_rope: rotate q and k by their positions before attention.
-      rope_base: RoPE frequency base.
+      in_features: width of the layer input [B, T, in_features].
+      qkv_features: HQ * D, the width of the query projection (default ``in_features``); D =
+        qkv_features // num_heads.
+      out_features: output width (default ``in_features``).
+      num_kv_heads: key/value heads H (default ``num_heads``); HQ must be a multiple of H.
+      config: `NSAConfig`.
+      v_head_dim: Dv, default D.
+      dtype, param_dtype, precision, kernel_init, bias_init, use_bias, out_kernel_init,
+        out_bias_init: as in `nnx.MultiHeadAttention`, for the q/k/v/out projections (the out
+        ones default to kernel_init / bias_init). The gate projection always has a bias and
+        starts at zero.
+      use_rope, rope_base: rotate q and k by their positions before attention, with this base.
       implementation, tilings, interpret: passed to `nsa_attention`.
-      dtype: compute dtype of projections and attention (None: the input's dtype).
-      param_dtype: parameter dtype.
       rngs: `nnx.Rngs` for initialisation.
     """
 
-    def __init__(self, in_features: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 config: NSAConfig, *, v_head_dim: int | None = None, out_features: int | None = None,
-                 use_rope: bool = True, rope_base: float = 10000.0, implementation: str | None = None,
-                 tilings=None, interpret: bool = False, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
+                 out_features: int | None = None, num_kv_heads: int | None = None, *,
+                 config: NSAConfig, v_head_dim: int | None = None, dtype=None,
+                 param_dtype=jnp.float32, precision=None,
+                 kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+                 out_kernel_init=None, bias_init=nnx.initializers.zeros_init(),
+                 out_bias_init=None, use_bias: bool = True, use_rope: bool = True,
+                 rope_base: float = 10000.0, implementation: str | None = None, tilings=None,
+                 interpret: bool = False, rngs: nnx.Rngs):
         _checks.options(config, implementation, interpret, tilings)
-        for name, val in (("in_features", in_features), ("num_heads", num_heads),
-                          ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                          ("v_head_dim", v_head_dim), ("out_features", out_features)):
-            _checks.positive_int(name, val, allow_none=name in ("v_head_dim", "out_features"))
+        for name, val in (("num_heads", num_heads), ("in_features", in_features),
+                          ("qkv_features", qkv_features), ("out_features", out_features),
+                          ("num_kv_heads", num_kv_heads), ("v_head_dim", v_head_dim)):
+            _checks.positive_int(name, val, allow_none=name not in ("num_heads", "in_features"))
+        qkv_features = in_features if qkv_features is None else qkv_features
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _checks.heads(num_heads, num_kv_heads)
+        if qkv_features % num_heads:
+            raise ValueError(f"qkv_features={qkv_features} must be a multiple of "
+                             f"num_heads={num_heads} (head_dim = qkv_features // num_heads)")
+        head_dim = qkv_features // num_heads
         v_head_dim = head_dim if v_head_dim is None else v_head_dim
-        out_features = in_features if out_features is None else out_features
-        self.in_features = in_features
-        self.config = config
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.num_heads, self.in_features = num_heads, in_features
+        self.qkv_features = qkv_features
+        self.out_features = in_features if out_features is None else out_features
+        self.num_kv_heads = num_kv_heads
         self.head_dim, self.v_head_dim = head_dim, v_head_dim
+        self.config = config
         self.use_rope, self.rope_base = use_rope, rope_base
         self.implementation, self.tilings, self.interpret = implementation, tilings, interpret
-        self.dtype = dtype
-        lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(in_features, num_heads * head_dim, **lin)
-        self.k_proj = nnx.Linear(in_features, num_kv_heads * head_dim, **lin)
-        self.v_proj = nnx.Linear(in_features, num_kv_heads * v_head_dim, **lin)
-        self.o_proj = nnx.Linear(num_heads * v_head_dim, out_features, **lin)
-        # Gates start near 1/2 each (sigmoid(0)), so all three branches train from the start.
-        self.gate_proj = nnx.Linear(in_features, num_heads * 3, use_bias=True, dtype=dtype,
-                                    param_dtype=param_dtype,
-                                    kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        linear = functools.partial(nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype,
+                                   precision=precision, use_bias=use_bias, rngs=rngs)
+        proj = functools.partial(linear, in_features, kernel_init=kernel_init,
+                                 bias_init=bias_init)
+        self.query = proj((num_heads, head_dim))
+        self.key = proj((num_kv_heads, head_dim))
+        self.value = proj((num_kv_heads, v_head_dim))
+        self.out = linear((num_heads, v_head_dim), self.out_features, axis=(-2, -1),
+                          kernel_init=out_kernel_init or kernel_init,
+                          bias_init=out_bias_init or bias_init)
+        # Gates start at sigmoid(0) = 1/2 each, so all three branches train from the start.
+        self.gate = nnx.LinearGeneral(in_features, (num_heads, 3), use_bias=True, dtype=dtype,
+                                      param_dtype=param_dtype, precision=precision,
+                                      kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
         params = init_params(rngs.params(), config, num_kv_heads, head_dim, v_head_dim, param_dtype)
         self.compress_params = nnx.data({name: nnx.Param(p) for name, p in params.items()})
 
-    def __call__(self, x, *, positions=None, segment_ids=None, max_segments: int | None = None):
-        """x: [B, T, in_features] -> [B, T, out_features].
-
-        ``positions``: int [B, T] for RoPE; default t, or the position inside each document when
-        ``segment_ids`` (int [B, T], packed documents, 0 = padding) are given. ``max_segments``:
-        as in `nsa_attention`.
-        """
-        _checks.rank("x", x, 3, "[B, T, in_features]")
-        _checks.floating("x", x)
-        B, T, width = x.shape
-        if width != self.in_features:
-            raise ValueError(f"x must have shape [B, T, in_features={self.in_features}], got "
-                             f"{tuple(x.shape)}")
-        _checks.packed(segment_ids, max_segments, B, T, T)
-        if positions is not None and tuple(getattr(positions, "shape", ())) != (B, T):
-            raise ValueError(f"positions must have shape [B, T] = {(B, T)}, got "
-                             f"{getattr(positions, 'shape', type(positions).__name__)}")
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        q = self.q_proj(x).reshape(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.v_head_dim)
+    def project(self, inputs_q, *, input_positions=None, segment_ids=None):
+        """The attention inputs of ``inputs_q`` [B, T, in_features]: q [B, T, HQ, D], k [B, T, H,
+        D] and v [B, T, H, Dv] (q and k rotated when ``use_rope``) and the gates g [B, T, HQ, 3]
+        in (0, 1); what ``__call__`` hands to `nsa_attention`."""
+        x = self._check_input(inputs_q, input_positions, segment_ids)
+        B, T, _ = x.shape
+        q, k, v = self.query(x), self.key(x), self.value(x)
         if self.use_rope:
+            positions = input_positions
             if positions is None and segment_ids is not None:
                 positions = segments.layout(segment_ids)[2]
             elif positions is None:
                 positions = jnp.broadcast_to(jnp.arange(T), (B, T))
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
-        g = jax.nn.sigmoid(self.gate_proj(x).astype(jnp.float32)).reshape(B, T, self.num_heads, 3)
+        g = jax.nn.sigmoid(self.gate(x).astype(jnp.float32)).astype(q.dtype)
+        return q, k, v, g
+
+    def __call__(self, inputs_q, *, input_positions=None, segment_ids=None,
+                 max_segments: int | None = None, sow_selection: bool = False):
+        """inputs_q: [B, T, in_features] -> [B, T, out_features].
+
+        ``input_positions``: int [B, T] for RoPE; default t, or the position inside each
+        document when ``segment_ids`` (int [B, T], packed documents, 0 = padding) are given.
+        ``max_segments``: as in `nsa_attention`. ``sow_selection``: record the selection the
+        layer made (`BlockSparseIndices`) with ``self.sow(nnx.Intermediate, "selection", ...)``
+        (not with ``segment_ids``); e.g. ``y, sown = nnx.capture(layer, nnx.Intermediate)(x,
+        sow_selection=True)``, then ``(sel,) = sown["selection"].get_value()``.
+        """
+        _checks.rank("inputs_q", inputs_q, 3, "[B, T, in_features]")
+        _checks.packed(segment_ids, max_segments, *inputs_q.shape[:2], inputs_q.shape[1])
+        q, k, v, g = self.project(inputs_q, input_positions=input_positions,
+                                  segment_ids=segment_ids)
         params = {name: p[...] for name, p in self.compress_params.items()} or None
-        o = nsa_attention(q, k, v, g.astype(q.dtype), config=self.config, compress_params=params,
+        o = nsa_attention(q, k, v, g, config=self.config, compress_params=params,
                           segment_ids=segment_ids, implementation=self.implementation,
-                          tilings=self.tilings, interpret=self.interpret, max_segments=max_segments)
-        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))
+                          tilings=self.tilings, interpret=self.interpret,
+                          max_segments=max_segments, return_selection=sow_selection)
+        if sow_selection:
+            o, sel = o
+            self.sow(nnx.Intermediate, "selection", sel)
+        return self.out(o)
+
+    def _check_input(self, x, positions, segment_ids):
+        _checks.rank("inputs_q", x, 3, "[B, T, in_features]")
+        _checks.floating("inputs_q", x)
+        B, T, width = x.shape
+        if width != self.in_features:
+            raise ValueError(f"inputs_q must have shape [B, T, in_features={self.in_features}], "
+                             f"got {tuple(x.shape)}")
+        if positions is not None and tuple(getattr(positions, "shape", ())) != (B, T):
+            raise ValueError(f"input_positions must have shape [B, T] = {(B, T)}, got "
+                             f"{getattr(positions, 'shape', type(positions).__name__)}")
+        if segment_ids is not None:
+            _checks.packed(segment_ids, None, B, T, T)
+        return x if self.dtype is None else x.astype(self.dtype)

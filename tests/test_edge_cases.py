@@ -173,14 +173,17 @@ def test_bad_input(call, err, match):
 
 
 @pytest.mark.parametrize("kwargs,call,match", [
-    ({}, lambda m: m(jnp.zeros((1, 10, 12))), re.escape("x must have shape [B, T, in_features=16]")),
-    ({}, lambda m: m(jnp.zeros((1, 10, 16)), positions=jnp.arange(9)[None]),
-     re.escape("positions must have shape [B, T] = (1, 10)")),
+    ({}, lambda m: m(jnp.zeros((1, 10, 12))),
+     re.escape("inputs_q must have shape [B, T, in_features=16]")),
+    ({}, lambda m: m(jnp.zeros((1, 10, 16)), input_positions=jnp.arange(9)[None]),
+     re.escape("input_positions must have shape [B, T] = (1, 10)")),
+    (dict(qkv_features=18), None, "qkv_features=18 must be a multiple of num_heads=4"),
     (dict(v_head_dim=0), None, "v_head_dim=0 must be a positive int"),
 ])
 def test_layer_bad_input(kwargs, call, match):
     with pytest.raises(ValueError, match=match):
-        layer = nsa_jax.NSAAttention(16, 4, 2, 8, config=CFG, rngs=nnx.Rngs(0), **kwargs)
+        layer = nsa_jax.NSAAttention(4, 16, 32, num_kv_heads=2, config=CFG, rngs=nnx.Rngs(0),
+                                     **kwargs)
         call(layer)
 
 

@@ -99,18 +99,19 @@ def test_errors_under_jit_are_the_same():
 
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(num_heads=3, num_kv_heads=2), ValueError, "HQ=3 must be a multiple of KV heads H=2"),
-    (dict(head_dim=0), ValueError, "head_dim=0 must be a positive int"),
+    (dict(qkv_features=0), ValueError, "qkv_features=0 must be a positive int"),
     (dict(implementation="tpu"), ValueError, "implementation='tpu' is unknown"),
     (dict(config=None), TypeError, "config must be an nsa_jax.NSAConfig"),
 ])
 def test_module_bad_arguments(kwargs, err, match):
-    args = dict(in_features=16, num_heads=4, num_kv_heads=2, head_dim=8, config=CFG, rngs=nnx.Rngs(0))
+    args = dict(num_heads=4, in_features=16, qkv_features=32, num_kv_heads=2, config=CFG,
+                rngs=nnx.Rngs(0))
     args.update(kwargs)
     with pytest.raises(err, match=match):
         nsa_jax.NSAAttention(**args)
 
 
 def test_module_bad_input_rank():
-    layer = nsa_jax.NSAAttention(16, 4, 2, 8, config=CFG, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=re.escape("x must have rank 3 ([B, T, in_features])")):
+    layer = nsa_jax.NSAAttention(4, 16, 32, num_kv_heads=2, config=CFG, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=re.escape("inputs_q must have rank 3 ([B, T, in_features])")):
         layer(jnp.zeros((40, 16)))

@@ -175,7 +175,8 @@ def test_layer_runs_packed_documents(impl):
     via_api = nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg,
                                     implementation="reference")
     np.testing.assert_array_equal(np.asarray(via_api), np.asarray(direct))
-    layer = nsa_jax.NSAAttention(16, HQ, H, D, cfg, rngs=nnx.Rngs(0), **IMPLS[impl])
+    layer = nsa_jax.NSAAttention(HQ, 16, HQ * D, num_kv_heads=H, config=cfg, rngs=nnx.Rngs(0),
+                                 **IMPLS[impl])
     x = normal(jax.random.key(9), (1, T, 16))
     out = layer(x, segment_ids=seg)
     want = jnp.concatenate([layer(x[:, a:b]) for a, b in zip(cu[:-1], cu[1:])]

@@ -273,14 +273,9 @@ class _DenseTwin(nnx.Module):
         self.layer = layer
 
     def __call__(self, x):
-        m = self.layer
-        B, T, _ = x.shape
-        x = x.astype(m.dtype) if m.dtype is not None else x
-        q = m.q_proj(x).reshape(B, T, m.num_heads, m.head_dim)
-        k = m.k_proj(x).reshape(B, T, m.num_kv_heads, m.head_dim)
-        v = m.v_proj(x).reshape(B, T, m.num_kv_heads, m.v_head_dim)
+        q, k, v, _ = self.layer.project(x)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=_dense_impl())
-        return m.o_proj(o.reshape(B, T, m.num_heads * m.v_head_dim))
+        return self.layer.out(o)
 
 
 def train_step_ms(shape: Shape, T: int, *, config: NSAConfig, implementation: str,
@@ -289,9 +284,9 @@ def train_step_ms(shape: Shape, T: int, *, config: NSAConfig, implementation: st
     inputs, bf16 compute, regression loss: NSA with ``select_q_tile=64`` against the same layer's
     projections around dense attention."""
     cfg = dataclasses.replace(config, select_q_tile=64)
-    layer = NSAAttention(width, shape.HQ, shape.H, shape.D, cfg, use_rope=False,
-                         implementation=implementation, tilings=tilings, dtype=jnp.bfloat16,
-                         rngs=nnx.Rngs(0))
+    layer = NSAAttention(shape.HQ, width, shape.HQ * shape.D, num_kv_heads=shape.H, config=cfg,
+                         use_bias=False, use_rope=False, implementation=implementation,
+                         tilings=tilings, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     ks = jax.random.split(jax.random.key(T), 2)
     x = jax.random.normal(ks[0], (1, T, width), jnp.bfloat16)
     y = jax.random.normal(ks[1], (1, T, width), jnp.float32)

@@ -48,7 +48,6 @@ from flax import nnx
 from tqdm import tqdm
 
 import nsa_jax
-from nsa_jax.module import apply_rope
 from nsa_jax.ops import selection
 
 matplotlib.use("Agg")
@@ -222,8 +221,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: DemoConfig, *, rngs: nnx.Rngs):
         self.attn_norm = nnx.RMSNorm(cfg.width, rngs=rngs)
-        self.attn = nsa_jax.NSAAttention(cfg.width, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                         cfg.nsa, use_rope=cfg.use_rope,
+        self.attn = nsa_jax.NSAAttention(cfg.num_heads, cfg.width, cfg.num_heads * cfg.head_dim,
+                                         num_kv_heads=cfg.num_kv_heads, config=cfg.nsa,
+                                         use_bias=False, use_rope=cfg.use_rope,
                                          implementation=cfg.implementation,
                                          interpret=cfg.interpret, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(cfg.width, rngs=rngs)
@@ -260,24 +260,11 @@ class RetrievalModel(nnx.Module):
 
 
 def layer_selection(layer: nsa_jax.NSAAttention, x) -> nsa_jax.BlockSparseIndices:
-    """Replays the block selection that ``layer`` makes for its input x [B, T, in_features].
-
-    `NSAAttention` does not return its selection, so this repeats its q/k/v projections (and
-    RoPE) and runs the public compress, compressed-attention and select pipeline on them.
-    """
-    B, T, _ = x.shape
-    q = layer.q_proj(x).reshape(B, T, layer.num_heads, layer.head_dim)
-    k = layer.k_proj(x).reshape(B, T, layer.num_kv_heads, layer.head_dim)
-    v = layer.v_proj(x).reshape(B, T, layer.num_kv_heads, layer.v_head_dim)
-    if layer.use_rope:
-        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-        q = apply_rope(q, positions, layer.rope_base)
-        k = apply_rope(k, positions, layer.rope_base)
-    params = {name: p[...] for name, p in layer.compress_params.items()} or None
-    k_c, v_c = nsa_jax.compress(k, v, config=layer.config, params=params)
-    kw = dict(config=layer.config, implementation=layer.implementation, interpret=layer.interpret)
-    _, lse = nsa_jax.compressed_attention(q, k_c, v_c, **kw)
-    return nsa_jax.select_blocks(q, k_c, lse=lse, **kw)
+    """The block selection ``layer`` makes for its input x [B, T, in_features] (its
+    ``sow_selection``)."""
+    _, sown = nnx.capture(layer, nnx.Intermediate)(x, sow_selection=True)
+    (sel,) = sown["selection"].get_value()
+    return sel
 
 
 def _answer_loss(model, tokens, targets, answer):
