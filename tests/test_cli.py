@@ -3,10 +3,13 @@ first command; the full benchmark needs a GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 
+import nsa_jax
 from nsa_jax.tools import bench, cli
 
 
@@ -98,3 +101,25 @@ def test_bench_refuses_dense_attention_larger_than_memory(capsys, monkeypatch):
         cli.main(["bench", "--lengths", "8192", "--shapes", "64x4"])
     err = capsys.readouterr().err
     assert "would need about 32 GiB" in err and "--force" in err
+
+
+def test_demo_control_leaves_branches_out():
+    """With every branch listed the control path computes the layer itself; a control run
+    zeroes what it leaves out, and bad branch lists are refused."""
+    import jax
+    from flax import nnx
+
+    from nsa_jax.tools import demo
+    cfg = demo.DemoConfig(seq_len=256, width=32, head_dim=8)
+    block = demo.Block(cfg, rngs=nnx.Rngs(0))
+    h = jax.random.normal(jax.random.key(0), (1, 256, 32))
+    np.testing.assert_allclose(block._control(h), block.attn(h), atol=1e-5)
+    window = demo.Block(dataclasses.replace(cfg, branches=("window",)), rngs=nnx.Rngs(0))
+    q, k, v, g = window.attn.project(h)
+    o_w = nsa_jax.sliding_window_attention(q, k, v, config=cfg.nsa)
+    want = window.attn.out(o_w * g[..., 2:3])
+    np.testing.assert_allclose(window._control(h), want, atol=1e-5)
+    with pytest.raises(ValueError, match="branches=\\('gates',\\) must be a non-empty subset"):
+        demo.DemoConfig(branches=("gates",))
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--branches", "dense"])

@@ -14,7 +14,8 @@ import sys
 
 # `nsa_jax.tools.demo.DemoConfig`'s defaults, repeated so that building the parser imports
 # nothing heavy (tests/test_cli.py checks that they agree).
-DEMO_DEFAULTS = dict(steps=300, seq_len=2048, batch_size=8, seed=0)
+DEMO_DEFAULTS = dict(steps=300, seq_len=2048, batch_size=8, seed=0,
+                     branches=("compressed", "selected", "window"))
 # The implementations the commands can run; "reference" is too slow to train or time with.
 RUNNABLE = ("xla", "triton", "mosaic")
 GPU_LENGTHS = [8192, 16384, 32768, 65536, 131072]
@@ -44,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--batch-size", type=int, default=defaults.batch_size,
                      help="sequences per step")
     sub.add_argument("--seed", type=int, default=defaults.seed, help="random seed")
+    sub.add_argument("--branches", nargs="+", default=list(defaults.branches),
+                     choices=defaults.branches,
+                     help="NSA branches the model uses; leave some out for a control run (e.g. "
+                          "--branches window: the window alone cannot reach the needles)")
     sub.add_argument("--out", default="nsa_demo_out", help="directory for loss.png and selection.png")
     sub.add_argument("--implementation", default=None, choices=RUNNABLE,
                      help="NSA implementation; None picks the fastest available")
@@ -92,7 +97,9 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         cfg = dataclasses.replace(demo.DemoConfig(), steps=args.steps, seq_len=args.seq_len,
                                   batch_size=args.batch_size, seed=args.seed,
-                                  implementation=args.implementation, interpret=args.interpret)
+                                  implementation=args.implementation, interpret=args.interpret,
+                                  branches=tuple(b for b in DEMO_DEFAULTS["branches"]
+                                                 if b in args.branches))
     except ValueError as err:
         args.error(str(err))
     _check_backend(args)

@@ -53,6 +53,7 @@ from nsa_jax.ops import selection
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+BRANCHES = ("compressed", "selected", "window")
 _NSA = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=8,
                          num_initial=1, num_local=2, window=64, select_q_tile=64)
 
@@ -80,6 +81,9 @@ class DemoConfig:
       nsa: the layers' `NSAConfig`.
       implementation: NSA implementation (None: the fastest available).
       interpret: run Pallas kernels in interpret mode (``implementation="triton"`` on a CPU).
+      branches: the NSA branches the layers use; a control run leaves some out (their outputs
+        are zero, the gates of the others unchanged), e.g. ``("window",)`` to show that the
+        window alone cannot reach the needles.
     """
 
     steps: int = 300
@@ -103,6 +107,7 @@ class DemoConfig:
     nsa: nsa_jax.NSAConfig = _NSA
     implementation: str | None = None
     interpret: bool = False
+    branches: tuple[str, ...] = BRANCHES
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "eval_batches", "num_keys", "num_values",
@@ -113,6 +118,9 @@ class DemoConfig:
         if self.num_pairs > self.num_keys:
             raise ValueError(f"num_pairs={self.num_pairs} needs as many distinct keys, but "
                              f"num_keys={self.num_keys}")
+        if not self.branches or not set(self.branches) <= set(BRANCHES):
+            raise ValueError(f"branches={self.branches!r} must be a non-empty subset of "
+                             f"{BRANCHES}")
         make_task(self)
 
 
@@ -229,10 +237,32 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.RMSNorm(cfg.width, rngs=rngs)
         self.up = nnx.Linear(cfg.width, 4 * cfg.width, rngs=rngs)
         self.down = nnx.Linear(4 * cfg.width, cfg.width, rngs=rngs)
+        self.branches = cfg.branches
 
     def __call__(self, x):
-        x = x + self.attn(self.attn_norm(x))
+        h = self.attn_norm(x)
+        x = x + (self.attn(h) if self.branches == BRANCHES else self._control(h))
         return x + self.down(jax.nn.gelu(self.up(self.mlp_norm(x))))
+
+    def _control(self, h):
+        """The layer with only ``self.branches``: the others contribute zeros."""
+        layer = self.attn
+        cfg = layer.config
+        kw = dict(config=cfg, implementation=layer.implementation, interpret=layer.interpret)
+        q, k, v, g = layer.project(h)
+        zeros = jnp.zeros(q.shape[:3] + (layer.v_head_dim,), q.dtype)
+        o_c = o_s = o_w = zeros
+        if "compressed" in self.branches or "selected" in self.branches:
+            params = {name: p[...] for name, p in layer.compress_params.items()} or None
+            k_c, v_c = nsa_jax.compress(k, v, config=cfg, params=params)
+            o, lse = nsa_jax.compressed_attention(q, k_c, v_c, **kw)
+            o_c = o if "compressed" in self.branches else zeros
+            if "selected" in self.branches:
+                sel = nsa_jax.select_blocks(q, k_c, lse=lse, **kw)
+                o_s = nsa_jax.selected_attention(q, k, v, sel, **kw)
+        if "window" in self.branches:
+            o_w = nsa_jax.sliding_window_attention(q, k, v, **kw)
+        return layer.out(nsa_jax.gate_and_combine(o_c, o_s, o_w, g))
 
 
 class RetrievalModel(nnx.Module):
