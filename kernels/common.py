@@ -37,6 +37,14 @@ def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def no_keys(q, v):
+    """(o, lse) of attention with nothing to attend to: zeros [B, T, HQ, Dv] in q.dtype and -inf
+    [B, T, HQ] float32."""
+    B, T, HQ, _ = q.shape
+    return (jnp.zeros((B, T, HQ, v.shape[3]), q.dtype),
+            jnp.full((B, T, HQ), -jnp.inf, jnp.float32))
+
+
 def check_launch_fields(config, pow2_minimums: dict[str, int]) -> None:
     """Each named field a power of two >= its minimum, ``num_stages`` a positive int."""
     cls = type(config).__name__

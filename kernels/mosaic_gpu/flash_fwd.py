@@ -27,7 +27,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from nsa_jax.kernels.common import LN2, LOG2E, BlockTable, Launch, MaskRule, bounded_ranges, pow2
+from nsa_jax.kernels.common import (LN2, LOG2E, BlockTable, Launch, MaskRule, bounded_ranges,
+                                    no_keys, pow2)
 
 ROWS = 64  # rows per compute warpgroup: wgmma's M
 COMPUTE_WGS = 2
@@ -328,10 +329,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
     """
-    B, T, HQ, _ = q.shape
-    N, Dv = k.shape[1], v.shape[3]
-    if N == 0 or T == 0:
-        return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        return no_keys(q, v)
     lay = launch(q, k, v, config.block_k)
     cta_q = COMPUTE_WGS * lay.block_q
     if blocks is not None and blocks.q_tile % cta_q:
@@ -390,4 +389,4 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
         kernel_name="nsa_mosaic_flash_fwd",
     )(offsets.astype(jnp.int32), _plan(rule, lay, offsets, blocks), *table_args,
       lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
-    return lay.ungroup(o, Dv), lay.ungroup_vector(lse)
+    return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)

@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.common import (LN2, BlockTable, Launch, MaskRule, Program,
+from nsa_jax.kernels.common import (LN2, BlockTable, Launch, MaskRule, Program, no_keys,
                                     check_launch_fields, read_bounds, table_inputs)
 
 
@@ -108,10 +108,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
     """
-    B, T, HQ, _ = q.shape
-    N, Dv = k.shape[1], v.shape[3]
-    if N == 0 or T == 0:
-        return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        return no_keys(q, v)
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
     table_specs, table_args = table_inputs(blocks, lay.block_q)
     bound_specs, bound_args = lay.bound_inputs(bounds)
@@ -127,4 +125,4 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
         name="nsa_flash_fwd",
     )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p),
       lay.heads_major(v, lay.Dv_p), table_args, bound_args)
-    return lay.ungroup(o, Dv), lay.ungroup_vector(lse)
+    return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)

@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax import metadata
-from nsa_jax.kernels.common import LN2, LOG2E, Launch, MaskRule, Program
+from nsa_jax.kernels.common import LN2, LOG2E, Launch, MaskRule, Program, no_keys
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision, scores
 
@@ -172,11 +172,10 @@ def selected_by_block(q, k, v, offsets, indices, counts, *, rule: MaskRule, scal
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
     """
-    B, T, HQ, _ = q.shape
-    S, Dv = k.shape[1], v.shape[3]
+    B, T = q.shape[:2]
     n = indices.shape[-1]
-    if S == 0 or T == 0 or n == 0:
-        return jnp.zeros((B, T, HQ, Dv), q.dtype), jnp.full((B, T, HQ), -jnp.inf, jnp.float32)
+    if k.shape[1] == 0 or T == 0 or n == 0:
+        return no_keys(q, v)
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k, q_unit=1)
     parts = [_forward_chunk(q[:, a:b], k, v, offsets + a, indices[:, :, a:b], counts[:, :, a:b],
                             _cut(bounds, a, b), rule, scale, config, interpret)
