@@ -14,6 +14,9 @@ masks, an optional `BlockTable`), written for the sm90 machinery:
   and the memory warpgroup streams the union; in table mode both warpgroups walk their table row.
   A warpgroup waits on and releases the blocks outside its own range without computing, so the
   barriers' phases stay in step.
+- CTAs are persistent (one per multiprocessor) and take work units in turn; the KV ring runs on
+  from one unit to the next. With ``pingpong`` the two compute warpgroups keep half a step apart
+  on a shared barrier, so one's softmax overlaps the other's products.
 """
 
 from __future__ import annotations
