@@ -28,8 +28,7 @@ class _Plan:
     def __call__(self, op: str):
         """The backend method of ``op``, with interpret and the backend's tilings bound."""
         backend = self.backends[op]
-        tilings = (self.tilings if isinstance(self.tilings, backend.tilings_type)
-                   else backend.default_tilings())
+        tilings = backend.tilings_from(self.tilings)
         method = {"compressed": backend.compressed_attention, "scoring": backend.select_blocks,
                   "selected": backend.selected_attention,
                   "window": backend.sliding_window_attention}[op]

@@ -141,8 +141,9 @@ class NSAAttention(nnx.Module):
                  max_segments: int | None = None, sow_selection: bool = False):
         """inputs_q: [B, T, in_features] -> [B, T, out_features].
 
-        ``input_positions``: int [B, T] for RoPE; default t, or the position inside each
-        document when ``segment_ids`` (int [B, T], packed documents, 0 = padding) are given.
+        ``input_positions``: int [B, T] for RoPE (unused without it); default t, or the position
+        inside each document when ``segment_ids`` (int [B, T], packed documents, 0 = padding) are
+        given.
         ``max_segments``: as in `nsa_attention`. ``sow_selection``: record the selection the
         layer made (`BlockSparseIndices`) with ``self.sow(nnx.Intermediate, "selection", ...)``
         (not with ``segment_ids``); e.g. ``y, sown = nnx.capture(layer, nnx.Intermediate)(x,

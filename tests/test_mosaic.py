@@ -100,6 +100,21 @@ def test_selected_branch_walks_the_table(select_block, block_k):
            ("q", "k", "v"))
 
 
+def test_selected_branch_defaults_to_the_triton_forward_and_takes_triton_tilings():
+    """By default (measured faster) the selected branch runs the Triton forward; a
+    `TritonTilings` given to "mosaic" tiles the Triton kernels it runs."""
+    from nsa_jax import ops
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64,
+                            num_selected=2, num_local=1, select_q_tile=64)
+    q, k, v = _inputs(64, 4, 2, 16, 16, 7)
+    sel = nsa_jax.BlockSparseIndices(jnp.zeros((1, 2, 1, 2), jnp.int32).at[..., 1].set(-1),
+                                     jnp.ones((1, 2, 1), jnp.int32), q_tile=64, block_size=64)
+    fn = lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **MOSAIC)
+    assert _kernels(fn, q, k, v) == {"nsa_flash_fwd"}
+    triton = nsa_jax.TritonTilings(window=nsa_jax.Tiling(rows=32))
+    assert ops.get("mosaic").tilings_from(triton) == nsa_jax.MosaicTilings(triton=triton)
+
+
 def test_calls_it_does_not_serve_run_the_triton_kernel():
     """float32, and per-token selection rows shorter than a CTA, take the Triton-lowered forward
     (same semantics)."""

@@ -14,23 +14,27 @@ from nsa_jax.kernels.triton.tiling import SM90, TritonTilings
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicTilings:
-    """One `MosaicFlashConfig` per forward branch, and the `TritonTilings` of the rest."""
+    """One `MosaicFlashConfig` per forward branch (``selected=None``: that branch runs the
+    Triton forward), and the `TritonTilings` of the kernels this backend takes from "triton"."""
 
     # H200, T=65536, HQ=64, H=4, bf16 forward (ms), block_k/num_stages, before ping-pong:
     # compressed 10.17 at 128/2 against 11.16-11.27 at 64/2-4 (128/3 exceeds shared memory);
     # selected (tiles of 64 queries) 7.49 at 64/3, 7.60 at 64/2, 7.52 at 64/4; window 4.78 at
     # 64/3, 4.80 at 64/2, 5.04 at 128/2. Then, at these block sizes, with / without ping-pong:
     # compressed 9.35 / 9.74, selected 7.16 / 7.19, window 4.80 / 4.51.
+    # The selected branch stays on the Triton forward by default: 6.98 ms there against 7.16 at
+    # its best here (and behind at every length of the 8k-128k table).
     compressed: MosaicFlashConfig = MosaicFlashConfig(block_k=128, num_stages=2)
-    selected: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3)
+    selected: MosaicFlashConfig | None = None
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3, pingpong=False)
     triton: TritonTilings = SM90
 
     def __post_init__(self):
         for name in ("compressed", "selected", "window"):
             value = getattr(self, name)
-            if not isinstance(value, MosaicFlashConfig):
-                raise TypeError(f"MosaicTilings.{name} must be a MosaicFlashConfig, got "
+            if not isinstance(value, MosaicFlashConfig) and (name, value) != ("selected", None):
+                allowed = " or None" if name == "selected" else ""
+                raise TypeError(f"MosaicTilings.{name} must be a MosaicFlashConfig{allowed}, got "
                                 f"{type(value).__name__}")
         if not isinstance(self.triton, TritonTilings):
             raise TypeError(f"MosaicTilings.triton must be a TritonTilings, got "

@@ -77,6 +77,11 @@ class Backend(abc.ABC):
     def default_tilings(self, device=None):
         return self.tilings_type()
 
+    def tilings_from(self, tilings):
+        """The tilings a call runs with, given the user's ``tilings=`` (None, or any backend's):
+        its own type as given, anything else this backend's default."""
+        return tilings if isinstance(tilings, self.tilings_type) else self.default_tilings()
+
     @abc.abstractmethod
     def compressed_attention(self, q, k_c, v_c, config, *, S, kv_len, compressed_bounds,
                              interpret, tilings):

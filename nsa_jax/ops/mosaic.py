@@ -2,8 +2,10 @@
 
 A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when the call is one it serves
 (`mosaic_serves`: bfloat16/float16, unpacked rows, at most 64 query heads per KV head, head
-widths up to 128, and for the selected branch selection rows of whole CTAs); other calls, block
-scoring and every backward pass run the Triton-lowered kernels of the "triton" backend. Both
+widths up to 128, and for the selected branch selection rows of whole CTAs and blocks of a
+multiple of 64 keys) and its tiling is set (`MosaicTilings.selected` is None by default: on the
+H200 the Triton forward of that branch is still faster); other calls, block scoring and every
+backward pass run the Triton-lowered kernels of the "triton" backend. Both
 forwards feed the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs,
 o and lse, so results agree with "triton" up to float rounding whichever kernel ran.
 """
@@ -19,6 +21,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import MaskRule, pow2
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import COMPUTE_WGS, ROWS
 from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
+from nsa_jax.kernels.triton.tiling import TritonTilings
 from nsa_jax.ops import base
 from nsa_jax.ops import triton as tri
 
@@ -49,8 +52,8 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, in
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
                        interpret, t: MosaicTilings):
-    if not mosaic_serves(q, k, v, packed=bounds is not None, q_tile=sel.q_tile,
-                         select_block=sel.block_size):
+    if t.selected is None or not mosaic_serves(q, k, v, packed=bounds is not None,
+                                               q_tile=sel.q_tile, select_block=sel.block_size):
         return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton)
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
@@ -104,6 +107,13 @@ class MosaicBackend(base.Backend):
 
     def supports(self, op: str, config, shapes: base.Shapes) -> base.Support:
         return tri.BACKEND.supports(op, config, shapes)
+
+    def tilings_from(self, tilings):
+        # `TritonTilings` (e.g. from `nsa-jax bench --tune`) tile the Triton kernels this
+        # backend runs.
+        if isinstance(tilings, TritonTilings):
+            return MosaicTilings(triton=tilings)
+        return super().tilings_from(tilings)
 
     def compressed_attention(self, q, k_c, v_c, config, *, S, kv_len, compressed_bounds,
                              interpret, tilings):

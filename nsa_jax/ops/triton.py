@@ -115,7 +115,8 @@ def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_til
                                  bounds=bounds, interpret=interpret)
     blocks = None if sel is None else BlockTable(*sel, q_tile=q_tile)
     if isinstance(fwd, MosaicFlashConfig):
-        # The "mosaic" backend serves no packed rows (`bounds` is None here).
+        if bounds is not None:
+            raise NotImplementedError("the Mosaic GPU forward kernel takes no packed rows")
         return mosaic_flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd,
                                     blocks=blocks, interpret=interpret)
     return flash_forward(q, k, v, offsets, rule=rule, scale=scale, config=fwd, blocks=blocks,
