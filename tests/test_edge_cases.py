@@ -182,8 +182,8 @@ def test_bad_input(call, err, match):
 ])
 def test_layer_bad_input(kwargs, call, match):
     with pytest.raises(ValueError, match=match):
-        layer = nsa_jax.NSAAttention(4, 16, 32, num_kv_heads=2, config=CFG, rngs=nnx.Rngs(0),
-                                     **kwargs)
+        layer = nsa_jax.NSAAttention(4, 16, **{"qkv_features": 32, **kwargs}, num_kv_heads=2,
+                                     config=CFG, rngs=nnx.Rngs(0))
         call(layer)
 
 
