@@ -37,6 +37,11 @@ def pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def compute_major(device) -> str:
+    """The major compute capability of a GPU device ("9" on Hopper), "" for other devices."""
+    return str(getattr(device, "compute_capability", "") or "").split(".")[0]
+
+
 def no_keys(q, v):
     """(o, lse) of attention with nothing to attend to: zeros [B, T, HQ, Dv] in q.dtype and -inf
     [B, T, HQ] float32."""

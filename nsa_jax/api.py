@@ -61,6 +61,14 @@ def _empty(B: int, T: int, HQ: int, Dv: int, dtype):
     return jnp.zeros((B, T, HQ, Dv), dtype)
 
 
+def _no_selection(B: int, H: int, rows: int, config: NSAConfig) -> BlockSparseIndices:
+    """The selection of ``rows`` queries that have nothing to select from."""
+    n_tiles = -(-rows // config.select_q_tile)
+    return BlockSparseIndices(jnp.full((B, H, n_tiles, config.num_selected), -1, jnp.int32),
+                              jnp.zeros((B, H, n_tiles), jnp.int32),
+                              q_tile=config.select_q_tile, block_size=config.select_block)
+
+
 def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, implementation=None,
                          interpret: bool = False, tilings=None, segment_ids=None,
                          max_segments: int | None = None):
@@ -132,10 +140,7 @@ def select_blocks(q, k_c, *, config: NSAConfig, lse=None, kv_len=None, implement
     B, T, S, H = shapes.B, shapes.T, shapes.S, shapes.H
     run = _Plan(implementation, ("scoring",), config, shapes, interpret, tilings)
     if B == 0 or T == 0:
-        n_tiles = -(-(T if segment_ids is None else S) // config.select_q_tile)
-        return BlockSparseIndices(jnp.full((B, H, n_tiles, config.num_selected), -1, jnp.int32),
-                                  jnp.zeros((B, H, n_tiles), jnp.int32),
-                                  q_tile=config.select_q_tile, block_size=config.select_block)
+        return _no_selection(B, H, T if segment_ids is None else S, config)
 
     def body(q, lse, key_bounds):
         return run("scoring")(q, k_c, config, S=S, kv_len=kv_arr, lse=lse, key_bounds=key_bounds)
@@ -308,12 +313,7 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
                 tilings)
     if B == 0 or T == 0 or S == 0:
         o = _empty(B, T, HQ, Dv, q.dtype)
-        if not return_selection:
-            return o
-        n_rows = -(-T // config.select_q_tile)
-        return o, BlockSparseIndices(jnp.full((B, H, n_rows, config.num_selected), -1, jnp.int32),
-                                     jnp.zeros((B, H, n_rows), jnp.int32),
-                                     q_tile=config.select_q_tile, block_size=config.select_block)
+        return (o, _no_selection(B, H, T, config)) if return_selection else o
 
     def body(q, k, v, g, key_bounds):
         k_c, v_c = compress_checked(k, v, config, compress_params)

@@ -149,12 +149,10 @@ class NSAAttention(nnx.Module):
         (not with ``segment_ids``); e.g. ``y, sown = nnx.capture(layer, nnx.Intermediate)(x,
         sow_selection=True)``, then ``(sel,) = sown["selection"].get_value()``.
         """
-        _checks.rank("inputs_q", inputs_q, 3, "[B, T, in_features]")
-        _checks.packed(segment_ids, max_segments, *inputs_q.shape[:2], inputs_q.shape[1])
         q, k, v, g = self.project(inputs_q, input_positions=input_positions,
                                   segment_ids=segment_ids)
-        params = {name: p[...] for name, p in self.compress_params.items()} or None
-        o = nsa_attention(q, k, v, g, config=self.config, compress_params=params,
+        o = nsa_attention(q, k, v, g, config=self.config,
+                          compress_params=self.compress_param_values(),
                           segment_ids=segment_ids, implementation=self.implementation,
                           tilings=self.tilings, interpret=self.interpret,
                           max_segments=max_segments, return_selection=sow_selection)
@@ -162,6 +160,10 @@ class NSAAttention(nnx.Module):
             o, sel = o
             self.sow(nnx.Intermediate, "selection", sel)
         return self.out(o)
+
+    def compress_param_values(self):
+        """The compression parameters as arrays (for `nsa_jax.compress`), None for "mean"."""
+        return {name: p[...] for name, p in self.compress_params.items()} or None
 
     def _check_input(self, x, positions, segment_ids):
         _checks.rank("inputs_q", x, 3, "[B, T, in_features]")

@@ -85,7 +85,7 @@ def launch(q, k, v, block_k: int) -> Launch:
                          f"got {q.shape[2] // k.shape[2]}")
     block_q = ROWS // G_p
     lay = Launch.of(q, k, v, block_q=block_q, block_k=block_k, q_unit=COMPUTE_WGS * block_q)
-    return dataclasses.replace(lay, G_p=G_p, D_p=_round_up(lay.D, CHANNELS),
+    return dataclasses.replace(lay, D_p=_round_up(lay.D, CHANNELS),
                                Dv_p=_round_up(lay.Dv, CHANNELS))
 
 

@@ -11,7 +11,7 @@ import dataclasses
 
 import jax
 
-from nsa_jax.kernels.common import check_launch_fields, pow2
+from nsa_jax.kernels.common import check_launch_fields, compute_major, pow2
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig
 
 
@@ -110,7 +110,6 @@ GENERIC = TritonTilings()
 def default_tilings(device=None) -> TritonTilings:
     """The default tilings for ``device`` (default: the first JAX device)."""
     device = jax.devices()[0] if device is None else device
-    capability = str(getattr(device, "compute_capability", "") or "")
-    if capability.split(".")[0] == "9":
+    if compute_major(device) == "9":
         return SM90
     return GENERIC

@@ -18,7 +18,7 @@ import jax
 
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.common import MaskRule, pow2
+from nsa_jax.kernels.common import compute_major, pow2
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import COMPUTE_WGS, ROWS
 from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
 from nsa_jax.kernels.triton.tiling import TritonTilings
@@ -41,51 +41,29 @@ def mosaic_serves(q, k, v, *, packed: bool, q_tile: int | None = None,
 
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, interpret,
                          t: MosaicTilings):
-    if not mosaic_serves(q, k_c, v_c, packed=bounds is not None):
-        return tri.compressed_attention(q, k_c, v_c, cfg, S, kv_len, bounds, interpret, t.triton)
-    B, T, HQ, D = q.shape
-    G = HQ // k_c.shape[2]
-    return tri.flash(q, k_c, v_c, tri.key_offsets(B, T, S, kv_len), None, None,
-                     tri.compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D), t.compressed,
-                     t.triton.compressed_bwd.flash(G), 1, interpret)
+    fwd = t.compressed if mosaic_serves(q, k_c, v_c, packed=bounds is not None) else None
+    return tri.compressed_attention(q, k_c, v_c, cfg, S, kv_len, bounds, interpret, t.triton,
+                                    fwd=fwd)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
                        interpret, t: MosaicTilings):
-    if t.selected is None or not mosaic_serves(q, k, v, packed=bounds is not None,
-                                               q_tile=sel.q_tile, select_block=sel.block_size):
-        return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton)
-    B, T, HQ, D = q.shape
-    S, H = k.shape[1], k.shape[2]
-    G = HQ // H
     fwd = t.selected
-    if sel.block_size % fwd.block_k:  # a KV tile may not straddle two selection blocks
+    if fwd is not None and not mosaic_serves(q, k, v, packed=bounds is not None,
+                                             q_tile=sel.q_tile, select_block=sel.block_size):
+        fwd = None
+    if fwd is not None and sel.block_size % fwd.block_k:  # a tile may not straddle two blocks
         fwd = dataclasses.replace(fwd, block_k=64)
-    bwd = t.triton.selected_bwd.flash(G, q_tile=sel.q_tile, block_k_divides=sel.block_size)
-    blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
-    o, _ = tri.flash(q, k, v, tri.key_offsets(B, T, S), (blocks.indices, blocks.counts), None,
-                     MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
-                     sel.q_tile, interpret)
-    return o
+    return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton, fwd=fwd)
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings):
-    if not mosaic_serves(q, k, v, packed=bounds is not None):
-        return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton)
-    B, T, HQ, D = q.shape
-    S, H = k.shape[1], k.shape[2]
-    o, _ = tri.flash(q, k, v, tri.key_offsets(B, T, S), None, None,
-                     MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window),
-                     cfg.softmax_scale(D), t.window, t.triton.window_bwd.flash(HQ // H), 1,
-                     interpret)
-    return o
+    fwd = t.window if mosaic_serves(q, k, v, packed=bounds is not None) else None
+    return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton, fwd=fwd)
 
 
 def _hopper() -> bool:
-    if jax.default_backend() != "gpu":
-        return False
-    capability = str(getattr(jax.devices()[0], "compute_capability", "") or "")
-    return capability.split(".")[0] == "9"
+    return jax.default_backend() == "gpu" and compute_major(jax.devices()[0]) == "9"
 
 
 class MosaicBackend(base.Backend):

@@ -164,30 +164,35 @@ def compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
 
 
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None,
-                         interpret=False, tilings: TritonTilings | None = None):
-    """``bounds``: optional `segments.CompressedBounds` (packed rows)."""
+                         interpret=False, tilings: TritonTilings | None = None, fwd=None):
+    """``bounds``: optional `segments.CompressedBounds` (packed rows). ``fwd``: the forward's
+    config instead of ``tilings``' (a `MosaicFlashConfig` runs the Mosaic GPU kernel); the same
+    for the other branches."""
     B, T, HQ, D = q.shape
     G = HQ // k_c.shape[2]
     t = default_tilings() if tilings is None else tilings
     return flash(q, k_c, v_c, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
-                  t.compressed.flash(G), t.compressed_bwd.flash(G), 1, interpret)
+                  t.compressed.flash(G) if fwd is None else fwd, t.compressed_bwd.flash(G), 1,
+                  interpret)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
-                       interpret=False, tilings: TritonTilings | None = None):
-    """``sel``: normalised indices (`metadata.normalize`); ``bounds``: `segments.KeyBounds`."""
+                       interpret=False, tilings: TritonTilings | None = None, fwd=None):
+    """``sel``: normalised indices (`metadata.normalize`); ``bounds``: `segments.KeyBounds`; a
+    ``fwd`` given runs query-major (never the block-major forward)."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
     t = default_tilings() if tilings is None else tilings
-    by_block = (sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP,
+    by_block = (fwd is None and sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP,
                 sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP_BWD)
-    fwd = (t.selected_by_block if by_block[0] else
-           t.selected_per_token if sel.q_tile == 1 else t.selected)
+    if fwd is None:
+        fwd = (t.selected_by_block if by_block[0] else
+               t.selected_per_token if sel.q_tile == 1 else t.selected)
+        fwd = fwd.flash(G, q_tile=None if by_block[0] else sel.q_tile,
+                        block_k_divides=sel.block_size)
     bwd = t.selected_by_block_bwd if by_block[1] else t.selected_bwd
-    fwd = fwd.flash(G, q_tile=None if by_block[0] else sel.q_tile,
-                    block_k_divides=sel.block_size)
     bwd = bwd.flash(G, q_tile=None if by_block[1] else sel.q_tile,
                     block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
@@ -198,14 +203,15 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=False,
-                             tilings: TritonTilings | None = None):
+                             tilings: TritonTilings | None = None, fwd=None):
     """``bounds``: optional `segments.KeyBounds` (packed rows)."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = default_tilings() if tilings is None else tilings
     o, _ = flash(q, k, v, key_offsets(B, T, S), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
-                  t.window.flash(HQ // H), t.window_bwd.flash(HQ // H), 1, interpret)
+                  t.window.flash(HQ // H) if fwd is None else fwd, t.window_bwd.flash(HQ // H), 1,
+                  interpret)
     return o
 
 

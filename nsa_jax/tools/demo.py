@@ -256,8 +256,7 @@ class Block(nnx.Module):
         zeros = jnp.zeros(q.shape[:3] + (layer.v_head_dim,), q.dtype)
         o_c = o_s = o_w = zeros
         if "compressed" in self.branches or "selected" in self.branches:
-            params = {name: p[...] for name, p in layer.compress_params.items()} or None
-            k_c, v_c = nsa_jax.compress(k, v, config=cfg, params=params)
+            k_c, v_c = nsa_jax.compress(k, v, config=cfg, params=layer.compress_param_values())
             o, lse = nsa_jax.compressed_attention(q, k_c, v_c, **kw)
             o_c = o if "compressed" in self.branches else zeros
             if "selected" in self.branches:
