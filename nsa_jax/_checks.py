@@ -211,6 +211,24 @@ def gates(g, B: int, T: int, HQ: int, *, wide: bool = False) -> None:
         raise ValueError(f"g must have shape [B, T, HQ, 3] = {(B, T, HQ, 3)}, got {tuple(g.shape)}")
 
 
+def key_lengths(kv_len, B: int, T: int, S: int, *, causal: bool):
+    """``kv_len`` of the branches over raw keys (k [B, S, ...]): None, an int in [T, S] (or
+    [0, S] non-causal) or int32[B]; returns None when it means all S keys, else int32[B]."""
+    if kv_len is None:
+        return None
+    if isinstance(kv_len, (int, np.integer)) and not isinstance(kv_len, bool):
+        n = int(kv_len)
+        lo = T if causal else 0
+        if not lo <= n <= S:
+            raise ValueError(f"kv_len={n} must lie in [{lo}, S={S}]"
+                             + (f" (T={T} queries sit at the end of causal keys)" if causal else ""))
+        return None if n == S else jnp.full((B,), n, jnp.int32)
+    shape = getattr(kv_len, "shape", None)
+    if shape is None or tuple(shape) != (B,) or not jnp.issubdtype(kv_len.dtype, jnp.integer):
+        raise TypeError(f"kv_len must be an int or an int32[B={B}] array, got {kv_len!r}")
+    return jnp.asarray(kv_len, jnp.int32)
+
+
 def kv_len(kv_len, B: int, T: int, N_c: int, cfg: NSAConfig, *, causal: bool):
     """Normalises ``kv_len`` to (static upper bound S, int32[B] array or None)."""
     if kv_len is None:

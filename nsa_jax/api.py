@@ -159,7 +159,7 @@ def _selection(sel, config: NSAConfig, B: int, T: int, S: int, H: int, packed: b
     return metadata.from_per_token(sel, config.select_block, -(-S // config.select_block))
 
 
-def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
+def selected_attention(q, k, v, sel, *, config: NSAConfig, kv_len=None, implementation=None,
                        interpret: bool = False, tilings=None, segment_ids=None,
                        max_segments: int | None = None):
     """Attention of each query over the keys of its tile's selected blocks (causal within them).
@@ -170,6 +170,8 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
         docs/design.md §4 says) or per-token int32[B, T, H, n] block ids of size
         ``config.select_block`` (entries outside [0, number of blocks) ignored). Used exactly as
         given: nothing is forced or added.
+      kv_len: keys each row holds (int or int32[B], e.g. a cache's lengths); default S. Keys at
+        or past it are never seen, and query t sits at key position t + (kv_len - T).
 
     Returns:
       [B, T, HQ, Dv] in q.dtype; a query with no visible selected key gets zeros.
@@ -179,19 +181,20 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, implementation=None,
         return reference.selected_attention(q, k, v, sel, config=config, segment_ids=segment_ids,
                                             max_segments=max_segments)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
-    _checks.packed(segment_ids, max_segments, B, T, S)
+    _checks.packed(segment_ids, max_segments, B, T, S, kv_len)
+    kv_arr = _checks.key_lengths(kv_len, B, T, S, causal=config.causal)
     T_k = _key_length(config, T, S, segment_ids, max_segments)
     rows = T_k if segment_ids is not None else T
     sel = _selection(sel, config, B, rows, T_k, H, segment_ids is not None)
     run = _Plan(implementation, ("selected",), config,
-                ops.Shapes(B, T, T_k, HQ, H, D, Dv, select_block=sel.block_size), interpret,
-                tilings)
+                ops.Shapes(B, T, T_k, HQ, H, D, Dv, per_row_kv_len=kv_arr is not None,
+                           select_block=sel.block_size), interpret, tilings)
     if B == 0 or T == 0:
         return _empty(B, T, HQ, Dv, q.dtype)
 
     def body(q, k, v, key_bounds):
-        return run("selected")(q, k, v, sel, config, key_bounds=_selected_bounds(config,
-                                                                                  key_bounds))
+        return run("selected")(q, k, v, sel, config, kv_len=kv_arr,
+                               key_bounds=_selected_bounds(config, key_bounds))
 
     return segments.in_documents(_packing(segment_ids, config, max_segments), body, q, k, v)
 
@@ -202,29 +205,32 @@ def _selected_bounds(config: NSAConfig, key_bounds):
     return None if config.causal else key_bounds
 
 
-def sliding_window_attention(q, k, v, *, config: NSAConfig, implementation=None,
+def sliding_window_attention(q, k, v, *, config: NSAConfig, kv_len=None, implementation=None,
                              interpret: bool = False, tilings=None, segment_ids=None,
                              max_segments: int | None = None):
-    """Sliding-window branch: causal keys t - w < s <= t; non-causal |s - t| < w.
+    """Sliding-window branch: causal keys p - w < s <= p for the query at key position p;
+    non-causal |s - p| < w.
 
-    Returns [B, T, HQ, Dv] in q.dtype; zeros when ``config.window == 0``.
+    ``kv_len``: as in `selected_attention`. Returns [B, T, HQ, Dv] in q.dtype; zeros when
+    ``config.window == 0``.
     """
     _checks.options(config, implementation, interpret, tilings)
     if implementation == "reference":
         return reference.sliding_window_attention(q, k, v, config=config, segment_ids=segment_ids,
                                                   max_segments=max_segments)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
-    _checks.packed(segment_ids, max_segments, B, T, S)
+    _checks.packed(segment_ids, max_segments, B, T, S, kv_len)
+    kv_arr = _checks.key_lengths(kv_len, B, T, S, causal=config.causal)
     config = _checks.effective(config, S, T)
     T_k = _key_length(config, T, S, segment_ids, max_segments)
     run = _Plan(implementation, ("window",), config,
-                ops.Shapes(B, T, T_k, HQ, H, D, Dv, select_block=config.select_block), interpret,
-                tilings)
+                ops.Shapes(B, T, T_k, HQ, H, D, Dv, per_row_kv_len=kv_arr is not None,
+                           select_block=config.select_block), interpret, tilings)
     if B == 0 or T == 0 or S == 0 or config.window == 0:
         return _empty(B, T, HQ, Dv, q.dtype)
 
     def body(q, k, v, key_bounds):
-        return run("window")(q, k, v, config, key_bounds=key_bounds)
+        return run("window")(q, k, v, config, kv_len=kv_arr, key_bounds=key_bounds)
 
     return segments.in_documents(_packing(segment_ids, config, max_segments), body, q, k, v)
 
@@ -321,10 +327,10 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         o_c, lse = run("compressed")(q, k_c, v_c, config, S=T_k, kv_len=None,
                                      compressed_bounds=c_bounds)
         sel = run("scoring")(q, k_c, config, S=T_k, kv_len=None, lse=lse, key_bounds=key_bounds)
-        o_s = run("selected")(q, k, v, sel, config,
+        o_s = run("selected")(q, k, v, sel, config, kv_len=None,
                               key_bounds=_selected_bounds(config, key_bounds))
-        o_w = (run("window")(q, k, v, config, key_bounds=key_bounds) if config.window
-               else jnp.zeros_like(o_s))
+        o_w = (run("window")(q, k, v, config, kv_len=None, key_bounds=key_bounds)
+               if config.window else jnp.zeros_like(o_s))
         o = _combine(o_c, o_s, o_w, g)
         return (o, sel) if return_selection else o
 

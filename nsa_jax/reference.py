@@ -278,57 +278,67 @@ def _dense_branch(q, k, v, mask, config: NSAConfig):
     return _from_heads(o).astype(q.dtype)
 
 
-def _causal_mask(T: int, S: int):
-    pos = jnp.arange(T)[:, None] + (S - T)
-    return pos >= jnp.arange(S)[None, :]
-
-
 def _doc_mask(doc, S: int):
     """bool [B, 1, T, S]: key s lies in query t's document."""
     s = jnp.arange(S)
     return ((s >= doc[0][..., None]) & (s < doc[1][..., None]))[:, None]
 
 
-def selected_attention(q, k, v, sel, *, config: NSAConfig, segment_ids=None, max_segments=None):
+def selected_attention(q, k, v, sel, *, config: NSAConfig, kv_len=None, segment_ids=None,
+                       max_segments=None):
     """Reference selected branch; ``sel`` is `BlockSparseIndices` or per-token int32[B, T, H, n]
-    (with ``segment_ids``, from `select_blocks` with the same segment ids)."""
+    (with ``segment_ids``, from `select_blocks` with the same segment ids). ``kv_len``: keys per
+    row (int or int32[B]), default S."""
     _checks.config(config)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
-    packing = _packing(segment_ids, config, max_segments, B, T, S)
+    packing = _packing(segment_ids, config, max_segments, B, T, S, kv_len)
     _checks.selection(sel, B, T if packing is None else packing.length, H, packing is not None)
-    return segments.in_documents(packing, functools.partial(_selected, sel=sel, config=config),
-                                 q, k, v)
+    kv_len = _checks.key_lengths(kv_len, B, T, S, causal=config.causal)
+    return segments.in_documents(
+        packing, functools.partial(_selected, sel=sel, config=config, kv_len=kv_len), q, k, v)
 
 
-def _selected(q, k, v, doc, *, sel, config: NSAConfig):
+def _key_mask(B: int, T: int, S: int, kv_len):
+    """(bool [B, 1, 1, S] keys a row holds, int [B, 1, T, 1] query positions)."""
+    length = jnp.full((B,), S) if kv_len is None else jnp.asarray(kv_len)
+    held = (jnp.arange(S)[None, :] < length[:, None])[:, None, None, :]
+    return held, _positions(B, T, S, kv_len)[:, None, :, None]
+
+
+def _selected(q, k, v, doc, *, sel, config: NSAConfig, kv_len=None):
     B, T, HQ = q.shape[:3]
     S, H = k.shape[1], k.shape[2]
-    mask = selected_token_mask(sel, B, T, S, H, config.select_block)
+    held, pos = _key_mask(B, T, S, kv_len)
+    mask = selected_token_mask(sel, B, T, S, H, config.select_block) & held
     if config.causal:
-        mask = mask & _causal_mask(T, S)
+        mask = mask & (pos >= jnp.arange(S))
     if doc is not None:
         mask = mask & _doc_mask(doc, S)
     return _dense_branch(q, k, v, mask, config)
 
 
-def sliding_window_attention(q, k, v, *, config: NSAConfig, segment_ids=None, max_segments=None):
-    """Reference window branch: causal keys t - w < s <= t, non-causal |s - t| < w (inside each
-    document with ``segment_ids``)."""
+def sliding_window_attention(q, k, v, *, config: NSAConfig, kv_len=None, segment_ids=None,
+                             max_segments=None):
+    """Reference window branch: causal keys p - w < s <= p for the query at key position p,
+    non-causal |s - p| < w (inside each document with ``segment_ids``); ``kv_len`` as in
+    `selected_attention`."""
     _checks.config(config)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal, wide=True)
-    packing = _packing(segment_ids, config, max_segments, B, T, S)
-    return segments.in_documents(packing, functools.partial(_window, config=config), q, k, v)
+    packing = _packing(segment_ids, config, max_segments, B, T, S, kv_len)
+    kv_len = _checks.key_lengths(kv_len, B, T, S, causal=config.causal)
+    return segments.in_documents(
+        packing, functools.partial(_window, config=config, kv_len=kv_len), q, k, v)
 
 
-def _window(q, k, v, doc, *, config: NSAConfig):
+def _window(q, k, v, doc, *, config: NSAConfig, kv_len=None):
     B, T, HQ = q.shape[:3]
     S, Dv = k.shape[1], v.shape[3]
     w = _checks.effective(config, S, T).window
     if w == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype)
-    diff = (jnp.arange(T)[:, None] + (S - T)) - jnp.arange(S)[None, :]
-    mask = (diff >= 0) & (diff < w) if config.causal else jnp.abs(diff) < w
-    mask = mask[None, None]
+    held, pos = _key_mask(B, T, S, kv_len)
+    diff = pos - jnp.arange(S)
+    mask = held & ((diff >= 0) & (diff < w) if config.causal else jnp.abs(diff) < w)
     if doc is not None:
         mask = mask & _doc_mask(doc, S)
     return _dense_branch(q, k, v, mask, config)

@@ -9,11 +9,11 @@ Operations, by name (the keys of `supports`):
                     -> (o [B, T, HQ, Dv], lse [B, T, HQ])
   ``"scoring"``     select_blocks(q, k_c, config, *, S, kv_len, lse, key_bounds)
                     -> BlockSparseIndices
-  ``"selected"``    selected_attention(q, k, v, sel, config, *, key_bounds) -> o
-  ``"window"``      sliding_window_attention(q, k, v, config, *, key_bounds) -> o
+  ``"selected"``    selected_attention(q, k, v, sel, config, *, kv_len, key_bounds) -> o
+  ``"window"``      sliding_window_attention(q, k, v, config, *, kv_len, key_bounds) -> o
 Every method also takes ``interpret`` and ``tilings`` (an instance of the backend's
 ``tilings_type``, never None). ``S`` is the static key length, ``kv_len`` None or int32[B] per-row
-lengths; ``key_bounds`` / ``compressed_bounds`` are the packed documents' bounds
+lengths (keys past a row's length are never visible; its queries end there); ``key_bounds`` / ``compressed_bounds`` are the packed documents' bounds
 (`nsa_jax.segments`), None for unpacked rows. Inputs are non-empty (B, T >= 1).
 """
 
@@ -92,9 +92,10 @@ class Backend(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
+    def selected_attention(self, q, k, v, sel, config, *, kv_len, key_bounds, interpret, tilings):
         ...
 
     @abc.abstractmethod
-    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
+    def sliding_window_attention(self, q, k, v, config, *, kv_len, key_bounds, interpret,
+                                 tilings):
         ...

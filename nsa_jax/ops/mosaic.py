@@ -47,19 +47,22 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, in
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
-                       interpret, t: MosaicTilings):
+                       interpret, t: MosaicTilings, kv_len=None):
     fwd = t.selected
     if fwd is not None and not mosaic_serves(q, k, v, packed=bounds is not None,
                                              q_tile=sel.q_tile, select_block=sel.block_size):
         fwd = None
     if fwd is not None and sel.block_size % fwd.block_k:  # a tile may not straddle two blocks
         fwd = dataclasses.replace(fwd, block_k=64)
-    return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton, fwd=fwd)
+    return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton, fwd=fwd,
+                                  kv_len=kv_len)
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings):
+def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings,
+                             kv_len=None):
     fwd = t.window if mosaic_serves(q, k, v, packed=bounds is not None) else None
-    return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton, fwd=fwd)
+    return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton, fwd=fwd,
+                                        kv_len=kv_len)
 
 
 def _hopper() -> bool:
@@ -102,11 +105,12 @@ class MosaicBackend(base.Backend):
         return tri.select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret,
                                  tilings.triton)
 
-    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
-        return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings)
+    def selected_attention(self, q, k, v, sel, config, *, kv_len, key_bounds, interpret, tilings):
+        return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings, kv_len)
 
-    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
-        return sliding_window_attention(q, k, v, config, key_bounds, interpret, tilings)
+    def sliding_window_attention(self, q, k, v, config, *, kv_len, key_bounds, interpret,
+                                 tilings):
+        return sliding_window_attention(q, k, v, config, key_bounds, interpret, tilings, kv_len)
 
 
 BACKEND = MosaicBackend()

@@ -178,9 +178,11 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
-                       interpret=False, tilings: TritonTilings | None = None, fwd=None):
+                       interpret=False, tilings: TritonTilings | None = None, fwd=None,
+                       kv_len=None):
     """``sel``: normalised indices (`metadata.normalize`); ``bounds``: `segments.KeyBounds`; a
-    ``fwd`` given runs query-major (never the block-major forward)."""
+    ``fwd`` given runs query-major (never the block-major forward). ``kv_len`` (int32[B], causal
+    only): the causal rule hides each row's keys past it."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -196,19 +198,21 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     bwd = bwd.flash(G, q_tile=None if by_block[1] else sel.q_tile,
                     block_k_divides=sel.block_size)
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
-    o, _ = flash(q, k, v, key_offsets(B, T, S), (blocks.indices, blocks.counts), bounds_tuple(bounds),
+    o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), (blocks.indices, blocks.counts),
+                  bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
                   sel.q_tile, interpret, by_block=by_block)
     return o
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=False,
-                             tilings: TritonTilings | None = None, fwd=None):
-    """``bounds``: optional `segments.KeyBounds` (packed rows)."""
+                             tilings: TritonTilings | None = None, fwd=None, kv_len=None):
+    """``bounds``: optional `segments.KeyBounds` (packed rows); ``kv_len`` as in
+    `selected_attention`."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = default_tilings() if tilings is None else tilings
-    o, _ = flash(q, k, v, key_offsets(B, T, S), None, bounds_tuple(bounds),
+    o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
                   t.window.flash(HQ // H) if fwd is None else fwd, t.window_bwd.flash(HQ // H), 1,
                   interpret)
@@ -326,9 +330,9 @@ class TritonBackend(base.Backend):
                             "interpret=True to run the kernels in interpret mode")
 
     def supports(self, op: str, config, shapes: base.Shapes) -> base.Support:
-        if op in ("compressed", "scoring") and not config.causal and shapes.per_row_kv_len:
-            return base.Support("does not support non-causal compressed attention with a per-row "
-                                "kv_len yet")
+        if not config.causal and shapes.per_row_kv_len:
+            # Its kernels hide keys past a row's length only through the causal rule.
+            return base.Support(f"does not support non-causal {op!r} with a per-row kv_len")
         if op == "selected" and shapes.select_block & -shapes.select_block < 16:
             # The kernel's KV tile is a power of two of at least 16 keys dividing the block.
             return base.Support(f"needs select_block divisible by 16, got {shapes.select_block}")
@@ -345,11 +349,14 @@ class TritonBackend(base.Backend):
     def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
         return select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret, tilings)
 
-    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
-        return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings)
+    def selected_attention(self, q, k, v, sel, config, *, kv_len, key_bounds, interpret, tilings):
+        return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings,
+                                  kv_len=kv_len)
 
-    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
-        return sliding_window_attention(q, k, v, config, key_bounds, interpret, tilings)
+    def sliding_window_attention(self, q, k, v, config, *, kv_len, key_bounds, interpret,
+                                 tilings):
+        return sliding_window_attention(q, k, v, config, key_bounds, interpret, tilings,
+                                        kv_len=kv_len)
 
 
 BACKEND = TritonBackend()

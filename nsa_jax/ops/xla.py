@@ -41,13 +41,15 @@ def precision_for(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def attend(q, k, v, mask, scale: float):
+def attend(q, k, v, mask, scale: float, clean: bool = False):
     """Masked softmax attention with float32 statistics.
 
     Args:
       q: [X, G, M, D] query rows (G heads sharing the keys).
       k: [X, L, D] keys; v: [X, L, Dv] values.
       mask: bool, broadcastable to [X, G, M, L].
+      clean: zero the values no row sees first, so that whatever unwritten cache slots hold (even
+        NaN) cannot reach the output through a zero probability.
 
     Returns:
       o [X, G, M, Dv] float32 (zero for rows without a visible key) and lse [X, G, M] float32
@@ -62,6 +64,9 @@ def attend(q, k, v, mask, scale: float):
     p = jnp.exp(s - m_safe[..., None])
     l = p.sum(-1)
     l_safe = jnp.where(l > 0, l, 1.0)
+    if clean:
+        seen = jnp.broadcast_to(mask, s.shape).any(axis=(1, 2))  # [X, L]
+        v = jnp.where(seen[..., None], v, jnp.zeros((), v.dtype))
     o = jnp.einsum("xgml,xlv->xgmv", p.astype(v.dtype), v, precision=prec,
                    preferred_element_type=jnp.float32) / l_safe[..., None]
     lse = jnp.where(l > 0, m_safe + jnp.log(l_safe), -jnp.inf)
@@ -150,7 +155,7 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
     def body(args):
         q_tile, pos_tile = args[:2]  # [B, H, G, tile, D], [B, tile]
         qx, kx, mask = _compressed_scores(q_tile, kc, pos_tile, cfg, scale, kv_len, args[2:] or None)
-        o, lse = attend(qx, kx, vc, mask, scale)
+        o, lse = attend(qx, kx, vc, mask, scale, clean=kv_len is not None)
         G = q_tile.shape[2]
         return o.reshape(B, H, G, tile, Dv), lse.reshape(B, H, G, tile)
 
@@ -173,7 +178,7 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     qt, ls = cfg.select_q_tile, cfg.select_block
     N_s = -(-S // ls)
     N_tiles = -(-T // qt)
-    C = max(1, rows // qt)  # tiles per loop step
+    C = max(1, min(rows // qt, N_tiles))  # tiles per loop step
     scale = cfg.softmax_scale(D)
     pos = query_positions(B, T, S, kv_len)
     n_kv_blocks = kv_blocks(B, S, cfg, kv_len)
@@ -230,17 +235,19 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
 
 
 def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=None,
-                       rows: int = 64):
-    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed)."""
+                       rows: int = 64, kv_len=None):
+    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed);
+    ``kv_len``: optional int32[B] keys per row."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = HQ // H
     qt, bs = sel.q_tile, sel.block_size
     N_tiles, n_sel = sel.indices.shape[2], sel.indices.shape[3]
-    C = max(1, rows // qt)
+    C = max(1, min(rows // qt, N_tiles))
     L = n_sel * bs
     scale = cfg.softmax_scale(D)
-    pos = query_positions(B, T, S)
+    pos = query_positions(B, T, S, kv_len)
+    length = jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len
     kh = k.transpose(0, 2, 1, 3)  # [B, H, S, D]
     vh = v.transpose(0, 2, 1, 3)
     # Queries padded up to whole tiles (and whole steps of C tiles).
@@ -258,7 +265,8 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=
     def body(args):
         q_c, pos_c, ids_c = args[:3]  # [B, H, C, G, qt, D], [B, C, qt], [B, H, C, n_sel]
         s_pos = (ids_c[..., None] * bs + offs).reshape(B, H, C * L)  # key positions
-        ok = (jnp.repeat(ids_c >= 0, bs, axis=-1).reshape(B, H, C * L)) & (s_pos < S)
+        ok = (jnp.repeat(ids_c >= 0, bs, axis=-1).reshape(B, H, C * L)) & (
+            s_pos < length[:, None, None])
         s_idx = jnp.where(ok, s_pos, 0)
         # Split, then merge: one reshape doing both is ambiguous under an explicit mesh.
         gather = lambda x: jnp.take_along_axis(x, s_idx[..., None], axis=2).reshape(
@@ -276,7 +284,8 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=
         # Materialise the mask once: otherwise XLA:CPU fuses its computation into every consumer
         # and recomputes it there (on CPU, T=2048 per token: forward 0.47 -> 0.34 s).
         mask = jax.lax.optimization_barrier(mask)
-        o, _ = attend(q_c.reshape(B * H * C, G, qt, D), k_c, v_c, mask, scale)
+        o, _ = attend(q_c.reshape(B * H * C, G, qt, D), k_c, v_c, mask, scale,
+                      clean=kv_len is not None)
         return o.reshape(B, H, C, G, qt, Dv)
 
     o = _map_tiles(body, *xs)
@@ -285,8 +294,9 @@ def selected_attention(q, k, v, sel: BlockSparseIndices, cfg: NSAConfig, bounds=
     return _ungrouped(o).astype(q.dtype)
 
 
-def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, rows: int = 64):
-    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed)."""
+def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, rows: int = 64, kv_len=None):
+    """``bounds``: optional `segments.KeyBounds`, the keys of each query's document (packed);
+    ``kv_len``: optional int32[B] keys per row."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     w = cfg.window
@@ -297,35 +307,38 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, rows: int = 6
     n = -(-T // tile)
     reach = w - 1 if not cfg.causal else 0  # keys after the query that are in the window
     L = tile + w - 1 + reach
-    # Non-causal queries may sit before key 0 (S < T); padding in front keeps every slice start
-    # at or after 0.
-    front = w - 1 + max(0, T - S)
+    # Non-causal queries may sit before key 0 (S < T, or a row's kv_len < T); padding in front
+    # keeps every slice start at or after 0.
+    early = T if kv_len is not None and not cfg.causal else max(0, T - S)
+    front = w - 1 + early
     pad = ((0, 0), (0, 0), (front, n * tile - T + reach), (0, 0))
     kh, vh = (jnp.pad(x.transpose(0, 2, 1, 3), pad) for x in (k, v))
     offs = jnp.arange(L, dtype=jnp.int32)
     qpos = jnp.arange(tile, dtype=jnp.int32)
+    length = jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len
+    offset = length - T  # [B] key position of query 0
+    # One slice start per row: a dynamic slice under vmap.
+    cut = jax.vmap(lambda x, start: lax.dynamic_slice_in_dim(x, start, L, axis=1))
 
     def body(args):
         q_tile, t0 = args[:2]  # [B, H, G, tile, D], scalar first query index
-        p0 = t0 + (S - T)
+        p0 = t0 + offset  # [B]
         # Padded coordinates are shifted by `front`: padded index p0 - w + 1 + front holds key
         # p0 - w + 1, the first the tile may see.
-        k_t = lax.dynamic_slice_in_dim(kh, p0 - (w - 1) + front, L, axis=2)  # [B, H, L, D]
-        v_t = lax.dynamic_slice_in_dim(vh, p0 - (w - 1) + front, L, axis=2)
-        s_pos = p0 - (w - 1) + offs  # [L]
-        t_pos = p0 + qpos  # [tile]
-        diff = t_pos[:, None] - s_pos[None, :]
-        mask = (s_pos >= 0) & (s_pos < S)
-        mask = mask[None, :] & ((diff >= 0) & (diff < w) if cfg.causal else (jnp.abs(diff) < w))
-        mask = mask[None, None]  # [1, 1, tile, L]
+        k_t = cut(kh, p0 - (w - 1) + front)  # [B, H, L, D]
+        v_t = cut(vh, p0 - (w - 1) + front)
+        s_pos = (p0 - (w - 1))[:, None] + offs  # [B, L]
+        t_pos = p0[:, None] + qpos  # [B, tile]
+        diff = t_pos[:, :, None] - s_pos[:, None, :]  # [B, tile, L]
+        mask = ((s_pos >= 0) & (s_pos < length[:, None]))[:, None, :]
+        mask = mask & ((diff >= 0) & (diff < w) if cfg.causal else (jnp.abs(diff) < w))
         if bounds is not None:
             lo, hi = args[2:]  # [B, tile]
-            inside = (s_pos >= lo[..., None]) & (s_pos < hi[..., None])  # [B, tile, L]
-            mask = jnp.broadcast_to((mask[0] & inside)[:, None, None], (B, H, 1, tile, L))
-            mask = mask.reshape(B * H, 1, tile, L)
+            mask = mask & (s_pos[:, None, :] >= lo[..., None]) & (s_pos[:, None, :] < hi[..., None])
+        mask = jnp.broadcast_to(mask[:, None, None], (B, H, 1, tile, L)).reshape(B * H, 1, tile, L)
         G = q_tile.shape[2]
         o, _ = attend(q_tile.reshape(B * H, G, tile, D), k_t.reshape(B * H, L, D),
-                      v_t.reshape(B * H, L, Dv), mask, scale)
+                      v_t.reshape(B * H, L, Dv), mask, scale, clean=kv_len is not None)
         return o.reshape(B, H, G, tile, Dv)
 
     starts = jnp.arange(n, dtype=jnp.int32) * tile
@@ -349,11 +362,12 @@ class XlaBackend(base.Backend):
     def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
         return select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, tilings.rows)
 
-    def selected_attention(self, q, k, v, sel, config, *, key_bounds, interpret, tilings):
-        return selected_attention(q, k, v, sel, config, key_bounds, tilings.rows)
+    def selected_attention(self, q, k, v, sel, config, *, kv_len, key_bounds, interpret, tilings):
+        return selected_attention(q, k, v, sel, config, key_bounds, tilings.rows, kv_len)
 
-    def sliding_window_attention(self, q, k, v, config, *, key_bounds, interpret, tilings):
-        return sliding_window_attention(q, k, v, config, key_bounds, tilings.rows)
+    def sliding_window_attention(self, q, k, v, config, *, kv_len, key_bounds, interpret,
+                                 tilings):
+        return sliding_window_attention(q, k, v, config, key_bounds, tilings.rows, kv_len)
 
 
 BACKEND = XlaBackend()

@@ -1,0 +1,196 @@
+"""Generation: a per-layer KV cache with incremental compression, and attention of new tokens
+over it (docs/design.md §7).
+
+`NSACache` holds, for a static maximum length S_max, the raw keys and values, the compressed
+tokens completed so far and each row's length. `nsa_decode` appends one or more new tokens per
+row, compresses every block the new keys complete (from the cached keys of that block only), and
+runs the three branches for the new queries with per-row lengths, so one compiled step serves
+every length. Prefill is the same call with the prompt (or a chunk of it) as the new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import _checks
+from nsa_jax.api import _combine, _Plan
+from nsa_jax import ops
+from nsa_jax.compression import apply_phi, block_view, check_params
+from nsa_jax.config import NSAConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NSACache:
+    """The decode state of one NSA layer (a pytree; all leaves are arrays).
+
+    Attributes:
+      k: [B, S_max, H, D] keys; slots at or past a row's length hold zeros.
+      v: [B, S_max, H, Dv] values, likewise.
+      k_c: [B, N_max, H, D] compressed keys, N_max = config.num_compressed(S_max); token i of a
+        row is filled once its block is complete (i * d + l <= length), zeros before.
+      v_c: [B, N_max, H, Dv] compressed values, likewise.
+      lengths: int32[B] tokens cached per row.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    k_c: jax.Array
+    v_c: jax.Array
+    lengths: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[1]
+
+
+def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
+               v_head_dim: int | None = None, *, config: NSAConfig, dtype=jnp.float32
+               ) -> NSACache:
+    """An empty cache for ``batch`` rows of up to ``max_length`` tokens (all lengths 0)."""
+    _checks.config(config)
+    for name, val in (("batch", batch), ("max_length", max_length),
+                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                      ("v_head_dim", v_head_dim)):
+        _checks.positive_int(name, val, allow_none=name == "v_head_dim")
+    Dv = head_dim if v_head_dim is None else v_head_dim
+    _checks.head_dims(head_dim, Dv)
+    N = config.num_compressed(max_length)
+    zeros = lambda n, width: jnp.zeros((batch, n, num_kv_heads, width), dtype)
+    return NSACache(zeros(max_length, head_dim), zeros(max_length, Dv), zeros(N, head_dim),
+                    zeros(N, Dv), jnp.zeros((batch,), jnp.int32))
+
+
+def append(cache: NSACache, k, v, *, config: NSAConfig, compress_params=None, num_new=None
+           ) -> NSACache:
+    """``cache`` with k [B, T, H, D] and v [B, T, H, Dv] written at each row's length.
+
+    Row b takes its first ``num_new[b]`` tokens (int32[B]; default all T); the rest of the T
+    slots are written as zeros and not counted. Compressed tokens whose blocks the new keys
+    complete are computed from the cache. The caller keeps ``lengths + T <= max_length``:
+    under `jax.jit` this is not checked, and tokens past the end are dropped.
+    """
+    B, T = k.shape[:2]
+    S_max, N_max = cache.k.shape[1], cache.k_c.shape[1]
+    l, d = config.compress_block, config.compress_stride
+    old = cache.lengths
+    n = jnp.full((B,), T, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
+    new = old + n
+    t = jnp.arange(T, dtype=jnp.int32)
+    real = (t[None, :] < n[:, None])[..., None, None]  # [B, T, 1, 1]
+    slot = old[:, None] + t[None, :]  # [B, T]
+    rows = jnp.arange(B)[:, None]
+
+    def write(buf, x):
+        x = jnp.where(real, x.astype(buf.dtype), jnp.zeros((), buf.dtype))
+        return buf.at[rows, slot].set(x, mode="drop")
+
+    k_all, v_all = write(cache.k, k), write(cache.v, v)
+    if N_max == 0:
+        return NSACache(k_all, v_all, cache.k_c, cache.v_c, new)
+    # Blocks complete before and after: count(len) = max(0, (len - l) // d + 1).
+    first = jnp.maximum((old - l) // d + 1, 0)  # [B]
+    done = jnp.maximum((new - l) // d + 1, 0)
+    K = -(-T // d)  # the most blocks T new keys can complete
+    span = (K - 1) * d + l  # keys of K consecutive blocks
+    idx = jnp.clip(first[:, None] * d + jnp.arange(span)[None, :], 0, S_max - 1)  # [B, span]
+    j = first[:, None] + jnp.arange(K)[None, :]  # [B, K] compressed token ids
+    target = jnp.where(j < done[:, None], j, N_max)  # N_max: dropped
+
+    def compressed(buf, x_all, which):
+        keys = jnp.take_along_axis(x_all, idx[:, :, None, None], axis=1)  # [B, span, H, D]
+        blocks = block_view(keys.astype(_checks.accumulation(keys)), config)  # [B, K, l, H, D]
+        c = apply_phi(blocks, compress_params, which, config).astype(buf.dtype)
+        return buf.at[rows, target].set(c, mode="drop")
+
+    return NSACache(k_all, v_all, compressed(cache.k_c, k_all, "_k"),
+                    compressed(cache.v_c, v_all, "_v"), new)
+
+
+def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_params=None,
+               num_new=None, implementation=None, interpret: bool = False, tilings=None):
+    """Attention of T new tokens per row over the cache and themselves; the cache updated.
+
+    Equal (within rounding) to `nsa_attention` over each row's whole sequence, at the new
+    positions, with one difference for ``select_q_tile > 1``: queries are tiled from each call's
+    first new token, so a tile-shared selection matches the full forward when each call starts
+    at a multiple of ``select_q_tile`` and brings whole tiles (prefill chunks); a single-token
+    step selects for that token alone.
+
+    Args:
+      q: [B, T, HQ, D] new queries (rotated for their positions ``lengths + t`` if using RoPE).
+      k: [B, T, H, D], v: [B, T, H, Dv] new keys and values.
+      g: [B, T, HQ, 3] gates or None (1/3 each).
+      cache: `NSACache` from `init_cache` or an earlier call; must be causal config's.
+      config: `NSAConfig` with ``causal=True``.
+      compress_params: phi's parameters, as for `nsa_attention`.
+      num_new: int32[B] tokens of the T that row b really appends (prompts of different lengths;
+        its queries past that get zeros); default T for every row.
+      implementation, interpret, tilings: as in `nsa_attention`.
+
+    Returns:
+      (o [B, T, HQ, Dv] in q.dtype, the updated `NSACache`).
+    """
+    _checks.options(config, implementation, interpret, tilings)
+    if not config.causal:
+        raise ValueError("nsa_decode needs a causal config (config.causal=True): generation "
+                         "appends tokens after the cached ones")
+    if not isinstance(cache, NSACache):
+        raise TypeError(f"cache must be an NSACache (from init_cache), got {type(cache).__name__}")
+    B, T, _, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=False)
+    _checks.gates(g, B, T, HQ)
+    check_params(config, compress_params, H, D, Dv)
+    S_max = cache.max_length
+    want = {"k": (B, S_max, H, D), "v": (B, S_max, H, Dv)}
+    for name, shape in want.items():
+        if tuple(getattr(cache, name).shape) != shape:
+            raise ValueError(f"cache.{name} has shape {tuple(getattr(cache, name).shape)}, but the "
+                             f"new tokens need {shape} (B, S_max, H, D or Dv)")
+    if cache.k_c.shape[1] != config.num_compressed(S_max):
+        raise ValueError(f"cache.k_c holds {cache.k_c.shape[1]} compressed tokens; this config "
+                         f"gives {config.num_compressed(S_max)} for S_max={S_max}: the cache was "
+                         "made for another config")
+    if num_new is not None and tuple(getattr(num_new, "shape", ())) != (B,):
+        raise ValueError(f"num_new must be an int32[B={B}] array, got {num_new!r}")
+    if T > S_max:
+        raise ValueError(f"T={T} new tokens do not fit a cache of max_length={S_max}")
+    if not isinstance(cache.lengths, jax.core.Tracer):
+        top = int(jnp.max(cache.lengths)) + T if B else 0
+        if top > S_max:
+            raise ValueError(f"cache lengths {cache.lengths.tolist()} + T={T} exceed "
+                             f"max_length={S_max}")
+    if B == 0 or T == 0:
+        return jnp.zeros((B, T, HQ, Dv), q.dtype), cache
+    cache = append(cache, k, v, config=config, compress_params=compress_params, num_new=num_new)
+    # Queries sit at old length + t: the keys seen end T past the old length in every row.
+    n = cache.lengths if num_new is None else cache.lengths - num_new + T
+    o = attend_cache(q, g, cache, n, config=config, implementation=implementation,
+                     interpret=interpret, tilings=tilings)
+    if num_new is not None:
+        real = jnp.arange(T)[None, :] < num_new[:, None]
+        o = jnp.where(real[..., None, None], o, jnp.zeros((), o.dtype))
+    return o, cache
+
+
+def attend_cache(q, g, cache: NSACache, kv_len, *, config: NSAConfig, implementation=None,
+                 interpret: bool = False, tilings=None):
+    """The three branches and the gate for q [B, T, HQ, D] at positions kv_len - T + t over a
+    cache already holding them (inputs validated by `nsa_decode`)."""
+    B, T, HQ, D = q.shape
+    S_max, H, Dv = cache.k.shape[1], cache.k.shape[2], cache.v.shape[3]
+    config = _checks.effective(config, S_max, T)
+    needed = ("compressed", "scoring", "selected") + (("window",) if config.window else ())
+    run = _Plan(implementation, needed, config,
+                ops.Shapes(B, T, S_max, HQ, H, D, Dv, per_row_kv_len=True,
+                           select_block=config.select_block), interpret, tilings)
+    kv_len = kv_len.astype(jnp.int32)
+    o_c, lse = run("compressed")(q, cache.k_c, cache.v_c, config, S=S_max, kv_len=kv_len,
+                                 compressed_bounds=None)
+    sel = run("scoring")(q, cache.k_c, config, S=S_max, kv_len=kv_len, lse=lse, key_bounds=None)
+    o_s = run("selected")(q, cache.k, cache.v, sel, config, kv_len=kv_len, key_bounds=None)
+    o_w = (run("window")(q, cache.k, cache.v, config, kv_len=kv_len, key_bounds=None)
+           if config.window else jnp.zeros_like(o_s))
+    return _combine(o_c, o_s, o_w, g)
