@@ -16,6 +16,7 @@ from nsa_jax import _checks, segments
 from nsa_jax.api import nsa_attention
 from nsa_jax.compression import init_params
 from nsa_jax.config import NSAConfig
+from nsa_jax.decode import NSACache, init_cache, nsa_decode
 
 
 def apply_rope(x, positions, base: float):
@@ -44,6 +45,12 @@ class NSAAttention(nnx.Module):
     projection (three sigmoid gates per head, starting at 1/2), the compression parameters of
     ``config.compress_method``, and ``sow_selection`` to record the blocks it selected.
 
+    Generation works as in `nnx.MultiHeadAttention`: ``init_cache((B, max_length, in_features))``
+    creates the cache (`nsa_jax.NSACache` in an `nnx.Cache` variable), then ``layer(x,
+    decode=True)`` appends x's tokens (a prompt, a chunk of one, or one new token) at each row's
+    cached length, at positions continuing from there, and returns their outputs; rows may hold
+    different lengths.
+
     Example:
       >>> import jax.numpy as jnp
       >>> from flax import nnx
@@ -68,6 +75,7 @@ class NSAAttention(nnx.Module):
         starts at zero.
       use_rope, rope_base: rotate q and k by their positions before attention, with this base.
       implementation, tilings, interpret: passed to `nsa_attention`.
+      decode: default of ``__call__``'s ``decode``.
       rngs: `nnx.Rngs` for initialisation.
     """
 
@@ -79,7 +87,7 @@ class NSAAttention(nnx.Module):
                  out_kernel_init=None, bias_init=nnx.initializers.zeros_init(),
                  out_bias_init=None, use_bias: bool = True, use_rope: bool = True,
                  rope_base: float = 10000.0, implementation: str | None = None, tilings=None,
-                 interpret: bool = False, rngs: nnx.Rngs):
+                 interpret: bool = False, decode: bool = False, rngs: nnx.Rngs):
         _checks.options(config, implementation, interpret, tilings)
         for name, val in (("num_heads", num_heads), ("in_features", in_features),
                           ("qkv_features", qkv_features), ("out_features", out_features),
@@ -102,6 +110,10 @@ class NSAAttention(nnx.Module):
         self.use_rope, self.rope_base = use_rope, rope_base
         self.implementation, self.tilings, self.interpret = implementation, tilings, interpret
         self.dtype, self.param_dtype, self.precision = dtype, param_dtype, precision
+        if not isinstance(decode, bool):
+            raise TypeError(f"decode must be a bool, got {decode!r}")
+        self.decode = decode
+        self.cache: nnx.Cache | None = nnx.data(None)
         linear = functools.partial(nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype,
                                    precision=precision, use_bias=use_bias, rngs=rngs)
         proj = functools.partial(linear, in_features, kernel_init=kernel_init,
@@ -118,6 +130,16 @@ class NSAAttention(nnx.Module):
                                       kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
         params = init_params(rngs.params(), config, num_kv_heads, head_dim, v_head_dim, param_dtype)
         self.compress_params = nnx.data({name: nnx.Param(p) for name, p in params.items()})
+
+    def init_cache(self, input_shape, dtype=jnp.float32):
+        """An empty cache for ``input_shape = (B, max_length, in_features)`` inputs, in
+        ``dtype``, held in ``self.cache`` (an `nnx.Cache` of `nsa_jax.NSACache`)."""
+        shape = tuple(input_shape)
+        if len(shape) != 3 or shape[2] != self.in_features:
+            raise ValueError(f"input_shape must be (B, max_length, in_features="
+                             f"{self.in_features}), got {shape}")
+        self.cache = nnx.Cache(init_cache(shape[0], shape[1], self.num_kv_heads, self.head_dim,
+                                          self.v_head_dim, config=self.config, dtype=dtype))
 
     def project(self, inputs_q, *, input_positions=None, segment_ids=None):
         """The attention inputs of ``inputs_q`` [B, T, in_features]: q [B, T, HQ, D], k [B, T, H,
@@ -138,7 +160,8 @@ class NSAAttention(nnx.Module):
         return q, k, v, g
 
     def __call__(self, inputs_q, *, input_positions=None, segment_ids=None,
-                 max_segments: int | None = None, sow_selection: bool = False):
+                 max_segments: int | None = None, sow_selection: bool = False,
+                 decode: bool | None = None, num_new=None):
         """inputs_q: [B, T, in_features] -> [B, T, out_features].
 
         ``input_positions``: int [B, T] for RoPE (unused without it); default t, or the position
@@ -148,7 +171,16 @@ class NSAAttention(nnx.Module):
         layer made (`BlockSparseIndices`) with ``self.sow(nnx.Intermediate, "selection", ...)``
         (not with ``segment_ids``); e.g. ``y, sown = nnx.capture(layer, nnx.Intermediate)(x,
         sow_selection=True)``, then ``(sel,) = sown["selection"].get_value()``.
+        ``decode``: append to the cache of `init_cache` and attend over it (default
+        ``self.decode``); ``input_positions`` then default to each row's cached length + t.
+        ``num_new``: with ``decode``, int32[B] tokens of the T that each row really appends
+        (`nsa_jax.nsa_decode`).
         """
+        decode = self.decode if decode is None else decode
+        if decode:
+            return self._decode(inputs_q, input_positions, segment_ids, sow_selection, num_new)
+        if num_new is not None:
+            raise ValueError("num_new is only used with decode=True")
         q, k, v, g = self.project(inputs_q, input_positions=input_positions,
                                   segment_ids=segment_ids)
         o = nsa_attention(q, k, v, g, config=self.config,
@@ -159,6 +191,27 @@ class NSAAttention(nnx.Module):
         if sow_selection:
             o, sel = o
             self.sow(nnx.Intermediate, "selection", sel)
+        return self.out(o)
+
+    def _decode(self, inputs_q, input_positions, segment_ids, sow_selection, num_new):
+        if self.cache is None:
+            raise ValueError("decode=True needs a cache: call layer.init_cache((B, max_length, "
+                             "in_features)) first")
+        if segment_ids is not None or sow_selection:
+            raise ValueError("decode=True takes neither segment_ids nor sow_selection")
+        cache: NSACache = self.cache.get_value()
+        B, T = inputs_q.shape[:2] if getattr(inputs_q, "ndim", 0) == 3 else (None, None)
+        if B is not None and B != cache.lengths.shape[0]:
+            raise ValueError(f"inputs_q has B={B} rows; the cache holds "
+                             f"{cache.lengths.shape[0]}")
+        if input_positions is None and B is not None:
+            input_positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
+        q, k, v, g = self.project(inputs_q, input_positions=input_positions)
+        o, cache = nsa_decode(
+            q, k, v, g, cache, config=self.config, compress_params=self.compress_param_values(),
+            num_new=num_new, implementation=self.implementation, tilings=self.tilings,
+            interpret=self.interpret)
+        self.cache.set_value(cache)
         return self.out(o)
 
     def compress_param_values(self):
