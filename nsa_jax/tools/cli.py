@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
                           "dense attention inside each document")
     sub.add_argument("--document-range", type=int, nargs=2, default=[1024, 16384],
                      metavar=("SHORTEST", "LONGEST"), help="document lengths of --packed-lengths")
+    sub.add_argument("--decode", action="store_true",
+                     help="time one generation step (nsa_decode) at contexts --lengths against "
+                          "dense attention over the same cache, instead of the training rows")
+    sub.add_argument("--batches", type=int, nargs="+", default=[1, 32],
+                     help="batch sizes of --decode")
+    sub.add_argument("--prefill-lengths", type=int, nargs="*", default=[],
+                     help="with --decode, also time a prefill of this many tokens against the "
+                          "training forward")
     sub.add_argument("--tune", action="store_true",
                      help="sweep tilings per kernel first (needs implementation triton)")
     sub.add_argument("--tune-length", type=int, default=32768, help="T of the tiling sweep")
@@ -152,6 +160,16 @@ def _bench(args: argparse.Namespace) -> int:
     if args.tune and args.implementation == "xla":
         args.error("--tune sweeps the triton kernels' tilings; it needs --implementation triton")
     _check_backend(args)
+    if args.decode:
+        from nsa_jax.config import NSAConfig
+        from nsa_jax.tools import decode_bench
+        if min(args.batches + args.prefill_lengths, default=1) < 1:
+            args.error(f"--batches and --prefill-lengths must be positive, got {args.batches}, "
+                       f"{args.prefill_lengths}")
+        decode_bench.run(contexts=args.lengths, batches=args.batches, shapes=shapes,
+                         config=NSAConfig(), implementation=args.implementation, reps=args.reps,
+                         out=args.out, prefill_lengths=args.prefill_lengths)
+        return 0
     if not on_gpu and not args.force:
         # XLA's dense attention on a CPU holds the float32 scores and probabilities, [HQ, T, T].
         need = max((2 * 4 * s.HQ * T * T for s in shapes
