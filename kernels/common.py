@@ -426,6 +426,14 @@ class Launch:
         """BlockSpec of all keys of (b, h) of a heads-major array."""
         return pl.BlockSpec((None, None, self.N_p, width), lambda b, h, i: (b, h, 0, 0))
 
+    def keys(self, x, width: int):
+        """(BlockSpec, operand) of all keys of (b, h) in x [B, N, H, w]: x itself when it needs
+        no padding (a program reads its head's rows in place, strided), else `heads_major`'s
+        padded copy. A decode step over a long cache must not copy the cache."""
+        if x.shape[1] == self.N_p and x.shape[3] == width:
+            return pl.BlockSpec((None, self.N_p, None, width), lambda b, h, i: (b, 0, h, 0)), x
+        return self.kv_spec(width), self.heads_major(x, width)
+
     def bound_inputs(self, bounds, *, all_rows: bool = False):
         """(specs, args) of the rows' (lo, hi) from `bound_rows`: program (b, h, i)'s rows, or all
         rows of batch b; (None, None) without bounds."""

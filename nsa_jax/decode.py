@@ -22,6 +22,10 @@ from nsa_jax.compression import apply_phi, block_view, check_params
 from nsa_jax.config import NSAConfig
 
 
+# Cache lengths are multiples of this: a multiple of every key block the kernels use.
+CACHE_UNIT = 128
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NSACache:
@@ -50,7 +54,11 @@ class NSACache:
 def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
                v_head_dim: int | None = None, *, config: NSAConfig, dtype=jnp.float32
                ) -> NSACache:
-    """An empty cache for ``batch`` rows of up to ``max_length`` tokens (all lengths 0)."""
+    """An empty cache for ``batch`` rows of at least ``max_length`` tokens (all lengths 0).
+
+    The room is ``max_length`` rounded up to a multiple of `CACHE_UNIT` (`NSACache.max_length`
+    says how much), so the Pallas kernels read the cache in place instead of a padded copy.
+    """
     _checks.config(config)
     for name, val in (("batch", batch), ("max_length", max_length),
                       ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
@@ -58,6 +66,7 @@ def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
         _checks.positive_int(name, val, allow_none=name == "v_head_dim")
     Dv = head_dim if v_head_dim is None else v_head_dim
     _checks.head_dims(head_dim, Dv)
+    max_length = -(-max_length // CACHE_UNIT) * CACHE_UNIT
     N = config.num_compressed(max_length)
     zeros = lambda n, width: jnp.zeros((batch, n, num_kv_heads, width), dtype)
     return NSACache(zeros(max_length, head_dim), zeros(max_length, Dv), zeros(N, head_dim),

@@ -204,7 +204,8 @@ def test_append_compresses_only_completed_blocks():
     expected = [cfg.num_compressed(t + 1) for t in range(40)]
     # Token 0 is the mean of keys 0..15 = 7.5 (never zero), so counting non-zeros counts tokens.
     assert filled == expected
-    np.testing.assert_allclose(cache.k_c[0, :, 0, 0], [7.5 + 8 * i for i in range(4)])
+    np.testing.assert_allclose(cache.k_c[0, :4, 0, 0], [7.5 + 8 * i for i in range(4)])
+    assert not np.asarray(cache.k_c[0, 4:]).any()
 
 
 def test_layer_decode_matches_forward_under_nnx_jit():
@@ -242,15 +243,16 @@ def test_decode_errors():
     cache = init_cache(B, 8, H, D, config=CFG)
     with pytest.raises(ValueError, match="causal"):
         nsa_decode(q, k, v, g, cache, config=dataclasses.replace(CFG, causal=False))
-    with pytest.raises(ValueError, match=r"cache.k has shape \(1, 8, 1, 8\).*\(1, 8, 1, 16\)"):
+    assert cache.max_length == 128  # rounded up to whole kernel blocks
+    with pytest.raises(ValueError, match=r"cache.k has shape \(1, 128, 1, 8\).*\(1, 128, 1, 16\)"):
         q2, k2, v2, _ = inputs(jax.random.key(1), B, 1, HQ, H, 16, 16)
         nsa_decode(q2, k2, v2, None, cache, config=CFG)
-    full = dataclasses.replace(cache, lengths=jnp.asarray([8], jnp.int32))
-    with pytest.raises(ValueError, match=r"lengths \[8\] \+ T=1 exceed max_length=8"):
+    full = dataclasses.replace(cache, lengths=jnp.asarray([128], jnp.int32))
+    with pytest.raises(ValueError, match=r"lengths \[128\] \+ T=1 exceed max_length=128"):
         nsa_decode(q, k, v, g, full, config=CFG)
     with pytest.raises(ValueError, match="another config"):
         nsa_decode(q, k, v, g, init_cache(B, 40, H, D, config=CFG), config=dataclasses.replace(
-            CFG, compress_stride=16, compress_block=16, select_block=16))
+            CFG, compress_stride=16, compress_block=32, select_block=16))
     with pytest.raises(TypeError, match="NSACache"):
         nsa_decode(q, k, v, g, {"k": 1}, config=CFG)
     layer = nsa_jax.NSAAttention(2, 8, config=CFG, rngs=nnx.Rngs(0))

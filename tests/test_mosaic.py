@@ -46,7 +46,7 @@ def _check(fn, ref_fn, args, seed, names, dtype=BF16):
 # T odd; G = 1, 4, 16 (64, 16 and 4 queries per warpgroup); D != Dv (Q and O in separate
 # buffers); decode with S > T.
 @pytest.mark.parametrize("T,HQ,H,D,Dv,S", [(150, 4, 1, 24, 72, None), (131, 16, 1, 16, 16, None),
-                                           (37, 2, 2, 16, 16, 203)],
+                                           (131, 2, 2, 16, 16, 203)],
                          ids=["G4-D24-Dv72", "G16", "G1-decode"])
 def test_compressed_branch(T, HQ, H, D, Dv, S):
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4)
@@ -58,6 +58,16 @@ def test_compressed_branch(T, HQ, H, D, Dv, S):
     assert _kernels(fn, q, k_c, v_c) == {"nsa_mosaic_flash_fwd"}
     _check(fn, lambda *a: reference.compressed_attention(*a, config=cfg, kv_len=kv_len)[0],
            (q, k_c, v_c), 1, ("q", "k_c", "v_c"))
+
+
+def test_fewer_rows_than_a_cta_run_triton():
+    """A decode step (T * G_p < 128 rows) would fill a CTA mostly with padding."""
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4)
+    q, k, v = _inputs(3, 8, 2, 16, 16, 1, S=203)
+    k_c, v_c = nsa_jax.compress(k, v, config=cfg)
+    fn = jax.jit(lambda q, kc, vc: nsa_jax.compressed_attention(q, kc, vc, config=cfg,
+                                                                 kv_len=203, **MOSAIC)[0])
+    assert _kernels(fn, q, k_c, v_c) == {"nsa_flash_fwd"}
 
 
 @pytest.mark.parametrize("causal,pingpong", [(True, True), (False, False)])

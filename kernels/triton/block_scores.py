@@ -71,17 +71,16 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
     bq = min(config.block_q, q_tile & -q_tile)
     lay = Launch.of(q, k_c, block_q=bq, block_k=config.block_k, q_unit=q_tile)
     bound_specs, bound_args = lay.bound_inputs(bounds)
+    k_spec, k_in = lay.keys(k_c, lay.D_p)
     mass = pl.pallas_call(
         functools.partial(_mass_kernel, prog=lay.program(rule, scale)),
         grid=(B, H, lay.num_q_tiles),
-        in_specs=(pl.BlockSpec(), lay.tile_spec(), lay.tile_spec(lay.D_p), lay.kv_spec(lay.D_p),
-                  bound_specs),
+        in_specs=(pl.BlockSpec(), lay.tile_spec(), lay.tile_spec(lay.D_p), k_spec, bound_specs),
         out_specs=pl.BlockSpec((None, None, None, lay.N_p), lambda b, h, i: (b, h, i, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, lay.num_q_tiles, lay.N_p), jnp.float32),
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_compressed_mass",
-    )(offsets.astype(jnp.int32), lay.group_lse(lse), lay.group(q, lay.D_p),
-      lay.heads_major(k_c, lay.D_p), bound_args)
+    )(offsets.astype(jnp.int32), lay.group_lse(lse), lay.group(q, lay.D_p), k_in, bound_args)
     mass = mass.reshape(B, H, n_tiles, q_tile // bq, lay.N_p).sum(axis=3)
     return mass[..., :N_c]

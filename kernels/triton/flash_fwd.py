@@ -113,16 +113,16 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
     table_specs, table_args = table_inputs(blocks, lay.block_q)
     bound_specs, bound_args = lay.bound_inputs(bounds)
+    (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
     o, lse = pl.pallas_call(
         functools.partial(_kernel, prog=lay.program(rule, scale)),
         grid=(lay.B, lay.H, lay.num_q_tiles),
-        in_specs=(pl.BlockSpec(), lay.tile_spec(lay.D_p), lay.kv_spec(lay.D_p),
-                  lay.kv_spec(lay.Dv_p), table_specs, bound_specs),
+        in_specs=(pl.BlockSpec(), lay.tile_spec(lay.D_p), k_spec, v_spec, table_specs,
+                  bound_specs),
         out_specs=(lay.tile_spec(lay.Dv_p), lay.tile_spec()),
         out_shape=(lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_flash_fwd",
-    )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p),
-      lay.heads_major(v, lay.Dv_p), table_args, bound_args)
+    )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), k_in, v_in, table_args, bound_args)
     return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)

@@ -208,20 +208,19 @@ def _forward_chunk(q, k, v, offsets, indices, counts, bounds, rule, scale, confi
     per_bh = lambda *shape: pl.BlockSpec((None, None, *shape),
                                          lambda b, h, w: (b, h, *(0,) * len(shape)))
     bound_specs, bound_args = lay.bound_inputs(bounds, all_rows=True)
+    (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
     part_o, part_lse = pl.pallas_call(
         functools.partial(_kernel, prog=prog, slots=n),
         grid=(B, lay.H, num_items),
         in_specs=(pl.BlockSpec(), (per_bh(num_items),) * 3, per_bh(E),
-                  per_bh(lay.T_p * G_p, lay.D_p), lay.kv_spec(lay.D_p), lay.kv_spec(lay.Dv_p),
-                  bound_specs),
+                  per_bh(lay.T_p * G_p, lay.D_p), k_spec, v_spec, bound_specs),
         out_specs=(per_bh((E + 1) * G_p, lay.Dv_p), per_bh((E + 1) * G_p)),
         out_shape=(jax.ShapeDtypeStruct((B, lay.H, (E + 1) * G_p, lay.Dv_p), jnp.float32),
                    jax.ShapeDtypeStruct((B, lay.H, (E + 1) * G_p), jnp.float32)),
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_selected_by_block",
-    )(offsets.astype(jnp.int32), work, entries, lay.group(q, lay.D_p),
-      lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p), bound_args)
+    )(offsets.astype(jnp.int32), work, entries, lay.group(q, lay.D_p), k_in, v_in, bound_args)
     o, lse = merge_partials(part_o, part_lse, counts, n, lay.G, Dv)  # [B, H, T, G, ...]
     o = o.transpose(0, 2, 1, 3, 4).reshape(B, T, HQ, Dv).astype(q.dtype)
     return o, lse.transpose(0, 2, 1, 3).reshape(B, T, HQ)

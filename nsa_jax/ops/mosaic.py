@@ -34,6 +34,9 @@ def mosaic_serves(q, k, v, *, packed: bool, q_tile: int | None = None,
         return False
     if max(q.shape[3], v.shape[3]) > 128:
         return False
+    if q.shape[1] * pow2(G) < COMPUTE_WGS * ROWS:
+        # Fewer rows than one CTA (decode steps): mostly padding; the Triton kernels fit.
+        return False
     if q_tile is not None:
         return q_tile % (COMPUTE_WGS * ROWS // pow2(G)) == 0 and select_block % 64 == 0
     return True
