@@ -196,7 +196,7 @@ def test_explicit_backend_refusals_name_the_reason():
         ops.resolve("triton", ("selected",), cfg24, base.Shapes(**{**SHAPES.__dict__,
                                                                     "select_block": 24}), True)
     noncausal = nsa_jax.NSAConfig(causal=False)
-    with pytest.raises(NotImplementedError, match="non-causal 'compressed' with a per-row kv_len"):
+    with pytest.raises(NotImplementedError, match="non-causal 'scoring' with a per-row kv_len"):
         ops.resolve("triton", ("scoring",), noncausal,
                     base.Shapes(**{**SHAPES.__dict__, "per_row_kv_len": True}), True)
     if not ON_GPU:
