@@ -25,7 +25,7 @@ import numpy as np
 from nsa_jax import api
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
-from nsa_jax.decode import NSACache, nsa_decode
+from nsa_jax.decode import CACHE_UNIT, NSACache, init_cache, nsa_decode
 
 
 def _median_steps(step, state, args, reps: int):
@@ -77,7 +77,7 @@ def _filled_cache(B, S, S_max, H, D, config, dtype):
 def measure(S: int, B: int, HQ: int, H: int, D: int, *, config: NSAConfig, implementation,
             reps: int, dtype=jnp.bfloat16) -> dict:
     """One (context, batch, shape) point: NSA and dense step times in ms."""
-    S_max = S + reps + 2
+    S_max = -(-(S + reps + 2) // CACHE_UNIT) * CACHE_UNIT  # as `init_cache` rounds it
     ks = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(ks[0], (B, 1, HQ, D), dtype)
     k = jax.random.normal(ks[1], (B, 1, H, D), dtype)
@@ -127,7 +127,6 @@ def prefill_vs_forward(T: int, HQ: int, H: int, D: int, *, config: NSAConfig, im
     k = jax.random.normal(ks[1], (1, T, H, D), dtype)
     v = jax.random.normal(ks[2], (1, T, H, D), dtype)
     g = jax.nn.sigmoid(jax.random.normal(ks[3], (1, T, HQ, 3))).astype(dtype)
-    from nsa_jax.decode import init_cache
     cache = init_cache(1, T, H, D, config=config, dtype=dtype)
     prefill = jax.jit(lambda cache, q, k, v, g: nsa_decode(q, k, v, g, cache, config=config,
                                                           implementation=implementation))
