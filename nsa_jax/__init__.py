@@ -23,6 +23,9 @@ _LAZY = {
     "reblock": "nsa_jax.metadata",
     "reverse_map": "nsa_jax.metadata",
     "NSAAttention": "nsa_jax.module",
+    "NSACache": "nsa_jax.decode",
+    "init_cache": "nsa_jax.decode",
+    "nsa_decode": "nsa_jax.decode",
     "segment_ids_from_cu_seqlens": "nsa_jax.segments",
     "Tiling": "nsa_jax.kernels.triton.tiling",
     "TritonTilings": "nsa_jax.kernels.triton.tiling",
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
     from nsa_jax.compression import compress
     from nsa_jax.compression import init_params as init_compress_params
     from nsa_jax.config import NSAConfig
+    from nsa_jax.decode import NSACache, init_cache, nsa_decode
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
     from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
     from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings, default_tilings
@@ -69,9 +73,10 @@ def __dir__():
 
 
 __all__ = [
-    "BlockSparseIndices", "MosaicFlashConfig", "MosaicTilings", "NSAAttention", "NSAConfig",
-    "ReverseBlockMap", "Tiling", "TritonTilings", "XlaTilings", "compress", "compressed_attention", "default_tilings", "gate_and_combine",
-    "init_compress_params", "nsa_attention", "reblock", "reference", "reverse_map",
+    "BlockSparseIndices", "MosaicFlashConfig", "MosaicTilings", "NSAAttention", "NSACache",
+    "NSAConfig", "ReverseBlockMap", "Tiling", "TritonTilings", "XlaTilings", "compress",
+    "compressed_attention", "default_tilings", "gate_and_combine", "init_cache",
+    "init_compress_params", "nsa_attention", "nsa_decode", "reblock", "reference", "reverse_map",
     "segment_ids_from_cu_seqlens", "select_blocks", "selected_attention",
     "sliding_window_attention",
 ]
