@@ -11,6 +11,7 @@ every length. Prefill is the same call with the prompt (or a chunk of it) as the
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,9 @@ from nsa_jax.config import NSAConfig
 CACHE_UNIT = 128
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("k", "v", "k_c", "v_c", "lengths"),
+                   meta_fields=("compress_block", "compress_stride"))
 @dataclasses.dataclass(frozen=True)
 class NSACache:
     """The decode state of one NSA layer (a pytree; all leaves are arrays).
@@ -34,10 +37,12 @@ class NSACache:
     Attributes:
       k: [B, S_max, H, D] keys; slots at or past a row's length hold zeros.
       v: [B, S_max, H, Dv] values, likewise.
-      k_c: [B, N_max, H, D] compressed keys, N_max = config.num_compressed(S_max); token i of a
-        row is filled once its block is complete (i * d + l <= length), zeros before.
+      k_c: [B, N_max, H, D] compressed keys, N_max = `compressed_room` (the tokens S_max keys
+        give, rounded up to a multiple of `CACHE_UNIT`); token i of a row is filled once its
+        block is complete (i * d + l <= length), zeros before.
       v_c: [B, N_max, H, Dv] compressed values, likewise.
       lengths: int32[B] tokens cached per row.
+      compress_block, compress_stride: the l and d its compressed tokens were made with (static).
     """
 
     k: jax.Array
@@ -45,10 +50,18 @@ class NSACache:
     k_c: jax.Array
     v_c: jax.Array
     lengths: jax.Array
+    compress_block: int
+    compress_stride: int
 
     @property
     def max_length(self) -> int:
         return self.k.shape[1]
+
+
+def compressed_room(config: NSAConfig, max_length: int) -> int:
+    """Slots for compressed tokens in a cache of ``max_length`` keys: the tokens it can complete,
+    rounded up to a multiple of `CACHE_UNIT` (slots past them stay zero and are never visible)."""
+    return -(-config.num_compressed(max_length) // CACHE_UNIT) * CACHE_UNIT
 
 
 def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
@@ -67,10 +80,11 @@ def init_cache(batch: int, max_length: int, num_kv_heads: int, head_dim: int,
     Dv = head_dim if v_head_dim is None else v_head_dim
     _checks.head_dims(head_dim, Dv)
     max_length = -(-max_length // CACHE_UNIT) * CACHE_UNIT
-    N = config.num_compressed(max_length)
+    N = compressed_room(config, max_length)
     zeros = lambda n, width: jnp.zeros((batch, n, num_kv_heads, width), dtype)
     return NSACache(zeros(max_length, head_dim), zeros(max_length, Dv), zeros(N, head_dim),
-                    zeros(N, Dv), jnp.zeros((batch,), jnp.int32))
+                    zeros(N, Dv), jnp.zeros((batch,), jnp.int32), config.compress_block,
+                    config.compress_stride)
 
 
 def append(cache: NSACache, k, v, *, config: NSAConfig, compress_params=None, num_new=None
@@ -99,7 +113,7 @@ def append(cache: NSACache, k, v, *, config: NSAConfig, compress_params=None, nu
 
     k_all, v_all = write(cache.k, k), write(cache.v, v)
     if N_max == 0:
-        return NSACache(k_all, v_all, cache.k_c, cache.v_c, new)
+        return dataclasses.replace(cache, k=k_all, v=v_all, lengths=new)
     # Blocks complete before and after: count(len) = max(0, (len - l) // d + 1).
     first = jnp.maximum((old - l) // d + 1, 0)  # [B]
     done = jnp.maximum((new - l) // d + 1, 0)
@@ -115,8 +129,8 @@ def append(cache: NSACache, k, v, *, config: NSAConfig, compress_params=None, nu
         c = apply_phi(blocks, compress_params, which, config).astype(buf.dtype)
         return buf.at[rows, target].set(c, mode="drop")
 
-    return NSACache(k_all, v_all, compressed(cache.k_c, k_all, "_k"),
-                    compressed(cache.v_c, v_all, "_v"), new)
+    return dataclasses.replace(cache, k=k_all, v=v_all, k_c=compressed(cache.k_c, k_all, "_k"),
+                               v_c=compressed(cache.v_c, v_all, "_v"), lengths=new)
 
 
 def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_params=None,
@@ -158,10 +172,15 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
         if tuple(getattr(cache, name).shape) != shape:
             raise ValueError(f"cache.{name} has shape {tuple(getattr(cache, name).shape)}, but the "
                              f"new tokens need {shape} (B, S_max, H, D or Dv)")
-    if cache.k_c.shape[1] != config.num_compressed(S_max):
-        raise ValueError(f"cache.k_c holds {cache.k_c.shape[1]} compressed tokens; this config "
-                         f"gives {config.num_compressed(S_max)} for S_max={S_max}: the cache was "
-                         "made for another config")
+    made = (cache.compress_block, cache.compress_stride)
+    if made != (config.compress_block, config.compress_stride):
+        raise ValueError(f"the cache was made for compress_block, compress_stride = {made}, not "
+                         f"{(config.compress_block, config.compress_stride)}: another config")
+    room = compressed_room(config, S_max)
+    if cache.k_c.shape[1] != room or cache.v_c.shape[1] != room:
+        raise ValueError(f"cache.k_c and cache.v_c hold {cache.k_c.shape[1]} and "
+                         f"{cache.v_c.shape[1]} compressed slots; this config needs {room} for "
+                         f"S_max={S_max}: the cache was made for another config")
     if num_new is not None and tuple(getattr(num_new, "shape", ())) != (B,):
         raise ValueError(f"num_new must be an int32[B={B}] array, got {num_new!r}")
     if T > S_max:

@@ -21,7 +21,7 @@ from flax import nnx
 import nsa_jax
 from nsa_jax import reference
 from nsa_jax.compression import init_params
-from nsa_jax.decode import NSACache, append, init_cache, nsa_decode
+from nsa_jax.decode import append, init_cache, nsa_decode
 
 CFG = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4,
                         num_initial=1, num_local=2, window=20)
@@ -158,8 +158,9 @@ def test_unfilled_slots_never_reach_outputs():
         return jnp.where((jnp.arange(x.shape[1]) < n[:, None])[:, :, None, None], x, jnp.nan)
 
     n_c = jnp.maximum((cache.lengths - CFG.compress_block) // CFG.compress_stride + 1, 0)
-    cache = NSACache(poison(cache.k, cache.lengths), poison(cache.v, cache.lengths),
-                     poison(cache.k_c, n_c), poison(cache.v_c, n_c), cache.lengths)
+    cache = dataclasses.replace(cache, k=poison(cache.k, cache.lengths),
+                                v=poison(cache.v, cache.lengths), k_c=poison(cache.k_c, n_c),
+                                v_c=poison(cache.v_c, n_c))
     step = jax.jit(lambda *a: nsa_decode(*a, config=CFG, implementation="xla"))
     for _ in range(12):
         pos = cache.lengths

@@ -34,16 +34,20 @@ class Tiling:
     def __post_init__(self):
         check_launch_fields(self, {"rows": 16, "block_k": 16, "num_warps": 1})
 
-    def flash(self, G: int, *, q_tile: int | None = None, block_k_divides: int | None = None) -> FlashConfig:
+    def flash(self, G: int, *, q_tile: int | None = None, block_k_divides: int | None = None,
+              queries: int | None = None) -> FlashConfig:
         """The kernel config for groups of G heads.
 
         ``q_tile``: block_q must divide it (block-list walks). ``block_k_divides``: block_k is
         lowered to the largest power of two dividing it (selection blocks); the result must stay
-        >= 16.
+        >= 16. ``queries``: the call's T; block_q is lowered to cover no more than pow2(T) (a
+        decode step's one query would otherwise share its program with padding rows).
         """
         bq = max(1, self.rows // pow2(G))
         if q_tile is not None:
             bq = min(bq, q_tile & -q_tile)
+        if queries is not None:
+            bq = min(bq, pow2(queries))
         bk = self.block_k
         if block_k_divides is not None:
             bk = min(bk, block_k_divides & -block_k_divides)

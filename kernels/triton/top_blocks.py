@@ -226,8 +226,10 @@ def per_token_top_blocks(q, k_c, lse, offsets, block_lo, block_hi, *, num_blocks
     BK = rule.chunk(config.block_k)
     # Whole chunks up to the last block; they hold every compressed token (N_c <= N_s * l' / d).
     n_chunks = max(1, -(-num_blocks // (BK // rule.per_block)))
-    k_pad = jnp.pad(k_c, ((0, 0), (0, n_chunks * BK - k_c.shape[1]), (0, 0), (0, 0)))
+    # Tokens past the chunks are never visited: a longer k_c (a decode cache) is read as it is.
+    k_pad = jnp.pad(k_c, ((0, 0), (0, max(0, n_chunks * BK - k_c.shape[1])), (0, 0), (0, 0)))
     lay = Launch.of(q, k_pad, block_q=config.block_q, block_k=BK)
+    k_spec, k_in = lay.keys(k_pad, lay.D_p)
     n_p = pow2(n)
     bound_specs, bound_args = lay.bound_inputs(bounds)
     pad_t = lambda x, fill: jnp.pad(x.astype(jnp.int32), ((0, 0), (0, lay.T_p - T)),
@@ -236,13 +238,13 @@ def per_token_top_blocks(q, k_c, lse, offsets, block_lo, block_hi, *, num_blocks
     ids = pl.pallas_call(
         functools.partial(_kernel, prog=lay.program(token_rule, scale), rule=rule, n_p=n_p),
         grid=(B, H, lay.num_q_tiles),
-        in_specs=(pl.BlockSpec(), lay.tile_spec(), lay.tile_spec(lay.D_p), lay.kv_spec(lay.D_p),
-                  query_spec, query_spec, bound_specs),
+        in_specs=(pl.BlockSpec(), lay.tile_spec(), lay.tile_spec(lay.D_p), k_spec, query_spec,
+                  query_spec, bound_specs),
         out_specs=pl.BlockSpec((None, None, lay.block_q, n_p), lambda b, h, i: (b, h, i, 0)),
         out_shape=jax.ShapeDtypeStruct((B, H, lay.T_p, n_p), jnp.int32),
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_per_token_top_blocks",
     )(offsets.astype(jnp.int32), lay.group_lse(lse), lay.group(q, lay.D_p),
-      lay.heads_major(k_pad, lay.D_p), pad_t(block_lo, FAR), pad_t(block_hi, 0), bound_args)
+      k_in, pad_t(block_lo, FAR), pad_t(block_hi, 0), bound_args)
     return ids[:, :, :T, :n]

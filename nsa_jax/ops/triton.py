@@ -173,8 +173,8 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
     t = default_tilings() if tilings is None else tilings
     return flash(q, k_c, v_c, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
-                  t.compressed.flash(G) if fwd is None else fwd, t.compressed_bwd.flash(G), 1,
-                  interpret)
+                  t.compressed.flash(G, queries=T) if fwd is None else fwd,
+                  t.compressed_bwd.flash(G), 1, interpret)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
@@ -214,8 +214,8 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
     t = default_tilings() if tilings is None else tilings
     o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
-                  t.window.flash(HQ // H) if fwd is None else fwd, t.window_bwd.flash(HQ // H), 1,
-                  interpret)
+                  t.window.flash(HQ // H, queries=T) if fwd is None else fwd,
+                  t.window_bwd.flash(HQ // H), 1, interpret)
     return o
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from nsa_jax import api
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
-from nsa_jax.decode import CACHE_UNIT, NSACache, init_cache, nsa_decode
+from nsa_jax.decode import CACHE_UNIT, NSACache, compressed_room, init_cache, nsa_decode
 
 
 def _median_steps(step, state, args, reps: int):
@@ -71,7 +71,10 @@ def _filled_cache(B, S, S_max, H, D, config, dtype):
     n_c = config.num_compressed(S)
     k_c = k_c.at[:, n_c:].set(0)
     v_c = v_c.at[:, n_c:].set(0)
-    return NSACache(k, v, k_c, v_c, jnp.full((B,), S, jnp.int32))
+    room = compressed_room(config, S_max)
+    pad = ((0, 0), (0, room - k_c.shape[1]), (0, 0), (0, 0))
+    return NSACache(k, v, jnp.pad(k_c, pad), jnp.pad(v_c, pad), jnp.full((B,), S, jnp.int32),
+                    config.compress_block, config.compress_stride)
 
 
 def measure(S: int, B: int, HQ: int, H: int, D: int, *, config: NSAConfig, implementation,
