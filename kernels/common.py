@@ -141,17 +141,10 @@ def bounded_ranges(rule: MaskRule, first, last, block_k: int, bounds=None):
     return lo, hi, flo, fhi
 
 
-def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry, bounds=None, part=None):
+def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry, bounds=None):
     """Runs ``carry = visit(blk, carry, masked)`` over the blocks that queries first..last (within
-    ``bounds``) can see, with ``masked=False`` (static) for the blocks they all see whole.
-    ``part`` = (s, n): only the s-th of n equal consecutive shares of those blocks."""
+    ``bounds``) can see, with ``masked=False`` (static) for the blocks they all see whole."""
     lo, hi, flo, fhi = bounded_ranges(rule, first, last, block_k, bounds)
-    if part is not None:
-        s, n = part
-        per = (hi - lo + n - 1) // n
-        lo, hi = lo + s * per, jnp.minimum(lo + (s + 1) * per, hi)
-        hi = jnp.maximum(hi, lo)
-        flo, fhi = jnp.clip(flo, lo, hi), jnp.clip(fhi, lo, hi)
     carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
     carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
     return lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)

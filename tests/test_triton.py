@@ -12,8 +12,7 @@ import pytest
 import nsa_jax
 from nsa_jax import reference, segments
 from nsa_jax.ops import triton as pallas_triton
-from nsa_jax.kernels.common import MaskRule
-from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
+from nsa_jax.kernels.triton.flash_fwd import FlashConfig
 from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
 
 TRITON = IMPLEMENTATIONS["triton"]
@@ -187,40 +186,10 @@ def test_select_block_without_a_16_key_tile_is_refused():
 
 
 @pytest.mark.parametrize("field,value", [("block_q", 48), ("block_k", 8), ("num_warps", 3),
-                                         ("num_stages", 0), ("splits", 0)])
+                                         ("num_stages", 0)])
 def test_flash_config_validation(field, value):
     with pytest.raises(ValueError, match=f"FlashConfig.{field}={value}"):
         FlashConfig(**{field: value})
-
-
-@pytest.mark.parametrize("rule", [MaskRule(num_keys=300), MaskRule(num_keys=300, window=70),
-                                  MaskRule(num_keys=300, key_stride=4, key_offset=7)],
-                         ids=["causal", "window", "compressed"])
-def test_split_key_ranges_merge_to_one_walk(rule):
-    """Decode-style launches (few query tiles) split each tile's key range over programs; the
-    log-sum-exp merge equals one walk, rows without keys included (the first row of batch 0 sees
-    no compressed token)."""
-    ks = jax.random.split(jax.random.key(4), 3)
-    q, k, v = (normal(ks[0], (2, 3, 8, 32)), normal(ks[1], (2, 300, 2, 32)),
-               normal(ks[2], (2, 300, 2, 24)))
-    offsets = jnp.asarray([5, 297], jnp.int32)
-    run = lambda splits: flash_forward(q, k, v, offsets, rule=rule, scale=0.2, interpret=not ON_GPU,
-                                       config=FlashConfig(block_q=4, block_k=16, splits=splits))
-    o1, lse1 = run(1)
-    assert bool(jnp.isinf(lse1).any()) == (rule.key_stride == 4)
-    for splits in (2, 3, 8):
-        o, lse = run(splits)
-        assert_close(o, o1, 1e-6, f"o, {splits} splits")
-        np.testing.assert_allclose(lse, lse1, rtol=1e-6, atol=1e-6)
-
-
-def test_decode_steps_split_their_key_ranges():
-    """A one-query call gets programs over key ranges; a long call keeps one per tile."""
-    fwd = FlashConfig(block_q=8, block_k=64)
-    assert pallas_triton.with_splits(fwd, 128, 65).splits == 4
-    assert pallas_triton.with_splits(fwd, 4, 1000).splits == 128
-    assert pallas_triton.with_splits(fwd, 4, 6).splits == 1
-    assert pallas_triton.with_splits(fwd, 4096, 1000).splits == 1
 
 
 def _grad_check(fn, ref_fn, args, names):

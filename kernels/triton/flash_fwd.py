@@ -13,14 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax.kernels.common import (LN2, BlockTable, Launch, MaskRule, Program, no_keys,
-                                    check_launch_fields, read_bounds, table_inputs, walk_range)
+                                    check_launch_fields, read_bounds, table_inputs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,21 +30,15 @@ class FlashConfig:
       block_q: queries per program (power of two); rows per program are block_q * G_p.
       block_k: keys per KV block (power of two, >= 16).
       num_warps, num_stages: Triton launch parameters.
-      splits: programs per query tile of a range walk (`flash_forward` without a block table),
-        each taking an equal share of its blocks, merged by log-sum-exp (flash-decoding). More
-        programs for calls with few query tiles, such as decode steps.
     """
 
     block_q: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    splits: int = 1
 
     def __post_init__(self):
         check_launch_fields(self, {"block_q": 1, "block_k": 16, "num_warps": 1})
-        if not isinstance(self.splits, int) or isinstance(self.splits, bool) or self.splits < 1:
-            raise ValueError(f"FlashConfig.splits={self.splits!r} must be a positive int")
 
     def compiler_params(self) -> pltriton.CompilerParams:
         return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -61,9 +54,8 @@ def scores(prog: Program, q, k, prec):
     return pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * prog.scale2
 
 
-def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, prog: Program,
-            splits: int = 1):
-    b, i = pl.program_id(0), pl.program_id(2) // splits
+def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, prog: Program):
+    b, i = pl.program_id(0), pl.program_id(2)
     q = q_ref[...]  # [rows, D]
     prec = dot_precision(q.dtype)
     first = off_ref[b] + i * prog.block_q
@@ -91,12 +83,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, pro
     rows, Dv = prog.rows, v_ref.shape[-1]
     init = (jnp.zeros((rows, Dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    if splits == 1:
-        acc, m, l = prog.walk(first, visit, init, blocks=blocks, bounds=bounds)
-    else:
-        share = pl.program_id(2) % splits
-        acc, m, l = walk_range(prog.rule, first, first + prog.block_q - 1, bk, visit, init,
-                               bounds, part=(share, splits))
+    acc, m, l = prog.walk(first, visit, init, blocks=blocks, bounds=bounds)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -124,47 +111,18 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     if k.shape[1] == 0 or q.shape[1] == 0:
         return no_keys(q, v)
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
-    splits = 1 if blocks is not None else config.splits
     table_specs, table_args = table_inputs(blocks, lay.block_q)
     bound_specs, bound_args = lay.bound_inputs(bounds)
     (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
-    if splits > 1:
-        # Every program reads its query tile; each writes its own partial result.
-        q_spec = pl.BlockSpec((None, None, lay.rows, lay.D_p),
-                              lambda b, h, j: (b, h, j // splits, 0))
-        out_specs = (pl.BlockSpec((None, None, None, lay.rows, lay.Dv_p),
-                                  lambda b, h, j: (b, h, j % splits, j // splits, 0)),
-                     pl.BlockSpec((None, None, None, lay.rows),
-                                  lambda b, h, j: (b, h, j % splits, j // splits)))
-        rows = lay.T_p * lay.G_p
-        out_shape = (jax.ShapeDtypeStruct((lay.B, lay.H, splits, rows, lay.Dv_p), jnp.float32),
-                     jax.ShapeDtypeStruct((lay.B, lay.H, splits, rows), jnp.float32))
-    else:
-        q_spec = lay.tile_spec(lay.D_p)
-        out_specs = (lay.tile_spec(lay.Dv_p), lay.tile_spec())
-        out_shape = (lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32))
     o, lse = pl.pallas_call(
-        functools.partial(_kernel, prog=lay.program(rule, scale), splits=splits),
-        grid=(lay.B, lay.H, lay.num_q_tiles * splits),
-        in_specs=(pl.BlockSpec(), q_spec, k_spec, v_spec, table_specs, bound_specs),
-        out_specs=out_specs,
-        out_shape=out_shape,
+        functools.partial(_kernel, prog=lay.program(rule, scale)),
+        grid=(lay.B, lay.H, lay.num_q_tiles),
+        in_specs=(pl.BlockSpec(), lay.tile_spec(lay.D_p), k_spec, v_spec, table_specs,
+                  bound_specs),
+        out_specs=(lay.tile_spec(lay.Dv_p), lay.tile_spec()),
+        out_shape=(lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_flash_fwd",
     )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), k_in, v_in, table_args, bound_args)
-    if splits > 1:
-        o, lse = merge_splits(o, lse, q.dtype)
     return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)
-
-
-def merge_splits(o, lse, dtype):
-    """Partial results [B, H, splits, rows, ...] of disjoint key ranges -> the whole softmax's
-    (o in ``dtype``, lse); rows no split saw keep o = 0, lse = -inf."""
-    top = jnp.max(lse, axis=2)  # [B, H, rows]
-    safe = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - safe[:, :, None])  # [B, H, splits, rows]; 0 where a split saw nothing
-    total = jnp.sum(w, axis=2)
-    merged = jnp.sum(w[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-    lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-    return merged.astype(dtype), lse

@@ -158,20 +158,6 @@ _backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 1
 _backward_kernels.defvjp(lambda *a: (_backward(*a), None), _no_second_order)
 
 
-# A range walk with fewer programs than this splits its key range (`FlashConfig.splits`): a
-# decode step has one query tile per (row, KV head), too few programs to fill the GPU.
-SPLIT_BELOW_PROGRAMS = 512
-
-
-def with_splits(fwd, programs: int, n_blocks: int):
-    """``fwd`` with ``splits`` raised so that about `SPLIT_BELOW_PROGRAMS` programs run, each
-    keeping at least 4 key blocks; unchanged for a Mosaic config or a split already chosen."""
-    if not isinstance(fwd, FlashConfig) or fwd.splits != 1 or programs >= SPLIT_BELOW_PROGRAMS:
-        return fwd
-    splits = min(SPLIT_BELOW_PROGRAMS // programs, max(1, n_blocks // 4))
-    return dataclasses.replace(fwd, splits=1 << (splits.bit_length() - 1))
-
-
 def compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
     return MaskRule(num_keys=N_c, key_stride=cfg.compress_stride,
                     key_offset=cfg.compress_block - 1, causal=cfg.causal)
@@ -183,14 +169,11 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
     config instead of ``tilings``' (a `MosaicFlashConfig` runs the Mosaic GPU kernel); the same
     for the other branches."""
     B, T, HQ, D = q.shape
-    N_c, H = k_c.shape[1], k_c.shape[2]
-    G = HQ // H
+    G = HQ // k_c.shape[2]
     t = default_tilings() if tilings is None else tilings
-    if fwd is None:
-        fwd = t.compressed.flash(G, queries=T)
-        fwd = with_splits(fwd, B * H * -(-T // fwd.block_q), -(-N_c // fwd.block_k))
     return flash(q, k_c, v_c, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
-                  compressed_rule(cfg, N_c), cfg.softmax_scale(D), fwd,
+                  compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
+                  t.compressed.flash(G, queries=T) if fwd is None else fwd,
                   t.compressed_bwd.flash(G), 1, interpret)
 
 
@@ -229,13 +212,10 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = default_tilings() if tilings is None else tilings
-    if fwd is None:
-        fwd = t.window.flash(HQ // H, queries=T)
-        reach = cfg.window + fwd.block_q - 1 + (0 if cfg.causal else cfg.window - 1)
-        fwd = with_splits(fwd, B * H * -(-T // fwd.block_q), -(-reach // fwd.block_k) + 1)
     o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
-                  fwd, t.window_bwd.flash(HQ // H), 1, interpret)
+                  t.window.flash(HQ // H, queries=T) if fwd is None else fwd,
+                  t.window_bwd.flash(HQ // H), 1, interpret)
     return o
 
 
