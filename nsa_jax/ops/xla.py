@@ -315,27 +315,34 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, rows: int = 6
     kh, vh = (jnp.pad(x.transpose(0, 2, 1, 3), pad) for x in (k, v))
     offs = jnp.arange(L, dtype=jnp.int32)
     qpos = jnp.arange(tile, dtype=jnp.int32)
-    length = jnp.full((B,), S, jnp.int32) if kv_len is None else kv_len
-    offset = length - T  # [B] key position of query 0
-    # One slice start per row: a dynamic slice under vmap.
-    cut = jax.vmap(lambda x, start: lax.dynamic_slice_in_dim(x, start, L, axis=1))
+    if kv_len is None:  # one slice start for every row ([1] standing for [B])
+        length = jnp.full((1,), S, jnp.int32)
+        cut = lambda x, start: lax.dynamic_slice_in_dim(x, start[0], L, axis=2)
+    else:  # one per row: a dynamic slice under vmap
+        length = kv_len
+        cut = jax.vmap(lambda x, start: lax.dynamic_slice_in_dim(x, start, L, axis=1))
+    offset = length - T  # key position of query 0
 
     def body(args):
         q_tile, t0 = args[:2]  # [B, H, G, tile, D], scalar first query index
-        p0 = t0 + offset  # [B]
+        p0 = t0 + offset  # [B or 1]
         # Padded coordinates are shifted by `front`: padded index p0 - w + 1 + front holds key
         # p0 - w + 1, the first the tile may see.
         k_t = cut(kh, p0 - (w - 1) + front)  # [B, H, L, D]
         v_t = cut(vh, p0 - (w - 1) + front)
-        s_pos = (p0 - (w - 1))[:, None] + offs  # [B, L]
-        t_pos = p0[:, None] + qpos  # [B, tile]
-        diff = t_pos[:, :, None] - s_pos[:, None, :]  # [B, tile, L]
+        s_pos = (p0 - (w - 1))[:, None] + offs  # [B or 1, L]
+        t_pos = p0[:, None] + qpos  # [B or 1, tile]
+        diff = t_pos[:, :, None] - s_pos[:, None, :]  # [B or 1, tile, L]
         mask = ((s_pos >= 0) & (s_pos < length[:, None]))[:, None, :]
         mask = mask & ((diff >= 0) & (diff < w) if cfg.causal else (jnp.abs(diff) < w))
         if bounds is not None:
             lo, hi = args[2:]  # [B, tile]
             mask = mask & (s_pos[:, None, :] >= lo[..., None]) & (s_pos[:, None, :] < hi[..., None])
-        mask = jnp.broadcast_to(mask[:, None, None], (B, H, 1, tile, L)).reshape(B * H, 1, tile, L)
+        if mask.shape[0] == 1:
+            mask = mask[:, None]  # [1, 1, tile, L]
+        else:
+            mask = jnp.broadcast_to(mask[:, None, None], (B, H, 1, tile, L))
+            mask = mask.reshape(B * H, 1, tile, L)
         G = q_tile.shape[2]
         o, _ = attend(q_tile.reshape(B * H, G, tile, D), k_t.reshape(B * H, L, D),
                       v_t.reshape(B * H, L, Dv), mask, scale, clean=kv_len is not None)
