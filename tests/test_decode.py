@@ -111,6 +111,15 @@ def test_teacher_forcing_kernels(impl):
         assert_close(out, full[b, :PROMPTS[b] + steps], FWD_TOL[dtype], f"{impl} row {b}")
 
 
+def test_reference_decode_matches_forward():
+    B, T, HQ, H, D = 2, 30, 4, 2, 16
+    q, k, v, g = inputs(jax.random.key(13), B, T, HQ, H, D, D)
+    full = reference.nsa_attention(q, k, v, g, config=CFG)
+    rows, _ = teacher_forced(q, k, v, g, CFG, None, (3, 21), 9, T, {"implementation": "reference"})
+    for b, out in enumerate(rows):
+        assert_close(out, full[b, :out.shape[0]], FWD_TOL[jnp.float32], f"row {b}")
+
+
 def test_bf16_cache_matches_forward():
     B, T, HQ, H, D = 2, 48, 4, 2, 32
     q, k, v, g = inputs(jax.random.key(4), B, T, HQ, H, D, D, jnp.bfloat16)
