@@ -82,10 +82,10 @@ def generate(model: LM, prompt, steps: int):
             state, token = carry
             model = nnx.merge(graph, state)
             nxt = jnp.argmax(model(token[:, None], decode=True)[:, -1], axis=-1)
-            return (nnx.state(model), nxt), token
+            return (nnx.state(model), nxt), nxt
 
-        _, tokens = jax.lax.scan(step, (nnx.state(model), first), length=steps)
-        return tokens.T
+        _, rest = jax.lax.scan(step, (nnx.state(model), first), length=steps - 1)  # [steps-1, B]
+        return jnp.concatenate([first[:, None], rest.T], axis=1)
 
     return run(state, prompt)
 

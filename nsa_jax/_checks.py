@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -226,6 +227,12 @@ def key_lengths(kv_len, B: int, T: int, S: int, *, causal: bool):
     shape = getattr(kv_len, "shape", None)
     if shape is None or tuple(shape) != (B,) or not jnp.issubdtype(kv_len.dtype, jnp.integer):
         raise TypeError(f"kv_len must be an int or an int32[B={B}] array, got {kv_len!r}")
+    if not isinstance(kv_len, jax.core.Tracer) and B:
+        lo = T if causal else 0
+        n = np.asarray(kv_len)
+        if n.min() < lo or n.max() > S:
+            raise ValueError(f"kv_len={n.tolist()} must lie in [{lo}, S={S}]"
+                             + (f" (T={T} queries sit at the end of causal keys)" if causal else ""))
     return jnp.asarray(kv_len, jnp.int32)
 
 

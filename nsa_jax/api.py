@@ -178,8 +178,8 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, kv_len=None, implemen
     """
     _checks.options(config, implementation, interpret, tilings)
     if implementation == "reference":
-        return reference.selected_attention(q, k, v, sel, config=config, segment_ids=segment_ids,
-                                            max_segments=max_segments)
+        return reference.selected_attention(q, k, v, sel, config=config, kv_len=kv_len,
+                                            segment_ids=segment_ids, max_segments=max_segments)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     _checks.packed(segment_ids, max_segments, B, T, S, kv_len)
     kv_arr = _checks.key_lengths(kv_len, B, T, S, causal=config.causal)
@@ -216,7 +216,8 @@ def sliding_window_attention(q, k, v, *, config: NSAConfig, kv_len=None, impleme
     """
     _checks.options(config, implementation, interpret, tilings)
     if implementation == "reference":
-        return reference.sliding_window_attention(q, k, v, config=config, segment_ids=segment_ids,
+        return reference.sliding_window_attention(q, k, v, config=config, kv_len=kv_len,
+                                                  segment_ids=segment_ids,
                                                   max_segments=max_segments)
     B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
     _checks.packed(segment_ids, max_segments, B, T, S, kv_len)

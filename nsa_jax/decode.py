@@ -1,5 +1,5 @@
 """Generation: a per-layer KV cache with incremental compression, and attention of new tokens
-over it (docs/design.md §7).
+over it (docs/design.md §5.5).
 
 `NSACache` holds, for a static maximum length S_max, the raw keys and values, the compressed
 tokens completed so far and each row's length. `nsa_decode` appends one or more new tokens per
@@ -92,15 +92,16 @@ def append(cache: NSACache, k, v, *, config: NSAConfig, compress_params=None, nu
 
     Row b takes its first ``num_new[b]`` tokens (int32[B]; default all T); the rest of the T
     slots are written as zeros and not counted. Compressed tokens whose blocks the new keys
-    complete are computed from the cache. The caller keeps ``lengths + T <= max_length``:
-    under `jax.jit` this is not checked, and tokens past the end are dropped.
+    complete are computed from the cache. The caller keeps ``lengths + T <= max_length``
+    (`nsa_decode` checks it outside `jax.jit`); past it, tokens are dropped, lengths stop at
+    max_length and attention over such a row is not meaningful.
     """
     B, T = k.shape[:2]
     S_max, N_max = cache.k.shape[1], cache.k_c.shape[1]
     l, d = config.compress_block, config.compress_stride
     old = cache.lengths
     n = jnp.full((B,), T, jnp.int32) if num_new is None else jnp.asarray(num_new, jnp.int32)
-    new = old + n
+    new = jnp.minimum(old + n, S_max)
     t = jnp.arange(T, dtype=jnp.int32)
     real = (t[None, :] < n[:, None])[..., None, None]  # [B, T, 1, 1]
     slot = old[:, None] + t[None, :]  # [B, T]
@@ -139,18 +140,19 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
     Equal (within rounding) to `nsa_attention` over each row's whole sequence, at the new
     positions, with one difference for ``select_q_tile > 1``: queries are tiled from each call's
     first new token, so a tile-shared selection matches the full forward when each call starts
-    at a multiple of ``select_q_tile`` and brings whole tiles (prefill chunks); a single-token
-    step selects for that token alone.
+    at a multiple of ``select_q_tile`` and brings whole tiles (prefill chunks) of real tokens; a
+    single-token step selects for that token alone, and a row's padding tokens (past
+    ``num_new``) take part in the selection of the tile they share with its last real tokens.
 
     Args:
       q: [B, T, HQ, D] new queries (rotated for their positions ``lengths + t`` if using RoPE).
       k: [B, T, H, D], v: [B, T, H, Dv] new keys and values.
       g: [B, T, HQ, 3] gates or None (1/3 each).
-      cache: `NSACache` from `init_cache` or an earlier call; must be causal config's.
+      cache: `NSACache` from `init_cache` (same dtype as q) or an earlier call.
       config: `NSAConfig` with ``causal=True``.
       compress_params: phi's parameters, as for `nsa_attention`.
-      num_new: int32[B] tokens of the T that row b really appends (prompts of different lengths;
-        its queries past that get zeros); default T for every row.
+      num_new: int32[B] in [0, T], the tokens of the T that row b really appends (prompts of
+        different lengths; its queries past that get zeros); default T for every row.
       implementation, interpret, tilings: as in `nsa_attention`.
 
     Returns:
@@ -162,7 +164,9 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
                          "appends tokens after the cached ones")
     if not isinstance(cache, NSACache):
         raise TypeError(f"cache must be an NSACache (from init_cache), got {type(cache).__name__}")
-    B, T, _, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=False)
+    B, T, T_k, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=False)
+    if T_k != T:
+        raise ValueError(f"q, k and v must hold the same T new tokens: q {q.shape}, k {k.shape}")
     _checks.gates(g, B, T, HQ)
     check_params(config, compress_params, H, D, Dv)
     S_max = cache.max_length
@@ -180,8 +184,18 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
         raise ValueError(f"cache.k_c and cache.v_c hold {cache.k_c.shape[1]} and "
                          f"{cache.v_c.shape[1]} compressed slots; this config needs {room} for "
                          f"S_max={S_max}: the cache was made for another config")
-    if num_new is not None and tuple(getattr(num_new, "shape", ())) != (B,):
-        raise ValueError(f"num_new must be an int32[B={B}] array, got {num_new!r}")
+    for name in ("k", "v", "k_c", "v_c"):
+        if getattr(cache, name).dtype != q.dtype:
+            raise TypeError(f"cache.{name}.dtype={getattr(cache, name).dtype} differs from "
+                            f"q.dtype={q.dtype}: create the cache with init_cache(..., "
+                            f"dtype={q.dtype})")
+    if num_new is not None:
+        if (tuple(getattr(num_new, "shape", ())) != (B,)
+                or not jnp.issubdtype(getattr(num_new, "dtype", float), jnp.integer)):
+            raise TypeError(f"num_new must be an int32[B={B}] array, got {num_new!r}")
+        if not isinstance(num_new, jax.core.Tracer) and B and not (
+                0 <= int(jnp.min(num_new)) and int(jnp.max(num_new)) <= T):
+            raise ValueError(f"num_new={jnp.asarray(num_new).tolist()} must lie in [0, T={T}]")
     if T > S_max:
         raise ValueError(f"T={T} new tokens do not fit a cache of max_length={S_max}")
     if not isinstance(cache.lengths, jax.core.Tracer):
@@ -191,9 +205,9 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
                              f"max_length={S_max}")
     if B == 0 or T == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype), cache
-    cache = append(cache, k, v, config=config, compress_params=compress_params, num_new=num_new)
     # Queries sit at old length + t: the keys seen end T past the old length in every row.
-    n = cache.lengths if num_new is None else cache.lengths - num_new + T
+    n = cache.lengths + T
+    cache = append(cache, k, v, config=config, compress_params=compress_params, num_new=num_new)
     o = attend_cache(q, g, cache, n, config=config, implementation=implementation,
                      interpret=interpret, tilings=tilings)
     if num_new is not None:

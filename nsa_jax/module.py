@@ -131,9 +131,12 @@ class NSAAttention(nnx.Module):
         params = init_params(rngs.params(), config, num_kv_heads, head_dim, v_head_dim, param_dtype)
         self.compress_params = nnx.data({name: nnx.Param(p) for name, p in params.items()})
 
-    def init_cache(self, input_shape, dtype=jnp.float32):
-        """An empty cache for ``input_shape = (B, max_length, in_features)`` inputs, in
-        ``dtype``, held in ``self.cache`` (an `nnx.Cache` of `nsa_jax.NSACache`)."""
+    def init_cache(self, input_shape, dtype=None):
+        """An empty cache for ``input_shape = (B, max_length, in_features)`` inputs, held in
+        ``self.cache`` (an `nnx.Cache` of `nsa_jax.NSACache`), in ``dtype``: by default the
+        layer's ``dtype``, float32 without one (the dtype of its q, k and v)."""
+        if dtype is None:
+            dtype = jnp.float32 if self.dtype is None else self.dtype
         shape = tuple(input_shape)
         if len(shape) != 3 or shape[2] != self.in_features:
             raise ValueError(f"input_shape must be (B, max_length, in_features="
@@ -178,6 +181,8 @@ class NSAAttention(nnx.Module):
         """
         decode = self.decode if decode is None else decode
         if decode:
+            if max_segments is not None:
+                raise ValueError("decode=True takes no max_segments (no packed documents)")
             return self._decode(inputs_q, input_positions, segment_ids, sow_selection, num_new)
         if num_new is not None:
             raise ValueError("num_new is only used with decode=True")

@@ -47,7 +47,23 @@ def test_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_decode_smoke(tmp_path, capsys):
+    """`nsa-jax bench --decode`: a step and dense decode timed per point, prefill against the
+    forward, decode.json written."""
+    assert cli.main(["bench", "--decode", "--lengths", "300", "--batches", "2", "--shapes",
+                     "4x2x16", "--reps", "1", "--prefill-lengths", "200",
+                     "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| HQ4-H2-D16 | 2 | 300 |" in out and "prefill T=200" in out
+    record = json.loads((tmp_path / "decode.json").read_text())
+    (row,) = record["rows"]
+    assert row["nsa_ms"] > 0 and row["dense_ms"] > 0 and row["bound_us"] > 0
+    assert record["prefill"][0]["prefill_ms"] > 0 and record["bandwidth_bytes_per_s"] > 0
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--decode", "--tune"], "drop --tune"),
+    (["--prefill-lengths", "64"], "a part of --decode"),
     (["--shapes", "64x5"], "HQ must be a positive multiple of H"),
     (["--shapes", "sixty"], "must read HQxH"),
     (["--lengths", "0"], "must be positive"),

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FWD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
+from conftest import ALL_IMPLEMENTATIONS, FWD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
 from flax import nnx
 
 import nsa_jax
@@ -109,6 +109,43 @@ def test_teacher_forcing_kernels(impl):
     rows, _ = teacher_forced(q, k, v, g, cfg, params, PROMPTS, steps, T, IMPLEMENTATIONS[impl])
     for b, out in enumerate(rows):
         assert_close(out, full[b, :PROMPTS[b] + steps], FWD_TOL[dtype], f"{impl} row {b}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("impl", list(ALL_IMPLEMENTATIONS))
+def test_branches_with_per_row_kv_len(impl, causal):
+    """selected_attention and sliding_window_attention with kv_len: each row equals the branch
+    over its first kv_len keys alone (an int, and an int32[B] of different lengths)."""
+    cfg = dataclasses.replace(CFG, causal=causal)
+    B, T, S, HQ, H, D = 3, 5, 70, 4, 2, 16
+    q, k, v, _ = inputs(jax.random.key(14), B, S, HQ, H, D, D)
+    q = q[:, :T]
+    n = jnp.asarray([5, 40, 63], jnp.int32)
+    sel = reference.select_blocks(q, nsa_jax.compress(k, v, config=cfg)[0], config=cfg,
+                                  kv_len=n if causal else S)
+    row_sel = lambda b: nsa_jax.BlockSparseIndices(sel.indices[b:b + 1], sel.counts[b:b + 1],
+                                                   q_tile=1, block_size=cfg.select_block)
+    kw = ALL_IMPLEMENTATIONS[impl]
+    for name, fn, alone in (
+            ("window", lambda kv_len, **a: nsa_jax.sliding_window_attention(
+                q, k, v, config=cfg, kv_len=kv_len, **a),
+             lambda b: reference.sliding_window_attention(q[b:b + 1], k[b:b + 1, :n[b]],
+                                                          v[b:b + 1, :n[b]], config=cfg)),
+            ("selected", lambda kv_len, **a: nsa_jax.selected_attention(
+                q, k, v, sel, config=cfg, kv_len=kv_len, **a),
+             lambda b: reference.selected_attention(q[b:b + 1], k[b:b + 1, :n[b]],
+                                                    v[b:b + 1, :n[b]], row_sel(b), config=cfg))):
+        if impl == "triton" and not causal:
+            with pytest.raises(NotImplementedError, match="with a per-row kv_len"):
+                fn(n, **kw)
+            continue
+        o = fn(n, **kw)
+        for b in range(B):
+            assert_close(o[b:b + 1], alone(b), FWD_TOL[jnp.float32], f"{name} row {b}")
+        o = fn(40, **kw)
+        assert_close(o[1:2], alone(1), FWD_TOL[jnp.float32], f"{name} int kv_len")
+    with pytest.raises(ValueError, match=r"kv_len=\[5, 40, 71\] must lie in"):
+        nsa_jax.sliding_window_attention(q, k, v, config=cfg, kv_len=n.at[2].set(71), **kw)
 
 
 def test_reference_decode_matches_forward():
@@ -265,8 +302,19 @@ def test_decode_errors():
             CFG, compress_stride=16, compress_block=32, select_block=16))
     with pytest.raises(TypeError, match="NSACache"):
         nsa_decode(q, k, v, g, {"k": 1}, config=CFG)
+    with pytest.raises(ValueError, match="same T new tokens"):
+        nsa_decode(q, *inputs(jax.random.key(2), B, 3, HQ, H, D, D)[1:3], g, cache, config=CFG)
+    with pytest.raises(TypeError, match="num_new must be an int32"):
+        nsa_decode(q, k, v, g, cache, config=CFG, num_new=jnp.asarray([1.0]))
+    with pytest.raises(ValueError, match=r"num_new=\[2\] must lie in \[0, T=1\]"):
+        nsa_decode(q, k, v, g, cache, config=CFG, num_new=jnp.asarray([2]))
+    with pytest.raises(TypeError, match=r"cache.k.dtype=float32 differs from q.dtype=bfloat16"):
+        nsa_decode(*(x.astype(jnp.bfloat16) for x in (q, k, v, g)), cache, config=CFG)
     layer = nsa_jax.NSAAttention(2, 8, config=CFG, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="init_cache"):
         layer(jnp.ones((1, 1, 8)), decode=True)
+    layer.init_cache((1, 16, 8))
+    with pytest.raises(ValueError, match="max_segments"):
+        layer(jnp.ones((1, 1, 8)), decode=True, max_segments=2)
     with pytest.raises(ValueError, match="in_features=8"):
         layer.init_cache((1, 16, 9))

@@ -44,10 +44,10 @@ def _check(fn, ref_fn, args, seed, names, dtype=BF16):
 
 
 # T odd; G = 1, 4, 16 (64, 16 and 4 queries per warpgroup); D != Dv (Q and O in separate
-# buffers); decode with S > T.
+# buffers); queries after earlier keys (S > T).
 @pytest.mark.parametrize("T,HQ,H,D,Dv,S", [(150, 4, 1, 24, 72, None), (131, 16, 1, 16, 16, None),
                                            (131, 2, 2, 16, 16, 203)],
-                         ids=["G4-D24-Dv72", "G16", "G1-decode"])
+                         ids=["G4-D24-Dv72", "G16", "G1-S>T"])
 def test_compressed_branch(T, HQ, H, D, Dv, S):
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4)
     q, k, v = _inputs(T, HQ, H, D, Dv, 1, S=S)

@@ -2,7 +2,8 @@
 
 A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when the call is one it serves
 (`mosaic_serves`: bfloat16/float16, unpacked rows, at most 64 query heads per KV head, head
-widths up to 128, and for the selected branch selection rows of whole CTAs and blocks of a
+widths up to 128, at least one CTA of rows (T * G_p >= 128; decode steps run Triton), and for
+the selected branch selection rows of whole CTAs and blocks of a
 multiple of 64 keys) and its tiling is set (`MosaicTilings.selected` is None by default: on the
 H200 the Triton forward of that branch is still faster); other calls, block scoring and every
 backward pass run the Triton-lowered kernels of the "triton" backend. Both

@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--implementation", default=None, choices=RUNNABLE,
                      help="NSA implementation; default mosaic on Hopper, triton on other GPUs, "
                           "xla otherwise")
-    sub.add_argument("--out", default="nsa_bench_out", help="directory for bench.json and bench.png")
+    sub.add_argument("--out", default="nsa_bench_out",
+                     help="directory for bench.json and bench.png (decode.json with --decode)")
     sub.add_argument("--force", action="store_true",
                      help="run even when dense attention on a CPU would need more memory than the "
                           "machine has")
@@ -160,9 +161,16 @@ def _bench(args: argparse.Namespace) -> int:
     if args.tune and args.implementation == "xla":
         args.error("--tune sweeps the triton kernels' tilings; it needs --implementation triton")
     _check_backend(args)
+    if args.prefill_lengths and not args.decode:
+        args.error("--prefill-lengths is a part of --decode")
     if args.decode:
         from nsa_jax.config import NSAConfig
         from nsa_jax.tools import decode_bench
+        mixed = [flag for flag, used in (("--tune", args.tune), ("--forward-only", args.forward_only),
+                                         ("--train-lengths", args.train_lengths),
+                                         ("--packed-lengths", args.packed_lengths)) if used]
+        if mixed:
+            args.error(f"--decode times generation steps only; drop {', '.join(mixed)}")
         if min(args.batches + args.prefill_lengths, default=1) < 1:
             args.error(f"--batches and --prefill-lengths must be positive, got {args.batches}, "
                        f"{args.prefill_lengths}")
