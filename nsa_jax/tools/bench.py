@@ -92,7 +92,7 @@ class Row:
     error: str | None = None
 
 
-def _time_ms(compiled, args, reps: int) -> float:
+def time_ms(compiled, args, reps: int) -> float:
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(reps):
@@ -113,7 +113,7 @@ def _peak_bytes(compiled) -> int | None:
 def _measure(fn: Callable, args, reps: int, flops: float | None) -> Row:
     try:
         compiled = jax.jit(fn).lower(*args).compile()
-        ms = _time_ms(compiled, args, reps)
+        ms = time_ms(compiled, args, reps)
     except Exception as err:  # a tiling that does not fit this GPU (e.g. shared memory) fails here
         return Row(error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
     return Row(ms=ms, tflops=None if flops is None else flops / ms / 1e9,

@@ -26,6 +26,7 @@ from nsa_jax import api
 from nsa_jax.compression import compress
 from nsa_jax.config import NSAConfig
 from nsa_jax.decode import CACHE_UNIT, NSACache, compressed_room, init_cache, nsa_decode
+from nsa_jax.tools.bench import time_ms
 
 
 def _median_steps(step, state, args, reps: int):
@@ -44,14 +45,7 @@ def _median_steps(step, state, args, reps: int):
 def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 5) -> float:
     """Bytes per second of reading and writing an array of ``nbytes`` on the default device."""
     x = jnp.zeros((nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda x: x + 1)
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / float(np.median(times))
+    return 2 * nbytes / (time_ms(jax.jit(lambda x: x + 1), (x,), reps) / 1e3)
 
 
 def nsa_bytes(config: NSAConfig, S: int, B: int, H: int, D: int, Dv: int, itemsize: int) -> int:
@@ -136,17 +130,8 @@ def prefill_vs_forward(T: int, HQ: int, H: int, D: int, *, config: NSAConfig, im
     forward = jax.jit(lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=config,
                                                          implementation=implementation))
 
-    def timed(f, *args):
-        jax.block_until_ready(f(*args))
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times)) * 1e3
-
-    return dict(T=T, HQ=HQ, H=H, prefill_ms=timed(prefill, cache, q, k, v, g),
-                forward_ms=timed(forward, q, k, v, g))
+    return dict(T=T, HQ=HQ, H=H, prefill_ms=time_ms(prefill, (cache, q, k, v, g), reps),
+                forward_ms=time_ms(forward, (q, k, v, g), reps))
 
 
 def run(*, contexts: Sequence[int], batches: Sequence[int], shapes, config: NSAConfig,
