@@ -214,26 +214,30 @@ def gates(g, B: int, T: int, HQ: int, *, wide: bool = False) -> None:
 
 def key_lengths(kv_len, B: int, T: int, S: int, *, causal: bool):
     """``kv_len`` of the branches over raw keys (k [B, S, ...]): None, an int in [T, S] (or
-    [0, S] non-causal) or int32[B]; returns None when it means all S keys, else int32[B]."""
+    [0, S] non-causal) or int32[B] (range-checked when concrete); returns None when it means all
+    S keys, else int32[B]."""
     if kv_len is None:
         return None
-    if isinstance(kv_len, (int, np.integer)) and not isinstance(kv_len, bool):
-        n = int(kv_len)
-        lo = T if causal else 0
-        if not lo <= n <= S:
-            raise ValueError(f"kv_len={n} must lie in [{lo}, S={S}]"
-                             + (f" (T={T} queries sit at the end of causal keys)" if causal else ""))
+    scalar = isinstance(kv_len, (int, np.integer)) and not isinstance(kv_len, bool)
+    if scalar:
+        shown = n = int(kv_len)
+    else:
+        _row_lengths(kv_len, B)
+        n = None if isinstance(kv_len, jax.core.Tracer) or not B else np.asarray(kv_len)
+        shown = None if n is None else n.tolist()
+    lo = T if causal else 0
+    if n is not None and (np.min(n) < lo or np.max(n) > S):
+        raise ValueError(f"kv_len={shown} must lie in [{lo}, S={S}]"
+                         + (f" (T={T} queries sit at the end of causal keys)" if causal else ""))
+    if scalar:
         return None if n == S else jnp.full((B,), n, jnp.int32)
+    return jnp.asarray(kv_len, jnp.int32)
+
+
+def _row_lengths(kv_len, B: int) -> None:
     shape = getattr(kv_len, "shape", None)
     if shape is None or tuple(shape) != (B,) or not jnp.issubdtype(kv_len.dtype, jnp.integer):
         raise TypeError(f"kv_len must be an int or an int32[B={B}] array, got {kv_len!r}")
-    if not isinstance(kv_len, jax.core.Tracer) and B:
-        lo = T if causal else 0
-        n = np.asarray(kv_len)
-        if n.min() < lo or n.max() > S:
-            raise ValueError(f"kv_len={n.tolist()} must lie in [{lo}, S={S}]"
-                             + (f" (T={T} queries sit at the end of causal keys)" if causal else ""))
-    return jnp.asarray(kv_len, jnp.int32)
 
 
 def kv_len(kv_len, B: int, T: int, N_c: int, cfg: NSAConfig, *, causal: bool):
@@ -249,9 +253,7 @@ def kv_len(kv_len, B: int, T: int, N_c: int, cfg: NSAConfig, *, causal: bool):
                              f"compress_block={cfg.compress_block}, compress_stride="
                              f"{cfg.compress_stride}, but k_c has N_c={N_c}")
         return S, None
-    shape = getattr(kv_len, "shape", None)
-    if shape is None or tuple(shape) != (B,) or not jnp.issubdtype(kv_len.dtype, jnp.integer):
-        raise TypeError(f"kv_len must be an int or an int32[B={B}] array, got {kv_len!r}")
+    _row_lengths(kv_len, B)
     # The largest S consistent with N_c compressed tokens.
     S = N_c * cfg.compress_stride + cfg.compress_block - 1
     return max(S, T), jnp.asarray(kv_len, jnp.int32)

@@ -199,6 +199,22 @@ def selected_attention(q, k, v, sel, *, config: NSAConfig, kv_len=None, implemen
     return segments.in_documents(_packing(segment_ids, config, max_segments), body, q, k, v)
 
 
+def gated_branches(run: _Plan, q, k, v, k_c, v_c, g, config: NSAConfig, *, S: int, kv_len,
+                   key_bounds):
+    """The composition of `nsa_attention` on validated inputs: compressed branch, scoring,
+    selected and window branches through ``run``'s backends, gated; returns (o, selection).
+    ``kv_len``: None or int32[B] (a decode cache); ``key_bounds``: packed rows' bounds or None."""
+    c_bounds = key_bounds and key_bounds.compressed(config)
+    o_c, lse = run("compressed")(q, k_c, v_c, config, S=S, kv_len=kv_len,
+                                 compressed_bounds=c_bounds)
+    sel = run("scoring")(q, k_c, config, S=S, kv_len=kv_len, lse=lse, key_bounds=key_bounds)
+    o_s = run("selected")(q, k, v, sel, config, kv_len=kv_len,
+                          key_bounds=_selected_bounds(config, key_bounds))
+    o_w = (run("window")(q, k, v, config, kv_len=kv_len, key_bounds=key_bounds)
+           if config.window else jnp.zeros_like(o_s))
+    return _combine(o_c, o_s, o_w, g), sel
+
+
 def _selected_bounds(config: NSAConfig, key_bounds):
     """Causal rows never see past their document's end (its blocks are its own); non-causal
     rows must be told."""
@@ -324,15 +340,8 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
 
     def body(q, k, v, g, key_bounds):
         k_c, v_c = compress_checked(k, v, config, compress_params)
-        c_bounds = key_bounds and key_bounds.compressed(config)
-        o_c, lse = run("compressed")(q, k_c, v_c, config, S=T_k, kv_len=None,
-                                     compressed_bounds=c_bounds)
-        sel = run("scoring")(q, k_c, config, S=T_k, kv_len=None, lse=lse, key_bounds=key_bounds)
-        o_s = run("selected")(q, k, v, sel, config, kv_len=None,
-                              key_bounds=_selected_bounds(config, key_bounds))
-        o_w = (run("window")(q, k, v, config, kv_len=None, key_bounds=key_bounds)
-               if config.window else jnp.zeros_like(o_s))
-        o = _combine(o_c, o_s, o_w, g)
+        o, sel = gated_branches(run, q, k, v, k_c, v_c, g, config, S=T_k, kv_len=None,
+                                key_bounds=key_bounds)
         return (o, sel) if return_selection else o
 
     return segments.in_documents(_packing(segment_ids, config, max_segments), body, q, k, v, g)

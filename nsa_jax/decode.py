@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from nsa_jax import _checks, ops, reference
-from nsa_jax.api import _combine, _Plan
+from nsa_jax.api import _Plan, gated_branches
 from nsa_jax.compression import apply_phi, block_view, check_params
 from nsa_jax.config import NSAConfig
 
@@ -236,10 +236,5 @@ def attend_cache(q, g, cache: NSACache, kv_len, *, config: NSAConfig, implementa
     run = _Plan(implementation, needed, config,
                 ops.Shapes(B, T, S_max, HQ, H, D, Dv, per_row_kv_len=True,
                            select_block=config.select_block), interpret, tilings)
-    o_c, lse = run("compressed")(q, cache.k_c, cache.v_c, config, S=S_max, kv_len=kv_len,
-                                 compressed_bounds=None)
-    sel = run("scoring")(q, cache.k_c, config, S=S_max, kv_len=kv_len, lse=lse, key_bounds=None)
-    o_s = run("selected")(q, cache.k, cache.v, sel, config, kv_len=kv_len, key_bounds=None)
-    o_w = (run("window")(q, cache.k, cache.v, config, kv_len=kv_len, key_bounds=None)
-           if config.window else jnp.zeros_like(o_s))
-    return _combine(o_c, o_s, o_w, g)
+    return gated_branches(run, q, cache.k, cache.v, cache.k_c, cache.v_c, g, config, S=S_max,
+                          kv_len=kv_len, key_bounds=None)[0]

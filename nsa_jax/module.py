@@ -205,11 +205,12 @@ class NSAAttention(nnx.Module):
         if segment_ids is not None or sow_selection:
             raise ValueError("decode=True takes neither segment_ids nor sow_selection")
         cache: NSACache = self.cache.get_value()
-        B, T = inputs_q.shape[:2] if getattr(inputs_q, "ndim", 0) == 3 else (None, None)
-        if B is not None and B != cache.lengths.shape[0]:
+        _checks.rank("inputs_q", inputs_q, 3, "[B, T, in_features]")
+        B, T = inputs_q.shape[:2]
+        if B != cache.lengths.shape[0]:
             raise ValueError(f"inputs_q has B={B} rows; the cache holds "
                              f"{cache.lengths.shape[0]}")
-        if input_positions is None and B is not None:
+        if input_positions is None:
             input_positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         q, k, v, g = self.project(inputs_q, input_positions=input_positions)
         o, cache = nsa_decode(
