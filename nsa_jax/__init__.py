@@ -23,6 +23,9 @@ _LAZY = {
     "reblock": "nsa_jax.metadata",
     "reverse_map": "nsa_jax.metadata",
     "NSAAttention": "nsa_jax.module",
+    "MeshAxes": "nsa_jax.parallel",
+    "zigzag": "nsa_jax.parallel",
+    "unzigzag": "nsa_jax.parallel",
     "NSACache": "nsa_jax.decode",
     "init_cache": "nsa_jax.decode",
     "nsa_decode": "nsa_jax.decode",
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     from nsa_jax.metadata import BlockSparseIndices, ReverseBlockMap, reblock, reverse_map
     from nsa_jax.module import NSAAttention
     from nsa_jax.ops.xla import XlaTilings
+    from nsa_jax.parallel import MeshAxes, unzigzag, zigzag
     from nsa_jax.segments import segment_ids_from_cu_seqlens
 
 
@@ -73,10 +77,10 @@ def __dir__():
 
 
 __all__ = [
-    "BlockSparseIndices", "MosaicFlashConfig", "MosaicTilings", "NSAAttention", "NSACache",
+    "BlockSparseIndices", "MeshAxes", "MosaicFlashConfig", "MosaicTilings", "NSAAttention", "NSACache",
     "NSAConfig", "ReverseBlockMap", "Tiling", "TritonTilings", "XlaTilings", "compress",
     "compressed_attention", "default_tilings", "gate_and_combine", "init_cache",
     "init_compress_params", "nsa_attention", "nsa_decode", "reblock", "reference", "reverse_map",
     "segment_ids_from_cu_seqlens", "select_blocks", "selected_attention",
-    "sliding_window_attention",
+    "sliding_window_attention", "unzigzag", "zigzag",
 ]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from nsa_jax import _checks, metadata, ops, reference, segments
+from nsa_jax import _checks, metadata, ops, parallel, reference, segments
 from nsa_jax.compression import check_params, compress_checked
 from nsa_jax.config import NSAConfig
 from nsa_jax.metadata import BlockSparseIndices
+from nsa_jax.parallel import MeshAxes
 
 
 class _Plan:
@@ -215,6 +216,30 @@ def gated_branches(run: _Plan, q, k, v, k_c, v_c, g, config: NSAConfig, *, S: in
     return _combine(o_c, o_s, o_w, g), sel
 
 
+def attend_with_lengths(q, k, v, k_c, v_c, g, kv_len, *, config: NSAConfig, implementation=None,
+                        interpret: bool = False, tilings=None):
+    """(o, selection) of the gated branches for q [B, T, HQ, D] at key positions kv_len - T + t
+    over keys k [B, S, H, D] (and their compressed tokens k_c, v_c) of which row b holds
+    ``kv_len[b]`` (int32[B]); inputs already validated. A decode step over a cache and a device's
+    slice of the queries under context parallelism both attend this way."""
+    B, T, HQ, D = q.shape
+    S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
+    kv_len = kv_len.astype(jnp.int32)
+    if implementation == "reference":
+        o_c, lse = reference.compressed_attention(q, k_c, v_c, config=config, kv_len=kv_len)
+        sel = reference.select_blocks(q, k_c, config=config, lse=lse, kv_len=kv_len)
+        o_s = reference.selected_attention(q, k, v, sel, config=config, kv_len=kv_len)
+        o_w = reference.sliding_window_attention(q, k, v, config=config, kv_len=kv_len)
+        return reference.gate_and_combine(o_c, o_s, o_w, g), sel
+    config = _checks.effective(config, S, T)
+    needed = ("compressed", "scoring", "selected") + (("window",) if config.window else ())
+    run = _Plan(implementation, needed, config,
+                ops.Shapes(B, T, S, HQ, H, D, Dv, per_row_kv_len=True,
+                           select_block=config.select_block), interpret, tilings)
+    return gated_branches(run, q, k, v, k_c, v_c, g, config, S=S, kv_len=kv_len,
+                          key_bounds=None)
+
+
 def _selected_bounds(config: NSAConfig, key_bounds):
     """Causal rows never see past their document's end (its blocks are its own); non-causal
     rows must be told."""
@@ -281,7 +306,8 @@ def _combine(o_c, o_s, o_w, g):
 
 def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compress_params=None,
                   implementation=None, interpret: bool = False, tilings=None,
-                  max_segments: int | None = None, return_selection: bool = False):
+                  max_segments: int | None = None, return_selection: bool = False,
+                  mesh_axes: MeshAxes | None = None):
     """Native Sparse Attention: compressed, selected and sliding-window branches, gated.
 
     Args:
@@ -306,6 +332,12 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         needing more room raises at run time.
       return_selection: also return the blocks the selected branch attended to (not with
         ``segment_ids``: packed rows select in the aligned layout).
+      mesh_axes: `MeshAxes`: the mesh axes of the current mesh (`jax.set_mesh`) that shard B
+        (data parallel), HQ and H (head parallel) and T (context parallel). Default: read from
+        q's type under explicit mesh axes (with the layout of a ``MeshAxes`` that names no
+        axis, e.g. ``MeshAxes(layout="zigzag")``), none otherwise. The computation then runs in one
+        `jax.shard_map` (`nsa_jax.parallel`) and gives the single-device result; a layout it
+        cannot serve raises naming the axis.
 
     Returns:
       [B, T, HQ, Dv] in q.dtype, differentiable in q, k, v, g and compress_params; with
@@ -317,6 +349,42 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
     if return_selection and segment_ids is not None:
         raise ValueError("return_selection is not supported with segment_ids: packed rows "
                          "select blocks in the aligned layout, not per token of the input")
+    options = dict(config=config, implementation=implementation, interpret=interpret,
+                   tilings=tilings)
+    if mesh_axes is not None and not isinstance(mesh_axes, MeshAxes):
+        raise TypeError(f"mesh_axes must be an nsa_jax.MeshAxes or None, got {mesh_axes!r}")
+    axes = mesh_axes
+    if mesh_axes is None or not mesh_axes.any():
+        axes = parallel.from_types(q, layout=mesh_axes.layout if mesh_axes else "contiguous")
+    if axes is not None and axes.any():
+        B, T, S, HQ, H, D, Dv = _checks.qkv(q, k, v, causal=config.causal)
+        _checks.gates(g, B, T, HQ)
+        check_params(config, compress_params, H, D, Dv)
+        _checks.packed(segment_ids, max_segments, B, T, S)
+        config = options["config"] = _checks.effective(config, S, T)
+        mesh = parallel.check(axes, config, B, T, S, H, segment_ids is not None)
+        if not (B and T and S):
+            return _nsa_attention(q, k, v, g, segment_ids=segment_ids,
+                                  compress_params=compress_params, max_segments=max_segments,
+                                  return_selection=return_selection, **options)
+
+        def local(q, k, v, g, seg, params):
+            return _nsa_attention(q, k, v, g, segment_ids=seg, compress_params=params,
+                                  max_segments=max_segments, return_selection=return_selection,
+                                  **options)
+
+        def attend(q, k, v, k_c, v_c, g, kv_len):
+            return attend_with_lengths(q, k, v, k_c, v_c, g, kv_len, **options)
+
+        return parallel.run(local, attend, axes, mesh, q, k, v, g, segment_ids, compress_params,
+                            config=config, return_selection=return_selection)
+    return _nsa_attention(q, k, v, g, segment_ids=segment_ids, compress_params=compress_params,
+                          max_segments=max_segments, return_selection=return_selection, **options)
+
+
+def _nsa_attention(q, k, v, g, *, config: NSAConfig, segment_ids, compress_params, implementation,
+                   interpret: bool, tilings, max_segments, return_selection: bool):
+    """`nsa_attention` on one device's arrays (options checked)."""
     if implementation == "reference":
         o = reference.nsa_attention(q, k, v, g, config=config, segment_ids=segment_ids,
                                     compress_params=compress_params, max_segments=max_segments)

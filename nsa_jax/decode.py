@@ -16,8 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import _checks, ops, reference
-from nsa_jax.api import _Plan, gated_branches
+from nsa_jax import _checks
+from nsa_jax.api import attend_with_lengths
 from nsa_jax.compression import apply_phi, block_view, check_params
 from nsa_jax.config import NSAConfig
 
@@ -220,21 +220,6 @@ def attend_cache(q, g, cache: NSACache, kv_len, *, config: NSAConfig, implementa
                  interpret: bool = False, tilings=None):
     """The three branches and the gate for q [B, T, HQ, D] at positions kv_len - T + t over a
     cache already holding them (inputs validated by `nsa_decode`)."""
-    B, T, HQ, D = q.shape
-    S_max, H, Dv = cache.k.shape[1], cache.k.shape[2], cache.v.shape[3]
-    kv_len = kv_len.astype(jnp.int32)
-    if implementation == "reference":
-        o_c, lse = reference.compressed_attention(q, cache.k_c, cache.v_c, config=config,
-                                                  kv_len=kv_len)
-        sel = reference.select_blocks(q, cache.k_c, config=config, lse=lse, kv_len=kv_len)
-        o_s = reference.selected_attention(q, cache.k, cache.v, sel, config=config, kv_len=kv_len)
-        o_w = reference.sliding_window_attention(q, cache.k, cache.v, config=config,
-                                                 kv_len=kv_len)
-        return reference.gate_and_combine(o_c, o_s, o_w, g)
-    config = _checks.effective(config, S_max, T)
-    needed = ("compressed", "scoring", "selected") + (("window",) if config.window else ())
-    run = _Plan(implementation, needed, config,
-                ops.Shapes(B, T, S_max, HQ, H, D, Dv, per_row_kv_len=True,
-                           select_block=config.select_block), interpret, tilings)
-    return gated_branches(run, q, cache.k, cache.v, cache.k_c, cache.v_c, g, config, S=S_max,
-                          kv_len=kv_len, key_bounds=None)[0]
+    return attend_with_lengths(q, cache.k, cache.v, cache.k_c, cache.v_c, g, kv_len,
+                               config=config, implementation=implementation,
+                               interpret=interpret, tilings=tilings)[0]

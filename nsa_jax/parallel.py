@@ -1,0 +1,244 @@
+"""NSA over a device mesh: data, head and context parallel (docs/design.md §5.6).
+
+`nsa_attention` comes here when its inputs are sharded over mesh axes: read from the arrays'
+types under explicit axes, named by ``mesh_axes`` under auto axes. The whole computation runs in
+one `jax.shard_map`, so XLA's partitioner never has to place a kernel:
+
+- batch: rows are independent;
+- heads: each device holds whole KV heads with their query groups; nothing is communicated;
+- context: each device holds a slice of the queries (one contiguous run, or the zig-zag pair of
+  chunks i and 2N-1-i of 2N). Keys and values are all-gathered over the axis and compressed on
+  every device; the device's queries then attend with per-row key lengths, exactly as a decode
+  step over a cache does (`api.attend_with_lengths`), so the result is the single-device one.
+  Gradients of the gathered keys come back by the all-gather's transpose, a reduce-scatter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from nsa_jax.config import NSAConfig
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshAxes:
+    """The mesh axes `nsa_attention`'s inputs are sharded over (each None, an axis name or a
+    tuple of names).
+
+    Attributes:
+      batch: axes of B (data parallel).
+      heads: axes of HQ and H together (head parallel): device j holds KV heads [j H/N, (j+1)
+        H/N) and their query heads.
+      context: axes of T (context parallel; causal self-attention, S == T).
+      layout: how T lies over the context axes: "contiguous" (device i holds tokens [i T/N,
+        (i+1) T/N)) or "zigzag" (device i holds chunks i and 2N-1-i of 2N equal chunks, which
+        balances causal work; `zigzag` puts a sequence in that order).
+    """
+
+    batch: str | tuple[str, ...] | None = None
+    heads: str | tuple[str, ...] | None = None
+    context: str | tuple[str, ...] | None = None
+    layout: str = "contiguous"
+
+    def __post_init__(self):
+        for field in ("batch", "heads", "context"):
+            value = getattr(self, field)
+            names = value if isinstance(value, tuple) else (value,)
+            if value is not None and not (names and all(isinstance(n, str) for n in names)):
+                raise TypeError(f"MeshAxes.{field} must be None, a mesh axis name or a tuple of "
+                                f"names, got {value!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"MeshAxes.layout={self.layout!r} must be one of {LAYOUTS}")
+        used = [n for f in ("batch", "heads", "context") for n in _names(getattr(self, f))]
+        if len(used) != len(set(used)):
+            raise ValueError(f"a mesh axis may shard one dimension only: {self}")
+
+    def any(self) -> bool:
+        return any(x is not None for x in (self.batch, self.heads, self.context))
+
+
+def _names(axes) -> tuple[str, ...]:
+    return () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+
+
+def _size(mesh, axes) -> int:
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return math.prod(sizes[n] for n in _names(axes))
+
+
+def _spec_axes(entry):
+    """One PartitionSpec entry as None, a name, or a tuple of several."""
+    if entry is None or isinstance(entry, str):
+        return entry
+    entry = tuple(entry)
+    return None if not entry else entry[0] if len(entry) == 1 else entry
+
+
+def from_types(q, layout: str = "contiguous") -> MeshAxes | None:
+    """The axes q [B, T, HQ, D] is sharded over under explicit mesh axes (None if none), with
+    ``layout`` for the context axis (which types cannot tell)."""
+    sharding = getattr(jax.typeof(q), "sharding", None)
+    spec = tuple(getattr(sharding, "spec", ()) or ())
+    spec = [_spec_axes(e) for e in spec + (None,) * (4 - len(spec))]
+    if spec[3] is not None:
+        raise ValueError(f"q's D axis is sharded over mesh axis {spec[3]!r}: NSA shards B "
+                         f"(batch), T (context) or HQ (heads), not D")
+    axes = MeshAxes(batch=spec[0], context=spec[1], heads=spec[2], layout=layout)
+    return axes if axes.any() else None
+
+
+def zigzag(x, n: int, axis: int = 1):
+    """``x`` with its ``axis`` (length T, a multiple of 2n) in zig-zag order: chunks 0, 2n-1, 1,
+    2n-2, ... of T/(2n) tokens, so that sharding the result evenly over n devices gives device i
+    chunks i and 2n-1-i (`MeshAxes(layout="zigzag")`). Apply it to tokens, positions and segment
+    ids alike; `unzigzag` undoes it."""
+    return _reorder(x, n, axis, _zigzag_order(n))
+
+
+def unzigzag(x, n: int, axis: int = 1):
+    """The inverse of `zigzag`: natural order from zig-zag order."""
+    return _reorder(x, n, axis, np.argsort(_zigzag_order(n)))
+
+
+def _zigzag_order(n: int) -> np.ndarray:
+    return np.array([c for i in range(n) for c in (i, 2 * n - 1 - i)])
+
+
+def _reorder(x, n: int, axis: int, order):
+    """NumPy in, NumPy out (a data pipeline's arrays); anything else as a jax array."""
+    xp = np if isinstance(x, np.ndarray) else jnp
+    x = xp.asarray(x)
+    axis = axis % x.ndim
+    T = x.shape[axis]
+    if not isinstance(n, int) or n < 1 or T % (2 * n):
+        raise ValueError(f"zig-zag order needs T={T} (axis {axis}) to be a multiple of 2n, n={n}")
+    chunks = x.reshape(*x.shape[:axis], 2 * n, T // (2 * n), *x.shape[axis + 1:])
+    return xp.take(chunks, xp.asarray(order), axis=axis).reshape(x.shape)
+
+
+def check(axes: MeshAxes, config: NSAConfig, B: int, T: int, S: int, H: int, packed: bool):
+    """The mesh and shapes ``axes`` needs; returns the mesh. Errors name the axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        raise ValueError(f"mesh_axes={axes} needs a mesh: call under `with jax.set_mesh(mesh)`")
+    for field in ("batch", "heads", "context"):
+        for name in _names(getattr(axes, field)):
+            if name not in mesh.axis_names:
+                raise ValueError(f"mesh_axes.{field}={name!r} is not an axis of the mesh "
+                                 f"{dict(zip(mesh.axis_names, mesh.axis_sizes))}")
+    for field, dim, what in (("batch", B, "B"), ("heads", H, "H (KV heads)")):
+        n = _size(mesh, getattr(axes, field))
+        if dim % n:
+            raise ValueError(f"{what}={dim} is not a multiple of the {n} devices of mesh axis "
+                             f"{getattr(axes, field)!r} ({field})")
+    if axes.context is not None:
+        _check_context(axes, config, T, S, _size(mesh, axes.context), packed)
+    return mesh
+
+
+def _check_context(axes: MeshAxes, config: NSAConfig, T: int, S: int, n: int, packed: bool):
+    name = axes.context
+    if not config.causal:
+        raise ValueError(f"context parallel (mesh axis {name!r}) needs config.causal=True")
+    if S != T:
+        raise ValueError(f"context parallel (mesh axis {name!r}) is self-attention: S={S} must "
+                         f"equal T={T}")
+    if packed:
+        raise ValueError(f"packed documents (segment_ids) are not supported with context "
+                         f"parallel (mesh axis {name!r}); shard rows over a batch axis instead")
+    pieces = n * (2 if axes.layout == "zigzag" else 1)
+    if T % pieces:
+        raise ValueError(f"T={T} is not a multiple of {pieces}, the {axes.layout} pieces of "
+                         f"the {n} devices of mesh axis {name!r}")
+    if (T // pieces) % config.select_q_tile:
+        raise ValueError(f"each device's run of {T // pieces} queries (T={T} over mesh axis "
+                         f"{name!r}, {axes.layout}) must be a multiple of select_q_tile="
+                         f"{config.select_q_tile}, so that selection tiles match one device's")
+
+
+def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_params, *,
+        config: NSAConfig, return_selection: bool):
+    """`nsa_attention` on sharded inputs, in one `jax.shard_map` over ``mesh``.
+
+    ``local(q, k, v, g, segment_ids, compress_params)``: `nsa_attention` on one device's rows and
+    heads (the batch and head axes). ``attend(q, k, v, k_c, v_c, g, kv_len)``:
+    `api.attend_with_lengths` with the call's options (the context axis)."""
+    b, h, c = axes.batch, axes.heads, axes.context
+    x_spec, seg_spec = P(b, c, h, None), P(b, c)
+    sel_specs = (P(b, h, c, None), P(b, h, c))
+    if c is None:
+        def body(q, k, v, g, seg, params):
+            out = local(q, k, v, g, seg, params)
+            return (out[0], (out[1].indices, out[1].counts)) if return_selection else out
+    else:
+        n = _size(mesh, c)
+
+        def body(q, k, v, g, seg, params):
+            return _context_body(attend, q, k, v, g, params, axis=c, n=n, layout=axes.layout,
+                                 config=config, return_selection=return_selection)
+
+    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+    specs = (x_spec, x_spec, x_spec, x_spec, seg_spec, P())
+
+    def place(x, spec):
+        return x if x is None or not explicit else jax.sharding.reshard(x, spec)
+
+    args = (q, k, v, g, segment_ids)
+    args = tuple(place(x, s) for x, s in zip(args, specs)) + (
+        jax.tree.map(lambda p: place(p, P()), compress_params),)
+    in_specs = specs
+    out_specs = (x_spec, sel_specs) if return_selection else x_spec
+    # check_vma=False: the Pallas kernels' out_shape carries no varying-axes annotation.
+    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                        check_vma=False)(*args)
+    if not return_selection:
+        return out
+    from nsa_jax.metadata import BlockSparseIndices
+    o, (indices, counts) = out
+    return o, BlockSparseIndices(indices, counts, q_tile=config.select_q_tile,
+                                 block_size=config.select_block)
+
+
+def _context_body(attend, q, k, v, g, params, *, axis, n: int, layout: str, config: NSAConfig,
+                  return_selection: bool):
+    """One device's queries q [B, T/N, HQ, D] over the keys of every device."""
+    from nsa_jax.compression import compress_checked
+    i = jax.lax.axis_index(axis)
+    k = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # [B, S, H, D], device order
+    v = jax.lax.all_gather(v, axis, axis=1, tiled=True)
+    if layout == "zigzag":
+        k, v = _natural(k, n), _natural(v, n)
+    k_c, v_c = compress_checked(k, v, config, params)
+    B, T_l = q.shape[:2]
+    if layout == "contiguous":
+        runs = ((0, T_l, (i + 1) * T_l),)
+    else:
+        C = T_l // 2
+        runs = ((0, C, (i + 1) * C), (C, T_l, (2 * n - i) * C))
+    outs, sels = [], []
+    for lo, hi, end in runs:
+        kv_len = jnp.full((B,), end, jnp.int32)
+        o, sel = attend(q[:, lo:hi], k, v, k_c, v_c, None if g is None else g[:, lo:hi], kv_len)
+        outs.append(o)
+        sels.append(sel)
+    o = jnp.concatenate(outs, axis=1)
+    if not return_selection:
+        return o
+    return o, (jnp.concatenate([s.indices for s in sels], axis=2),
+               jnp.concatenate([s.counts for s in sels], axis=2))
+
+
+def _natural(x, n: int):
+    """[B, T, ...] all-gathered from zig-zag shards back in natural order."""
+    B, T = x.shape[:2]
+    pairs = x.reshape(B, n, 2, T // (2 * n), *x.shape[2:])
+    return jnp.concatenate([pairs[:, :, 0], pairs[:, ::-1, 1]], axis=1).reshape(x.shape)
