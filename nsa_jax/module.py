@@ -17,6 +17,7 @@ from nsa_jax.api import nsa_attention
 from nsa_jax.compression import init_params
 from nsa_jax.config import NSAConfig
 from nsa_jax.decode import NSACache, init_cache, nsa_decode
+from nsa_jax.parallel import MeshAxes
 
 
 def apply_rope(x, positions, base: float):
@@ -74,7 +75,10 @@ class NSAAttention(nnx.Module):
         ones default to kernel_init / bias_init). The gate projection always has a bias and
         starts at zero.
       use_rope, rope_base: rotate q and k by their positions before attention, with this base.
-      implementation, tilings, interpret: passed to `nsa_attention`.
+      implementation, tilings, interpret, mesh_axes: passed to `nsa_attention`. Under
+        explicit mesh axes the projections' shardings (from ``kernel_init`` partitioning or the
+        input's) decide the parallelism; ``mesh_axes`` names it under auto axes, or gives the
+        zig-zag layout (then pass ``input_positions`` in that order, e.g. `nsa_jax.zigzag`).
       decode: default of ``__call__``'s ``decode``.
       rngs: `nnx.Rngs` for initialisation.
     """
@@ -87,7 +91,8 @@ class NSAAttention(nnx.Module):
                  out_kernel_init=None, bias_init=nnx.initializers.zeros_init(),
                  out_bias_init=None, use_bias: bool = True, use_rope: bool = True,
                  rope_base: float = 10000.0, implementation: str | None = None, tilings=None,
-                 interpret: bool = False, decode: bool = False, rngs: nnx.Rngs):
+                 interpret: bool = False, decode: bool = False,
+                 mesh_axes: MeshAxes | None = None, rngs: nnx.Rngs):
         _checks.options(config, implementation, interpret, tilings)
         for name, val in (("num_heads", num_heads), ("in_features", in_features),
                           ("qkv_features", qkv_features), ("out_features", out_features),
@@ -113,6 +118,9 @@ class NSAAttention(nnx.Module):
         if not isinstance(decode, bool):
             raise TypeError(f"decode must be a bool, got {decode!r}")
         self.decode = decode
+        if mesh_axes is not None and not isinstance(mesh_axes, MeshAxes):
+            raise TypeError(f"mesh_axes must be an nsa_jax.MeshAxes or None, got {mesh_axes!r}")
+        self.mesh_axes = mesh_axes
         self.cache: nnx.Cache | None = nnx.data(None)
         linear = functools.partial(nnx.LinearGeneral, dtype=dtype, param_dtype=param_dtype,
                                    precision=precision, use_bias=use_bias, rngs=rngs)
@@ -144,13 +152,16 @@ class NSAAttention(nnx.Module):
         self.cache = nnx.Cache(init_cache(shape[0], shape[1], self.num_kv_heads, self.head_dim,
                                           self.v_head_dim, config=self.config, dtype=dtype))
 
-    def project(self, inputs_q, *, input_positions=None, segment_ids=None):
+    def project(self, inputs_q, *, input_positions=None, segment_ids=None, qkv_sharding=None):
         """The attention inputs of ``inputs_q`` [B, T, in_features]: q [B, T, HQ, D], k [B, T, H,
         D] and v [B, T, H, Dv] (q and k rotated when ``use_rope``) and the gates g [B, T, HQ, 3]
-        in (0, 1); what ``__call__`` hands to `nsa_attention`."""
+        in (0, 1); what ``__call__`` hands to `nsa_attention`. ``qkv_sharding``: the
+        projections' ``out_sharding`` (explicit mesh axes), for all four."""
         x = self._check_input(inputs_q, input_positions, segment_ids)
         B, T, _ = x.shape
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        q, k, v = (self.query(x, out_sharding=qkv_sharding),
+                   self.key(x, out_sharding=qkv_sharding),
+                   self.value(x, out_sharding=qkv_sharding))
         if self.use_rope:
             positions = input_positions
             if positions is None and segment_ids is not None:
@@ -159,12 +170,14 @@ class NSAAttention(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(T), (B, T))
             q = apply_rope(q, positions, self.rope_base)
             k = apply_rope(k, positions, self.rope_base)
-        g = jax.nn.sigmoid(self.gate(x).astype(jnp.float32)).astype(q.dtype)
+        g = jax.nn.sigmoid(self.gate(x, out_sharding=qkv_sharding).astype(jnp.float32))
+        g = g.astype(q.dtype)
         return q, k, v, g
 
     def __call__(self, inputs_q, *, input_positions=None, segment_ids=None,
                  max_segments: int | None = None, sow_selection: bool = False,
-                 decode: bool | None = None, num_new=None):
+                 decode: bool | None = None, num_new=None, out_sharding=None,
+                 qkv_sharding=None):
         """inputs_q: [B, T, in_features] -> [B, T, out_features].
 
         ``input_positions``: int [B, T] for RoPE (unused without it); default t, or the position
@@ -178,6 +191,9 @@ class NSAAttention(nnx.Module):
         ``self.decode``); ``input_positions`` then default to each row's cached length + t.
         ``num_new``: with ``decode``, int32[B] tokens of the T that each row really appends
         (`nsa_jax.nsa_decode`).
+        ``out_sharding``, ``qkv_sharding``: as in `nnx.MultiHeadAttention`, the ``out_sharding``
+        of the output projection and of the q/k/v (and gate) projections, for explicit mesh
+        axes (e.g. the input's sharding when the out kernel is split over heads).
         """
         decode = self.decode if decode is None else decode
         if decode:
@@ -186,17 +202,22 @@ class NSAAttention(nnx.Module):
             return self._decode(inputs_q, input_positions, segment_ids, sow_selection, num_new)
         if num_new is not None:
             raise ValueError("num_new is only used with decode=True")
+        zigzag = self.mesh_axes is not None and self.mesh_axes.layout == "zigzag"
+        if zigzag and self.use_rope and input_positions is None:
+            raise ValueError("with MeshAxes(layout='zigzag') the tokens are in zig-zag order: "
+                             "pass input_positions in the same order (nsa_jax.zigzag)")
         q, k, v, g = self.project(inputs_q, input_positions=input_positions,
-                                  segment_ids=segment_ids)
+                                  segment_ids=segment_ids, qkv_sharding=qkv_sharding)
         o = nsa_attention(q, k, v, g, config=self.config,
                           compress_params=self.compress_param_values(),
                           segment_ids=segment_ids, implementation=self.implementation,
                           tilings=self.tilings, interpret=self.interpret,
-                          max_segments=max_segments, return_selection=sow_selection)
+                          max_segments=max_segments, return_selection=sow_selection,
+                          mesh_axes=self.mesh_axes)
         if sow_selection:
             o, sel = o
             self.sow(nnx.Intermediate, "selection", sel)
-        return self.out(o)
+        return self.out(o, out_sharding=out_sharding)
 
     def _decode(self, inputs_q, input_positions, segment_ids, sow_selection, num_new):
         if self.cache is None:

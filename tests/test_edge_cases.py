@@ -209,8 +209,11 @@ def test_explicit_backend_refusals_name_the_reason():
 def test_none_picks_per_operation_the_fastest_that_serves(monkeypatch):
     """With the Pallas backend available, None keeps it for every operation it supports and
     takes "xla" for the rest (the README's promise, for nsa_attention as for the pieces)."""
-    triton = ops.get("triton")
+    triton, mosaic = ops.get("triton"), ops.get("mosaic")
     monkeypatch.setattr(type(triton), "available", lambda self, interpret: base.YES)
+    # On a Hopper GPU "mosaic" would come first; this test is about the Triton/XLA split.
+    monkeypatch.setattr(type(mosaic), "available",
+                        lambda self, interpret: base.Support("not Hopper"))
     cfg24 = nsa_jax.NSAConfig(compress_block=8, compress_stride=8, select_block=24, num_selected=4)
     shapes = base.Shapes(**{**SHAPES.__dict__, "select_block": 24})
     plan = ops.resolve(None, base.OPERATIONS, cfg24, shapes, False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -50,3 +51,215 @@ def test_batch_sharded_forward_and_gradients(impl, packed, axis_type):
     assert_close(out, want, FWD_TOL[jnp.float32], "o")
     for name, g, w in zip("q k v g".split(), grads, want_grads):
         assert_close(g, w, GRAD_TOL[jnp.float32], f"d{name}")
+
+
+def _mesh(axes: dict, axis_type=AxisType.Explicit):
+    n = int(np.prod(list(axes.values())))
+    return jax.make_mesh(tuple(axes.values()), tuple(axes), axis_types=(axis_type,) * len(axes),
+                         devices=jax.devices()[:n])
+
+
+def _run(cfg, impl, axes=None, params=None, seg=None, return_selection=False):
+    """jit(value_and_grad) of a squared-output loss of nsa_attention, with the selection."""
+
+    def loss(q, k, v, g, params, seg):
+        out = nsa_jax.nsa_attention(q, k, v, g, config=cfg, compress_params=params,
+                                    segment_ids=seg, mesh_axes=axes,
+                                    return_selection=return_selection,
+                                    **ALL_IMPLEMENTATIONS[impl])
+        o, sel = out if return_selection else (out, None)
+        return (o.astype(jnp.float32) ** 2).sum(), (o, sel)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
+
+
+# (mesh axes and sizes, MeshAxes fields): each parallelism alone and combined.
+LAYOUTS = {
+    "heads": ({"model": 2}, dict(heads="model")),
+    "context": ({"seq": 2}, dict(context="seq")),
+    "context4-zigzag": ({"seq": 4}, dict(context="seq", layout="zigzag")),
+    "batch-context": ({"data": 2, "seq": 2}, dict(batch="data", context="seq")),
+    "heads-context-zigzag": ({"model": 2, "seq": 2}, dict(heads="model", context="seq",
+                                                          layout="zigzag")),
+}
+# Every layout on "xla" with explicit axes; the reference on combined meshes; auto axes (named by
+# mesh_axes) once per kind; the Triton kernels (interpret mode here) on the two zig-zag meshes.
+PARALLEL_CASES = [
+    *[("xla", layout, AxisType.Explicit) for layout in LAYOUTS],
+    ("reference", "batch-context", AxisType.Explicit),
+    ("reference", "heads-context-zigzag", AxisType.Auto),
+    ("xla", "heads", AxisType.Auto),
+    ("xla", "context4-zigzag", AxisType.Auto),
+    ("triton", "context4-zigzag", AxisType.Explicit),
+    ("triton", "heads-context-zigzag", AxisType.Explicit),
+]
+PARALLEL_CASES = [pytest.param(*c, id=f"{c[0]}-{c[1]}-{c[2].name.lower()}")
+                  for c in PARALLEL_CASES]
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
+@pytest.mark.parametrize("impl,layout,axis_type", PARALLEL_CASES)
+def test_mesh_parallel_equals_one_device(impl, layout, axis_type):
+    """T=56 is no multiple of any block (14 queries per zig-zag chunk); "mlp" compression has
+    parameters, replicated, whose gradients must be summed over every device."""
+    cfg = nsa_jax.NSAConfig(select_q_tile=1, compress_method="mlp", **CFG)
+    sizes, fields = LAYOUTS[layout]
+    axes = nsa_jax.MeshAxes(**fields)
+    q, k, v, g = _inputs(T=56)
+    params = nsa_jax.init_compress_params(jax.random.key(7), cfg, 2, 16, 8)
+    (_, (want, want_sel)), want_grads = _run(cfg, impl, return_selection=True)(
+        q, k, v, g, params, None)
+    n = sizes.get("seq", 1)
+    order = ((lambda x: nsa_jax.zigzag(x, n)) if axes.layout == "zigzag" else (lambda x: x))
+    back = ((lambda x: nsa_jax.unzigzag(np.asarray(x), n)) if axes.layout == "zigzag"
+            else np.asarray)
+    explicit = axis_type == AxisType.Explicit
+    # Explicit axes are read from the inputs' types; only the layout is told.
+    told = nsa_jax.MeshAxes(layout=axes.layout) if explicit else axes
+    mesh = _mesh(sizes, axis_type)
+    spec = P(axes.batch, axes.context, axes.heads, None)
+    with jax.set_mesh(mesh):
+        put = lambda x: jax.device_put(order(x), NamedSharding(mesh, spec))
+        (_, (out, sel)), grads = _run(cfg, impl, told, return_selection=True)(
+            put(q), put(k), put(v), put(g), params, None)
+    if explicit:
+        assert jax.typeof(out).sharding.spec == spec
+    assert_close(back(out), want, FWD_TOL[jnp.float32], "o")
+    for name, got, w in zip("q k v g".split(), grads[:4], want_grads[:4]):
+        assert_close(back(got), w, GRAD_TOL[jnp.float32], f"d{name}")
+    # Parameter gradients sum over every token; some are near zero (b2 behind a zero w2), so
+    # they are held to the largest parameter gradient's scale.
+    scale = max(float(jnp.abs(w).max()) for w in want_grads[4].values())
+    for name in want_grads[4]:
+        np.testing.assert_allclose(grads[4][name], want_grads[4][name], rtol=0,
+                                   atol=GRAD_TOL[jnp.float32] * scale, err_msg=f"d{name}")
+    # Per-token selection (one query per tile): the tile axis is the token axis.
+    np.testing.assert_array_equal(back(sel.indices.transpose(0, 2, 1, 3)),
+                                  np.asarray(want_sel.indices.transpose(0, 2, 1, 3)))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two devices")
+def test_context_parallel_with_query_tiles():
+    """select_q_tile=16: each device's 32 queries are two whole tiles of the single-device call."""
+    cfg = nsa_jax.NSAConfig(select_q_tile=16, **CFG)
+    args = _inputs(T=64)
+    (_, (want, want_sel)), want_grads = _run(cfg, "xla", return_selection=True)(*args, None, None)
+    mesh = _mesh({"seq": 2})
+    with jax.set_mesh(mesh):
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
+        (_, (out, sel)), grads = _run(cfg, "xla", return_selection=True)(*map(put, args), None,
+                                                                          None)
+    assert_close(out, want, FWD_TOL[jnp.float32], "o")
+    for name, got, w in zip("q k v g".split(), grads, want_grads):
+        assert_close(got, w, GRAD_TOL[jnp.float32], f"d{name}")
+    np.testing.assert_array_equal(np.asarray(sel.indices), np.asarray(want_sel.indices))
+    np.testing.assert_array_equal(np.asarray(sel.counts), np.asarray(want_sel.counts))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_packed_documents_batch_and_head_parallel(impl):
+    cfg = nsa_jax.NSAConfig(select_q_tile=1, **CFG)
+    q, k, v, g = _inputs(T=50)
+    seg = nsa_jax.segment_ids_from_cu_seqlens(jnp.array([[0, 20, 45], [0, 50, 50]]), 50)
+    (_, (want, _)), want_grads = _run(cfg, impl)(q, k, v, g, None, seg)
+    mesh = _mesh({"data": 2, "model": 2})
+    with jax.set_mesh(mesh):
+        put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", None, "model")))
+        seg_s = jax.device_put(seg, NamedSharding(mesh, P("data")))
+        (_, (out, _)), grads = _run(cfg, impl)(put(q), put(k), put(v), put(g), None, seg_s)
+    assert jax.typeof(out).sharding.spec == P("data", None, "model", None)
+    assert_close(out, want, FWD_TOL[jnp.float32], "o")
+    for name, got, w in zip("q k v g".split(), grads[:4], want_grads[:4]):
+        assert_close(got, w, GRAD_TOL[jnp.float32], f"d{name}")
+
+
+def test_zigzag_order_and_its_inverse():
+    x = np.arange(2 * 12).reshape(2, 12)
+    z = nsa_jax.zigzag(x, 3)
+    # Chunks of 2 tokens: device i of 3 holds chunks i and 5 - i.
+    np.testing.assert_array_equal(z[0], [0, 1, 10, 11, 2, 3, 8, 9, 4, 5, 6, 7])
+    np.testing.assert_array_equal(nsa_jax.unzigzag(z, 3), x)
+    np.testing.assert_array_equal(nsa_jax.unzigzag(nsa_jax.zigzag(jnp.asarray(x), 3), 3), x)
+    with pytest.raises(ValueError, match="multiple of 2n"):
+        nsa_jax.zigzag(x, 4)
+
+
+def _refusal(sizes, spec, cfg=None, T=56, seg=None, axes=None, **kw):
+    cfg = cfg or nsa_jax.NSAConfig(select_q_tile=1, **CFG)
+    q, k, v, g = _inputs(T=T)
+    mesh = _mesh(sizes)
+    with jax.set_mesh(mesh):
+        put = lambda x, spec=spec: jax.device_put(x, NamedSharding(mesh, spec))
+        nsa_jax.nsa_attention(put(q), put(k), put(v), put(g, P(*spec[:3])), config=cfg,
+                              segment_ids=seg,
+                              mesh_axes=axes, implementation="xla", **kw)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
+@pytest.mark.parametrize("case,match", [
+    (dict(sizes={"seq": 2}, spec=P(None, "seq"),
+          seg=jnp.ones((2, 56), jnp.int32)), "packed documents.*'seq'"),
+    (dict(sizes={"seq": 2}, spec=P(None, "seq"),
+          cfg=nsa_jax.NSAConfig(causal=False, select_q_tile=1, **CFG)), "'seq'.*causal=True"),
+    (dict(sizes={"seq": 4}, spec=P(None, "seq"), T=52,
+          axes=nsa_jax.MeshAxes(layout="zigzag")), "T=52 is not a multiple of 8.*'seq'"),
+    (dict(sizes={"seq": 2}, spec=P(None, "seq"), T=48,
+          cfg=nsa_jax.NSAConfig(select_q_tile=16, **CFG)), "24 queries.*select_q_tile=16"),
+    (dict(sizes={"model": 4}, spec=P(), axes=nsa_jax.MeshAxes(heads="model")),
+     "H \\(KV heads\\)=2.*'model'"),
+    (dict(sizes={"model": 2}, spec=P(None, None, None, "model")), "D axis.*'model'"),
+    (dict(sizes={"seq": 2}, spec=P(), axes=nsa_jax.MeshAxes(context="sequence")),
+     "'sequence' is not an axis"),
+], ids=["packed-context", "noncausal-context", "zigzag-length", "query-tile", "heads-divide",
+        "head-dim", "unknown-axis"])
+def test_unsupported_layouts_name_the_axis(case, match):
+    with pytest.raises(ValueError, match=match):
+        _refusal(**case)
+
+
+def test_mesh_axes_validation():
+    with pytest.raises(ValueError, match="needs a mesh"):
+        q, k, v, g = _inputs()
+        nsa_jax.nsa_attention(q, k, v, g, config=nsa_jax.NSAConfig(**CFG),
+                              mesh_axes=nsa_jax.MeshAxes(batch="data"))
+    with pytest.raises(TypeError, match="MeshAxes.heads"):
+        nsa_jax.MeshAxes(heads=3)
+    with pytest.raises(ValueError, match="layout"):
+        nsa_jax.MeshAxes(layout="ring")
+    with pytest.raises(ValueError, match="one dimension only"):
+        nsa_jax.MeshAxes(batch="x", context=("x", "y"))
+    with pytest.raises(TypeError, match="mesh_axes must be"):
+        nsa_jax.nsa_attention(*_inputs(), config=nsa_jax.NSAConfig(**CFG), mesh_axes={"x": 1})
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
+def test_layer_with_partitioned_kernels_runs_head_and_context_parallel():
+    """Tensor parallel by the parameters' partitioning (query/key/value kernels split over their
+    heads, the out kernel over its input heads) and context parallel by the input's sharding:
+    the layer's output and parameter gradients equal the unsharded layer's."""
+    from flax import nnx
+    cfg = nsa_jax.NSAConfig(select_q_tile=1, **CFG)
+    init = nnx.initializers.lecun_normal()
+    heads_split = nnx.with_partitioning(init, (None, "model", None))
+    out_split = nnx.with_partitioning(init, ("model", None, None))
+    make = lambda **kw: nsa_jax.NSAAttention(4, 32, num_kv_heads=2, config=cfg,
+                                             implementation="xla", rngs=nnx.Rngs(0), **kw)
+    x = normal(jax.random.key(1), (2, 48, 32))
+
+    def loss(layer, x, out_sharding=None):
+        return (layer(x, out_sharding=out_sharding) ** 2).sum()
+
+    plain = make(kernel_init=init)
+    want, want_grads = nnx.value_and_grad(loss)(plain, x)
+    mesh = _mesh({"model": 2, "seq": 2})
+    with jax.set_mesh(mesh):
+        layer = make(kernel_init=heads_split, out_kernel_init=out_split)
+        assert jax.typeof(layer.key.kernel[...]).sharding.spec == P(None, "model", None)
+        xs = jax.device_put(x, NamedSharding(mesh, P(None, "seq")))
+        step = nnx.jit(nnx.value_and_grad(lambda l, x: loss(l, x, P(None, "seq"))))
+        got, grads = step(layer, xs)
+    assert_close(got, want, FWD_TOL[jnp.float32], "loss")
+    for (path, g), (_, w) in zip(nnx.to_flat_state(nnx.state(grads)),
+                                 nnx.to_flat_state(nnx.state(want_grads))):
+        assert_close(g[...], w[...], GRAD_TOL[jnp.float32], "/".join(map(str, path)))
