@@ -12,17 +12,25 @@ below takes 25.1 ms a step (timing only: 20 steps at this learning rate do not l
 python3 examples/train_lm.py                       # CPU-sized defaults
 python3 examples/train_lm.py --generate 4          # then copy by greedy generation (KV cache)
 python3 examples/train_lm.py --seq-len 32768 --batch 1 --steps 20 --width 1024 --heads 16 --kv-heads 2
+
+With ``--devices N`` the step runs data and context parallel on N devices (2-way over the batch
+when N >= 4 is even, the sequence over the rest): the tokens are sharded, every layer's
+`nsa_attention` reads the mesh from their types. On a CPU, make the devices first:
+XLA_FLAGS=--xla_force_host_platform_device_count=4 python3 examples/train_lm.py --devices 4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import nsa_jax
 
@@ -52,7 +60,9 @@ class LM(nnx.Module):
         self.out = nnx.Linear(width, vocab, rngs=rngs)
 
     def __call__(self, tokens, decode: bool = False):
-        x = self.embed(tokens)
+        # Explicit mesh axes: activations [B, T, width] sharded as the tokens are.
+        spec = tuple(jax.typeof(tokens).sharding.spec)
+        x = self.embed(tokens, out_sharding=P(*spec, None) if any(spec) else None)
         for block in self.blocks:
             x = block(x, decode=decode)
         return self.out(self.norm(x).astype(jnp.float32))
@@ -107,6 +117,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--bf16", action="store_true", help="bfloat16 compute (default on a GPU)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="train data and context parallel on this many devices")
     p.add_argument("--generate", type=int, default=0, metavar="N",
                    help="after training, greedily continue N fresh prompts (a random first half "
                         "and the first 8 tokens of its repeat) with the KV cache and report how "
@@ -116,17 +128,36 @@ def main(argv=None) -> dict:
     dtype = jnp.bfloat16 if (args.bf16 or on_gpu) else jnp.float32
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64,
                             num_selected=8, window=64, select_q_tile=64)
+    mesh = _mesh(args.devices, args.batch) if args.devices > 1 else None
+    with jax.set_mesh(mesh) if mesh else contextlib.nullcontext():
+        return _train(args, cfg, dtype, mesh)
+
+
+def _mesh(devices: int, batch: int):
+    if devices > len(jax.devices()):
+        raise SystemExit(f"--devices {devices}, but there are {len(jax.devices())}; on a CPU set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={devices}")
+    data = 2 if devices >= 4 and devices % 2 == 0 and batch % 2 == 0 else 1
+    print(f"mesh: {data} x {devices // data} devices (data x context parallel)")
+    return jax.make_mesh((data, devices // data), ("data", "seq"),
+                         axis_types=(AxisType.Explicit,) * 2, devices=jax.devices()[:devices])
+
+
+def _train(args, cfg, dtype, mesh) -> dict:
     model = LM(args.vocab, args.width, args.layers, args.heads, args.kv_heads, cfg, dtype=dtype,
                rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr), wrt=nnx.Param)
     half = args.seq_len // 2
+    # The model reads all T tokens (T splits evenly over devices); the last position predicts
+    # nothing, and the loss counts the predictions of the repeated half.
+    position = jnp.arange(args.seq_len)
+    weight = ((position >= half) & (position < args.seq_len - 1)).astype(jnp.float32)
 
     @nnx.jit
-    def step(model, optimizer, tokens):
+    def step(model, optimizer, tokens, targets):
         def loss_fn(model):
-            logits = model(tokens[:, :-1])
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-            return nll[:, half:].mean()  # predictions of the repeated half
+            nll = optax.softmax_cross_entropy_with_integer_labels(model(tokens), targets)
+            return (nll * weight).sum() / (weight.sum() * tokens.shape[0])
 
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
@@ -137,8 +168,12 @@ def main(argv=None) -> dict:
     for i in range(args.steps):
         key, sub = jax.random.split(key)
         tokens = copy_batch(sub, args.batch, args.seq_len, args.vocab)
+        targets = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+        if mesh is not None:
+            tokens, targets = (jax.device_put(x, NamedSharding(mesh, P("data", "seq")))
+                               for x in (tokens, targets))
         t0 = time.perf_counter()
-        loss = jax.block_until_ready(step(model, optimizer, tokens))
+        loss = jax.block_until_ready(step(model, optimizer, tokens, targets))
         if i:  # the first step compiles
             times.append(time.perf_counter() - t0)
         if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:
@@ -147,7 +182,9 @@ def main(argv=None) -> dict:
     print(f"{jax.devices()[0].device_kind}: median step {step_ms:.1f} ms at T={args.seq_len}, "
           f"B={args.batch}; chance loss log({args.vocab}) = {jnp.log(args.vocab):.3f}")
     result = {"loss": float(loss), "step_ms": step_ms}
-    if args.generate:
+    if args.generate and mesh is not None:
+        print("--generate runs on one device; skipped with --devices")
+    elif args.generate:
         tokens = copy_batch(jax.random.key(2), args.generate, args.seq_len, args.vocab)
         shown = half + 8
         t0 = time.perf_counter()

@@ -139,3 +139,10 @@ def test_demo_control_leaves_branches_out():
         demo.DemoConfig(branches=("gates",))
     with pytest.raises(SystemExit):
         cli.main(["demo", "--branches", "dense"])
+
+
+def test_demo_devices_reach_the_config(capsys):
+    """3 devices put 256 tokens in runs of 85.3: refused before anything trains, naming why."""
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--devices", "3", "--seq-len", "256"])
+    assert "devices=3" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import math
 import pathlib
 import runpy
 
+import pytest
+
 
 def test_train_lm_runs():
     path = pathlib.Path(__file__).parents[1] / "examples" / "train_lm.py"
@@ -14,6 +16,20 @@ def test_train_lm_runs():
                    "--batch", "2"])
     assert math.isfinite(result["loss"])
     assert result["step_ms"] > 0
+
+
+def test_train_lm_data_and_context_parallel_matches_one_device():
+    """Four host devices (conftest): 2-way data x 2-way context parallel; the loss after three
+    steps equals the single-device run's."""
+    import jax
+    if len(jax.devices()) < 4:
+        pytest.skip("needs four devices")
+    path = pathlib.Path(__file__).parents[1] / "examples" / "train_lm.py"
+    main = runpy.run_path(str(path))["main"]
+    argv = ["--seq-len", "256", "--steps", "3", "--width", "32", "--layers", "1", "--batch", "2"]
+    one = main(argv)["loss"]
+    four = main(argv + ["--devices", "4"])["loss"]
+    assert abs(four - one) <= 1e-4 * abs(one), (four, one)
 
 
 def test_stdlib_lm_runs_every_model(tmp_path):

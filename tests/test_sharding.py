@@ -263,3 +263,30 @@ def test_layer_with_partitioned_kernels_runs_head_and_context_parallel():
     for (path, g), (_, w) in zip(nnx.to_flat_state(nnx.state(grads)),
                                  nnx.to_flat_state(nnx.state(want_grads))):
         assert_close(g[...], w[...], GRAD_TOL[jnp.float32], "/".join(map(str, path)))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
+def test_demo_trains_data_and_context_parallel():
+    """`nsa-jax demo --devices 4`'s training steps (2-way data x 2-way context) give the
+    single-device losses."""
+    import dataclasses
+
+    import optax
+    from flax import nnx
+
+    from nsa_jax.tools import demo
+
+    def losses(cfg):
+        task = demo.make_task(cfg)
+        model = demo.RetrievalModel(task.vocab_size, cfg, rngs=nnx.Rngs(0))
+        opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+        return [float(demo._train_step(model, opt, jax.random.key(i), task, cfg.batch_size)[0])
+                for i in range(2)]
+
+    cfg = dataclasses.replace(demo.DemoConfig(), seq_len=512, batch_size=4, implementation="xla")
+    want = losses(cfg)
+    cfg4 = dataclasses.replace(cfg, devices=4)
+    assert demo.mesh_shape(cfg4) == (2, 2)
+    with jax.set_mesh(_mesh({"data": 2, "seq": 2})):
+        got = losses(cfg4)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

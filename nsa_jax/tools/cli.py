@@ -15,7 +15,7 @@ import sys
 # `nsa_jax.tools.demo.DemoConfig`'s defaults, repeated so that building the parser imports
 # nothing heavy (tests/test_cli.py checks that they agree).
 DEMO_DEFAULTS = dict(steps=300, seq_len=2048, batch_size=8, seed=0,
-                     branches=("compressed", "selected", "window"))
+                     branches=("compressed", "selected", "window"), devices=1)
 # The implementations the commands can run; "reference" is too slow to train or time with.
 RUNNABLE = ("xla", "triton", "mosaic")
 GPU_LENGTHS = [8192, 16384, 32768, 65536, 131072]
@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                      choices=defaults.branches,
                      help="NSA branches the model uses; leave some out for a control run (e.g. "
                           "--branches window: the window alone cannot reach the needles)")
+    sub.add_argument("--devices", type=int, default=defaults.devices,
+                     help="train data and context parallel on this many devices (on a CPU, "
+                          "that many host devices are made)")
     sub.add_argument("--out", default="nsa_demo_out", help="directory for loss.png and selection.png")
     sub.add_argument("--implementation", default=None, choices=RUNNABLE,
                      help="NSA implementation; None picks the fastest available")
@@ -101,12 +104,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.devices > 1:
+        # Read once, when jax starts: it must be set before the import below.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform"
+                                   f"_device_count={args.devices}").strip()
     from nsa_jax.tools import demo
 
     try:
         cfg = dataclasses.replace(demo.DemoConfig(), steps=args.steps, seq_len=args.seq_len,
                                   batch_size=args.batch_size, seed=args.seed,
                                   implementation=args.implementation, interpret=args.interpret,
+                                  devices=args.devices,
                                   branches=tuple(b for b in DEMO_DEFAULTS["branches"]
                                                  if b in args.branches))
     except ValueError as err:

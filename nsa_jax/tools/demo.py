@@ -48,6 +48,7 @@ import matplotlib
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 import nsa_jax
@@ -87,6 +88,8 @@ class DemoConfig:
       branches: the NSA branches the layers use; a control run leaves some out (their outputs
         are zero, the gates of the others unchanged), e.g. ``("window",)`` to show that the
         window alone cannot reach the needles.
+      devices: train on this many devices (`mesh_shape`: data parallel over 2 when the count
+        and the batch allow it, context parallel over the rest); 1: one device.
     """
 
     steps: int = 300
@@ -111,11 +114,12 @@ class DemoConfig:
     implementation: str | None = None
     interpret: bool = False
     branches: tuple[str, ...] = BRANCHES
+    devices: int = 1
 
     def __post_init__(self):
         for name in ("steps", "seq_len", "batch_size", "eval_batches", "num_keys", "num_values",
                      "num_pairs", "num_rounds", "num_filler", "pair_len", "width", "depth",
-                     "num_heads", "num_kv_heads", "head_dim"):
+                     "num_heads", "num_kv_heads", "head_dim", "devices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.num_pairs > self.num_keys:
@@ -125,6 +129,31 @@ class DemoConfig:
             raise ValueError(f"branches={self.branches!r} must be a non-empty subset of "
                              f"{BRANCHES}")
         make_task(self)
+        data, seq = mesh_shape(self)
+        if self.seq_len % (seq * self.nsa.select_q_tile):
+            raise ValueError(f"devices={self.devices} puts seq_len={self.seq_len} over {seq} "
+                             f"devices; each one's run must be a multiple of select_q_tile="
+                             f"{self.nsa.select_q_tile}")
+        if self.branches != BRANCHES and self.devices > 1:
+            raise ValueError("control runs (branches) run on one device")
+
+
+def mesh_shape(cfg: DemoConfig) -> tuple[int, int]:
+    """(data, seq): the demo's mesh for ``cfg.devices``: 2-way data parallel when the device
+    count is even, at least 4, and the batch splits in two; context parallel over the rest."""
+    data = 2 if cfg.devices >= 4 and cfg.devices % 2 == 0 and cfg.batch_size % 2 == 0 else 1
+    return data, cfg.devices // data
+
+
+def _place(*xs):
+    """[B, T] arrays sharded over the demo's mesh (B over "data" when it divides, T over
+    "seq"); unchanged without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return xs
+    data = dict(zip(mesh.axis_names, mesh.axis_sizes))["data"]
+    return tuple(jax.sharding.reshard(x, P("data" if x.shape[0] % data == 0 else None, "seq"))
+                 for x in xs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,17 +307,29 @@ class RetrievalModel(nnx.Module):
 
     def __call__(self, tokens):
         """tokens int32[B, T] -> logits float32[B, T, vocab]."""
-        x = self.embed(tokens)
+        x = self.embed(tokens, out_sharding=_like_tokens(tokens))
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x))
 
     def last_attention_input(self, tokens):
         """The normalised input [B, T, width] of the last block's NSA layer."""
-        x = self.embed(tokens)
+        x = self.embed(tokens, out_sharding=_like_tokens(tokens))
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1].attn_norm(x)
+
+
+def _like_tokens(tokens):
+    """Activations [B, T, width] sharded as tokens [B, T] are (explicit mesh axes; data and
+    context parallel), or None."""
+    spec = tuple(jax.typeof(tokens).sharding.spec)
+    return P(*spec, None) if any(spec) else None
+
+
+def _replicated(x):
+    """x on every device of the demo's mesh (to slice it freely); unchanged without one."""
+    return x if jax.sharding.get_abstract_mesh().empty else jax.sharding.reshard(x, P())
 
 
 def layer_selection(layer: nsa_jax.NSAAttention, x) -> nsa_jax.BlockSparseIndices:
@@ -309,7 +350,7 @@ def _answer_loss(model, tokens, targets, answer):
 
 @nnx.jit(static_argnums=(3, 4))
 def _train_step(model, optimizer, key, task, batch_size):
-    tokens, targets, answer, _ = make_batch(key, task, batch_size)
+    tokens, targets, answer = _place(*make_batch(key, task, batch_size)[:3])
     grad_fn = nnx.value_and_grad(_answer_loss, has_aux=True)
     (loss, acc), grads = grad_fn(model, tokens, targets, answer)
     optimizer.update(model, grads)
@@ -320,10 +361,11 @@ def _train_step(model, optimizer, key, task, batch_size):
 def _evaluate(model, key, task, batch_size):
     """Held-out loss, accuracy, and the share of needle blocks in the query tiles' selections."""
     tokens, targets, answer, pair_pos = make_batch(key, task, batch_size)
+    tokens, targets, answer = _place(tokens, targets, answer)
     loss, acc = _answer_loss(model, tokens, targets, answer)
     sel = layer_selection(model.blocks[-1].attn, model.last_attention_input(tokens))
     first = (task.seq_len - task.tail) // sel.q_tile
-    picked = sel.indices[:, :, first:]  # [B, H, query tiles, k]
+    picked = _replicated(sel.indices)[:, :, first:]  # [B, H, query tiles, k]
     needles = pair_pos // sel.block_size  # [B, P]
     hit = (picked[:, :, :, None, :] == needles[:, None, None, :, None]).any(-1)
     return loss, acc, hit.mean()
@@ -331,6 +373,7 @@ def _evaluate(model, key, task, batch_size):
 
 @nnx.jit
 def _last_layer_selection(model, tokens):
+    (tokens,) = _place(tokens)
     return layer_selection(model.blocks[-1].attn, model.last_attention_input(tokens))
 
 
@@ -458,6 +501,21 @@ def run(cfg: DemoConfig = DemoConfig(), out: str = "nsa_demo_out") -> DemoResult
     Returns:
       `DemoResult`.
     """
+    if cfg.devices > len(jax.devices()):
+        raise ValueError(f"devices={cfg.devices}, but this process has {len(jax.devices())}; on "
+                         f"a CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+                         f"{cfg.devices} before jax starts (`nsa-jax demo --devices` does)")
+    if cfg.devices == 1:
+        return _run(cfg, out)
+    data, seq = mesh_shape(cfg)
+    mesh = jax.make_mesh((data, seq), ("data", "seq"), devices=jax.devices()[:cfg.devices],
+                         axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    print(f"mesh: {data} x {seq} devices (data x context parallel)")
+    with jax.set_mesh(mesh):
+        return _run(cfg, out)
+
+
+def _run(cfg: DemoConfig, out: str) -> DemoResult:
     start = time.perf_counter()
     task = make_task(cfg)
     device = jax.devices()[0]
