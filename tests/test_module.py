@@ -46,21 +46,24 @@ def test_training_step_loss_falls(method):
 
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_module_matches_functional_api(use_bias):
-    """The layer is projections around `nsa_attention`; recompute it by hand from the weights."""
+    """The layer is projections around `nsa_attention`; recompute it by hand from the weights.
+    Both sides multiply at full float32 precision: a GPU's default (TF32) would round the
+    projections differently on each side."""
+    hi = jax.lax.Precision.HIGHEST
     layer = _layer(use_rope=True, v_head_dim=12, use_bias=use_bias,
-                   bias_init=nnx.initializers.normal(1.0))
+                   bias_init=nnx.initializers.normal(1.0), precision=hi)
     x = jax.random.normal(jax.random.key(1), (2, 50, 32))
     B, T, _ = x.shape
-    proj = lambda lin, x: jnp.einsum("btc,chd->bthd", x, lin.kernel[...]) + (
+    proj = lambda lin, x: jnp.einsum("btc,chd->bthd", x, lin.kernel[...], precision=hi) + (
         lin.bias[...] if use_bias else 0)
     q, k, v = proj(layer.query, x), proj(layer.key, x), proj(layer.value, x)
     assert (q.shape, k.shape, v.shape) == ((B, T, 4, 8), (B, T, 2, 8), (B, T, 2, 12))
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
     q, k = nsa_jax.module.apply_rope(q, pos, 10000.0), nsa_jax.module.apply_rope(k, pos, 10000.0)
-    g = jax.nn.sigmoid(jnp.einsum("btc,chg->bthg", x, layer.gate.kernel[...]) +
+    g = jax.nn.sigmoid(jnp.einsum("btc,chg->bthg", x, layer.gate.kernel[...], precision=hi) +
                        layer.gate.bias[...])
     o = nsa_jax.reference.nsa_attention(q, k, v, g, config=CFG)
-    want = jnp.einsum("bthd,hdc->btc", o, layer.out.kernel[...]) + (
+    want = jnp.einsum("bthd,hdc->btc", o, layer.out.kernel[...], precision=hi) + (
         layer.out.bias[...] if use_bias else 0)
     assert_close(layer(x), want, FWD_TOL[jnp.float32], "y")
     assert (layer.query.bias is not None) == use_bias
