@@ -217,11 +217,13 @@ def gated_branches(run: _Plan, q, k, v, k_c, v_c, g, config: NSAConfig, *, S: in
 
 
 def attend_with_lengths(q, k, v, k_c, v_c, g, kv_len, *, config: NSAConfig, implementation=None,
-                        interpret: bool = False, tilings=None):
+                        interpret: bool = False, tilings=None, key_bounds=None):
     """(o, selection) of the gated branches for q [B, T, HQ, D] at key positions kv_len - T + t
     over keys k [B, S, H, D] (and their compressed tokens k_c, v_c) of which row b holds
     ``kv_len[b]`` (int32[B]); inputs already validated. A decode step over a cache and a device's
-    slice of the queries under context parallelism both attend this way."""
+    slice of the queries under context parallelism both attend this way. ``key_bounds``: the
+    documents of packed rows, as `segments.KeyBounds` of the queries (keys in an aligned layout;
+    not with the reference)."""
     B, T, HQ, D = q.shape
     S, H, Dv = k.shape[1], k.shape[2], v.shape[3]
     kv_len = kv_len.astype(jnp.int32)
@@ -237,7 +239,7 @@ def attend_with_lengths(q, k, v, k_c, v_c, g, kv_len, *, config: NSAConfig, impl
                 ops.Shapes(B, T, S, HQ, H, D, Dv, per_row_kv_len=True,
                            select_block=config.select_block), interpret, tilings)
     return gated_branches(run, q, k, v, k_c, v_c, g, config, S=S, kv_len=kv_len,
-                          key_bounds=None)
+                          key_bounds=key_bounds)
 
 
 def _selected_bounds(config: NSAConfig, key_bounds):
@@ -373,11 +375,14 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
                                   max_segments=max_segments, return_selection=return_selection,
                                   **options)
 
-        def attend(q, k, v, k_c, v_c, g, kv_len):
-            return attend_with_lengths(q, k, v, k_c, v_c, g, kv_len, **options)
+        def attend(q, k, v, k_c, v_c, g, kv_len, key_bounds=None):
+            return attend_with_lengths(q, k, v, k_c, v_c, g, kv_len, key_bounds=key_bounds,
+                                       **options)
 
         return parallel.run(local, attend, axes, mesh, q, k, v, g, segment_ids, compress_params,
-                            config=config, return_selection=return_selection)
+                            config=config, return_selection=return_selection,
+                            max_segments=max_segments,
+                            gather_all=implementation == "reference")
     return _nsa_attention(q, k, v, g, segment_ids=segment_ids, compress_params=compress_params,
                           max_segments=max_segments, return_selection=return_selection, **options)
 

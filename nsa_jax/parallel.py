@@ -16,6 +16,7 @@ one `jax.shard_map`, so XLA's partitioner never has to place a kernel:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -152,26 +153,26 @@ def _check_context(axes: MeshAxes, config: NSAConfig, T: int, S: int, n: int, pa
     if S != T:
         raise ValueError(f"context parallel (mesh axis {name!r}) is self-attention: S={S} must "
                          f"equal T={T}")
-    if packed:
-        raise ValueError(f"packed documents (segment_ids) are not supported with context "
-                         f"parallel (mesh axis {name!r}); shard rows over a batch axis instead")
     pieces = n * (2 if axes.layout == "zigzag" else 1)
     if T % pieces:
         raise ValueError(f"T={T} is not a multiple of {pieces}, the {axes.layout} pieces of "
                          f"the {n} devices of mesh axis {name!r}")
-    if (T // pieces) % config.select_q_tile:
+    # Packed rows tile each document from its own start, whichever device holds it.
+    if not packed and (T // pieces) % config.select_q_tile:
         raise ValueError(f"each device's run of {T // pieces} queries (T={T} over mesh axis "
                          f"{name!r}, {axes.layout}) must be a multiple of select_q_tile="
                          f"{config.select_q_tile}, so that selection tiles match one device's")
 
 
 def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_params, *,
-        config: NSAConfig, return_selection: bool):
+        config: NSAConfig, return_selection: bool, max_segments: int | None, gather_all: bool):
     """`nsa_attention` on sharded inputs, in one `jax.shard_map` over ``mesh``.
 
     ``local(q, k, v, g, segment_ids, compress_params)``: `nsa_attention` on one device's rows and
-    heads (the batch and head axes). ``attend(q, k, v, k_c, v_c, g, kv_len)``:
-    `api.attend_with_lengths` with the call's options (the context axis)."""
+    heads (the batch and head axes). ``attend(q, k, v, k_c, v_c, g, kv_len, key_bounds)``:
+    `api.attend_with_lengths` with the call's options (the context axis). ``gather_all``: packed
+    rows over the context axis gather everything and run ``local`` on whole rows (the reference,
+    which is the oracle, not a path to scale)."""
     b, h, c = axes.batch, axes.heads, axes.context
     x_spec, seg_spec = P(b, c, h, None), P(b, c)
     sel_specs = (P(b, h, c, None), P(b, h, c))
@@ -183,8 +184,14 @@ def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_p
         n = _size(mesh, c)
 
         def body(q, k, v, g, seg, params):
-            return _context_body(attend, q, k, v, g, params, axis=c, n=n, layout=axes.layout,
-                                 config=config, return_selection=return_selection)
+            where = dict(axis=c, n=n, layout=axes.layout)
+            if seg is None:
+                return _context_body(attend, q, k, v, g, params, **where, config=config,
+                                     return_selection=return_selection)
+            if gather_all:
+                return _gathered_body(local, q, k, v, g, seg, params, **where)
+            return _packed_context_body(attend, q, k, v, g, seg, params, **where,
+                                        config=config, max_segments=max_segments)
 
     explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
     specs = (x_spec, x_spec, x_spec, x_spec, seg_spec, P())
@@ -219,14 +226,9 @@ def _context_body(attend, q, k, v, g, params, *, axis, n: int, layout: str, conf
         k, v = _natural(k, n), _natural(v, n)
     k_c, v_c = compress_checked(k, v, config, params)
     B, T_l = q.shape[:2]
-    if layout == "contiguous":
-        runs = ((0, T_l, (i + 1) * T_l),)
-    else:
-        C = T_l // 2
-        runs = ((0, C, (i + 1) * C), (C, T_l, (2 * n - i) * C))
     outs, sels = [], []
-    for lo, hi, end in runs:
-        kv_len = jnp.full((B,), end, jnp.int32)
+    for lo, hi, start in _runs(i, n, layout, T_l):
+        kv_len = jnp.full((B,), start + hi - lo, jnp.int32)
         o, sel = attend(q[:, lo:hi], k, v, k_c, v_c, None if g is None else g[:, lo:hi], kv_len)
         outs.append(o)
         sels.append(sel)
@@ -235,6 +237,83 @@ def _context_body(attend, q, k, v, g, params, *, axis, n: int, layout: str, conf
         return o
     return o, (jnp.concatenate([s.indices for s in sels], axis=2),
                jnp.concatenate([s.counts for s in sels], axis=2))
+
+
+def _runs(i, n: int, layout: str, T_l: int):
+    """(lo, hi, start) of each run of device i's T_l tokens: local rows lo .. hi - 1 are the
+    sequence's tokens start .. start + hi - lo - 1."""
+    if layout == "contiguous":
+        return ((0, T_l, i * T_l),)
+    C = T_l // 2
+    return ((0, C, i * C), (C, T_l, (2 * n - 1 - i) * C))
+
+
+def _gather(x, axis, n: int, layout: str):
+    """[B, T/N, ...] shards -> [B, T, ...] in the sequence's order."""
+    x = jax.lax.all_gather(x, axis, axis=1, tiled=True)
+    return _natural(x, n) if layout == "zigzag" else x
+
+
+def _gathered_body(local, q, k, v, g, seg, params, *, axis, n: int, layout: str):
+    """Whole rows on every device, then this device's runs of the result."""
+    full = [None if x is None else _gather(x, axis, n, layout) for x in (q, k, v, g, seg)]
+    o = local(*full, params)
+    i = jax.lax.axis_index(axis)
+    return jnp.concatenate([jax.lax.dynamic_slice_in_dim(o, start, hi - lo, axis=1)
+                            for lo, hi, start in _runs(i, n, layout, q.shape[1])], axis=1)
+
+
+def _packed_context_body(attend, q, k, v, g, seg, params, *, axis, n: int, layout: str,
+                         config: NSAConfig, max_segments: int | None):
+    """One device's queries of packed rows. Every device builds the whole row's aligned layout
+    (`segments.pack`) of the gathered keys; each run of its queries moves to a window of that
+    layout starting at a multiple of the alignment unit, and attends there with the documents'
+    key bounds and per-row lengths (the window's end)."""
+    from nsa_jax import segments
+    from nsa_jax.compression import compress_checked
+    i = jax.lax.axis_index(axis)
+    k, v, seg = (_gather(x, axis, n, layout) for x in (k, v, seg))
+    packing = segments.pack(seg, config, max_segments)
+    B, T_l = q.shape[:2]
+    T_a, A = packing.length, segments.unit(config)
+    runs = _runs(i, n, layout, T_l)
+    R = runs[0][1] - runs[0][0]
+    # Room for the run's documents, each rounded up to A, and the window's start rounded down.
+    docs = -(-R // A) + 1 if max_segments is None else max_segments
+    L = segments.capacity(R, config, docs)
+    # Keys past T_a are padding no document sees, so a window may end past the layout.
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, L)] + [(0, 0)] * (x.ndim - 2))
+    k_a, v_a = pad(packing.align(k)), pad(packing.align(v))
+    k_c, v_c = compress_checked(k_a, v_a, config, params)
+    rows = jnp.arange(T_a, T_a + L, dtype=jnp.int32)[None].repeat(B, axis=0)
+    lo_a = jnp.concatenate([packing.lo, rows], axis=1)
+    hi_a = jnp.concatenate([packing.hi, rows], axis=1)
+    outs = []
+    for lo, hi, start in runs:
+        dest = jax.lax.dynamic_slice_in_dim(packing.dest, start, hi - lo, axis=1)  # [B, R]
+        real = dest < T_a
+        base = jnp.min(jnp.where(real, dest, T_a), axis=1) // A * A  # [B]
+        base = jnp.where(real.any(axis=1), base, 0)
+        slot = jnp.where(real, dest - base[:, None], L)  # [B, R]; L: dropped
+        jax.debug.callback(functools.partial(_check_window, L=L, docs=docs),
+                           jnp.max(jnp.where(real, slot, 0)))
+        into = jax.vmap(lambda s, x: jnp.zeros((L, *x.shape[1:]), x.dtype).at[s].set(
+            x, mode="drop"))
+        pos = base[:, None] + jnp.arange(L, dtype=jnp.int32)  # [B, L] aligned key positions
+        bounds = segments.KeyBounds(jnp.take_along_axis(lo_a, pos, axis=1),
+                                    jnp.take_along_axis(hi_a, pos, axis=1))
+        o, _ = attend(into(slot, q[:, lo:hi]), k_a, v_a, k_c, v_c,
+                      None if g is None else into(slot, g[:, lo:hi]), base + L,
+                      key_bounds=bounds)
+        outs.append(jax.vmap(lambda r, s: r.at[s].get(mode="fill", fill_value=0))(o, slot))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _check_window(top, *, L: int, docs: int) -> None:
+    if int(top) >= L:
+        raise ValueError(f"segment_ids: a device's run of packed tokens spans {int(top) + 1} "
+                         f"aligned rows but its window holds {L} (room for {docs} documents); "
+                         f"pass max_segments >= the documents per row")
 
 
 def _natural(x, n: int):
