@@ -16,7 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from nsa_jax import _checks
+from nsa_jax import _checks, parallel
 from nsa_jax.api import attend_with_lengths
 from nsa_jax.compression import apply_phi, block_view, check_params
 from nsa_jax.config import NSAConfig
@@ -134,7 +134,8 @@ def append(cache: NSACache, k, v, *, config: NSAConfig, compress_params=None, nu
 
 
 def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_params=None,
-               num_new=None, implementation=None, interpret: bool = False, tilings=None):
+               num_new=None, implementation=None, interpret: bool = False, tilings=None,
+               mesh_axes=None):
     """Attention of T new tokens per row over the cache and themselves; the cache updated.
 
     Equal (within rounding) to `nsa_attention` over each row's whole sequence, at the new
@@ -154,6 +155,8 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
       num_new: int32[B] in [0, T], the tokens of the T that row b really appends (prompts of
         different lengths; its queries past that get zeros); default T for every row.
       implementation, interpret, tilings: as in `nsa_attention`.
+      mesh_axes: as in `nsa_attention`, batch and heads only (a cache sharded over B, or over
+        its KV heads with q's groups); read from q's type under explicit mesh axes.
 
     Returns:
       (o [B, T, HQ, Dv] in q.dtype, the updated `NSACache`).
@@ -205,13 +208,30 @@ def nsa_decode(q, k, v, g, cache: NSACache, *, config: NSAConfig, compress_param
                              f"max_length={S_max}")
     if B == 0 or T == 0:
         return jnp.zeros((B, T, HQ, Dv), q.dtype), cache
+    options = dict(config=config, implementation=implementation, interpret=interpret,
+                   tilings=tilings)
+    if mesh_axes is not None and not isinstance(mesh_axes, parallel.MeshAxes):
+        raise TypeError(f"mesh_axes must be an nsa_jax.MeshAxes or None, got {mesh_axes!r}")
+    axes = parallel.from_types(q) if mesh_axes is None or not mesh_axes.any() else mesh_axes
+    if axes is None:
+        return _step(q, k, v, g, cache, num_new, compress_params, **options)
+    if axes.context is not None:
+        raise ValueError(f"nsa_decode does not split the sequence, but mesh axis "
+                         f"{axes.context!r} shards T: shard B (batch) or the heads")
+    mesh = parallel.check(axes, config, B, T, S_max, H, packed=False)
+    return parallel.run_decode(functools.partial(_step, **options), axes, mesh, q, k, v, g,
+                               cache, num_new, compress_params, config=config)
+
+
+def _step(q, k, v, g, cache: NSACache, num_new, compress_params, **options):
+    """`nsa_decode` on validated, non-empty inputs of one device."""
     # Queries sit at old length + t: the keys seen end T past the old length in every row.
-    n = cache.lengths + T
-    cache = append(cache, k, v, config=config, compress_params=compress_params, num_new=num_new)
-    o = attend_cache(q, g, cache, n, config=config, implementation=implementation,
-                     interpret=interpret, tilings=tilings)
+    n = cache.lengths + q.shape[1]
+    cache = append(cache, k, v, config=options["config"], compress_params=compress_params,
+                   num_new=num_new)
+    o = attend_cache(q, g, cache, n, **options)
     if num_new is not None:
-        real = jnp.arange(T)[None, :] < num_new[:, None]
+        real = jnp.arange(q.shape[1])[None, :] < num_new[:, None]
         o = jnp.where(real[..., None, None], o, jnp.zeros((), o.dtype))
     return o, cache
 

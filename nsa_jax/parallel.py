@@ -193,15 +193,10 @@ def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_p
             return _packed_context_body(attend, q, k, v, g, seg, params, **where,
                                         config=config, max_segments=max_segments)
 
-    explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
-    specs = (x_spec, x_spec, x_spec, x_spec, seg_spec, P())
-
-    def place(x, spec):
-        return x if x is None or not explicit else jax.sharding.reshard(x, spec)
-
-    args = (q, k, v, g, segment_ids)
-    args = tuple(place(x, s) for x, s in zip(args, specs)) + (
-        jax.tree.map(lambda p: place(p, P()), compress_params),)
+    specs = (x_spec, x_spec, x_spec, x_spec, seg_spec, param_specs(config, compress_params, h))
+    args = (q, k, v, g, segment_ids, compress_params)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        args = tuple(_reshard(a, s) for a, s in zip(args, specs))
     in_specs = specs
     out_specs = (x_spec, sel_specs) if return_selection else x_spec
     # check_vma=False: the Pallas kernels' out_shape carries no varying-axes annotation.
@@ -213,6 +208,37 @@ def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_p
     o, (indices, counts) = out
     return o, BlockSparseIndices(indices, counts, q_tile=config.select_q_tile,
                                  block_size=config.select_block)
+
+
+def run_decode(step, axes: MeshAxes, mesh, q, k, v, g, cache, num_new, compress_params, *,
+               config: NSAConfig):
+    """`nsa_decode` with q, k, v, g and the cache sharded over B and the heads, in one
+    `jax.shard_map`: ``step(q, k, v, g, cache, num_new, compress_params)`` on each device's rows
+    and heads; nothing is communicated."""
+    b, h = axes.batch, axes.heads
+    x_spec = P(b, None, h, None)
+    cache_spec = jax.tree.map(lambda x: x_spec if x.ndim == 4 else P(b), cache)
+    specs = (x_spec, x_spec, x_spec, x_spec, cache_spec, P(b),
+             param_specs(config, compress_params, h))
+    args = (q, k, v, g, cache, num_new, compress_params)
+    if any(t == AxisType.Explicit for t in mesh.axis_types):
+        args = tuple(_reshard(a, s) for a, s in zip(args, specs))
+    return jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(x_spec, cache_spec),
+                         check_vma=False)(*args)
+
+
+def param_specs(config: NSAConfig, params, heads):
+    """The compression parameters' specs: "linear" has one matrix per KV head (split with the
+    heads), the others share theirs across heads (replicated)."""
+    per_head = config.compress_method == "linear"
+    return jax.tree.map(lambda _: P(heads) if per_head else P(), params)
+
+
+def _reshard(tree, specs):
+    """Each array of ``tree`` resharded to its spec in ``specs`` (same structure, specs leaves)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    return treedef.unflatten([jax.sharding.reshard(x, sp) for x, sp in zip(leaves, spec_leaves)])
 
 
 def _context_body(attend, q, k, v, g, params, *, axis, n: int, layout: str, config: NSAConfig,

@@ -331,3 +331,50 @@ def test_demo_trains_data_and_context_parallel():
     with jax.set_mesh(_mesh({"data": 2, "seq": 2})):
         got = losses(cfg4)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs two devices")
+def test_head_parallel_splits_per_head_compression():
+    """"linear" compression has one matrix per KV head: it is split with the heads."""
+    cfg = nsa_jax.NSAConfig(select_q_tile=1, compress_method="linear", **CFG)
+    _check_parallel(cfg, "xla", "heads", AxisType.Explicit, T=56)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
+# "xla" only here: the Triton kernels in interpret mode take over a minute for it on a CPU, and
+# the shard_map around the step is the same for every implementation.
+@pytest.mark.parametrize("impl", ["xla"])
+def test_decode_with_cache_sharded_over_batch_and_heads(impl):
+    """A ragged prefill then one step, with q, k, v, g and the cache split 2-way over B and
+    2-way over the KV heads: outputs and cache equal the single-device ones."""
+    cfg = nsa_jax.NSAConfig(select_q_tile=1, compress_method="linear", **CFG)
+    B, H, D, Dv = 4, 2, 16, 8
+    params = nsa_jax.init_compress_params(jax.random.key(3), cfg, H, D, Dv)
+    prompt = _inputs(B=B, T=37)
+    step = _inputs(B=B, T=1)
+    num_new = jnp.array([37, 20, 5, 30], jnp.int32)
+    run = jax.jit(lambda *a, **kw: nsa_jax.nsa_decode(
+        *a, config=cfg, compress_params=params, **ALL_IMPLEMENTATIONS[impl], **kw))
+
+    def generate(put=lambda x: x):
+        cache = jax.tree.map(put, nsa_jax.init_cache(B, 60, H, D, Dv, config=cfg))
+        o1, cache = run(*map(put, prompt), cache, num_new=put(num_new))
+        o2, cache = run(*map(put, step), cache)
+        return o1, o2, cache
+
+    want = generate()
+    mesh = _mesh({"data": 2, "model": 2})
+    with jax.set_mesh(mesh):
+        got = generate(lambda x: jax.device_put(x, NamedSharding(
+            mesh, P("data", None, "model") if x.ndim == 4 else P("data"))))
+    assert jax.typeof(got[2].k).sharding.spec == P("data", None, "model", None)
+    for name, a, w in zip(("o1", "o2", "k", "v", "k_c", "v_c", "lengths"),
+                          jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, w, FWD_TOL[jnp.float32], name)
+    seq = _mesh({"seq": 2})
+    with jax.set_mesh(seq):
+        put = lambda x: jax.device_put(x, NamedSharding(seq, P(None, "seq")))
+        with pytest.raises(ValueError, match="'seq' shards T"):
+            nsa_jax.nsa_decode(*map(put, _inputs(B=B, T=2)),
+                               nsa_jax.init_cache(B, 60, H, D, Dv, config=cfg), config=cfg,
+                               compress_params=params, implementation="xla")
