@@ -234,10 +234,13 @@ class NSAAttention(nnx.Module):
         if input_positions is None:
             input_positions = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)
         q, k, v, g = self.project(inputs_q, input_positions=input_positions)
+        # Decoding splits rows and heads, never the sequence.
+        axes = self.mesh_axes and MeshAxes(batch=self.mesh_axes.batch,
+                                           heads=self.mesh_axes.heads)
         o, cache = nsa_decode(
             q, k, v, g, cache, config=self.config, compress_params=self.compress_param_values(),
             num_new=num_new, implementation=self.implementation, tilings=self.tilings,
-            interpret=self.interpret)
+            interpret=self.interpret, mesh_axes=axes)
         self.cache.set_value(cache)
         return self.out(o)
 

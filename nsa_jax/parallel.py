@@ -130,12 +130,19 @@ def check(axes: MeshAxes, config: NSAConfig, B: int, T: int, S: int, H: int, pac
     """The mesh and shapes ``axes`` needs; returns the mesh. Errors name the axis."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        raise ValueError(f"mesh_axes={axes} needs a mesh: call under `with jax.set_mesh(mesh)`")
+        raise ValueError(f"sharding over mesh axes ({axes}) needs the mesh: call under `with "
+                         f"jax.set_mesh(mesh)`")
     for field in ("batch", "heads", "context"):
         for name in _names(getattr(axes, field)):
             if name not in mesh.axis_names:
                 raise ValueError(f"mesh_axes.{field}={name!r} is not an axis of the mesh "
                                  f"{dict(zip(mesh.axis_names, mesh.axis_sizes))}")
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    used = {n: kinds[n].name for f in ("batch", "heads", "context")
+            for n in _names(getattr(axes, f))}
+    if len(set(used.values())) > 1:
+        raise ValueError(f"the mesh axes NSA shards over mix axis types {used}: make them all "
+                         f"Explicit or all Auto")
     for field, dim, what in (("batch", B, "B"), ("heads", H, "H (KV heads)")):
         n = _size(mesh, getattr(axes, field))
         if dim % n:
@@ -157,7 +164,13 @@ def _check_context(axes: MeshAxes, config: NSAConfig, T: int, S: int, n: int, pa
     if T % pieces:
         raise ValueError(f"T={T} is not a multiple of {pieces}, the {axes.layout} pieces of "
                          f"the {n} devices of mesh axis {name!r}")
-    # Packed rows tile each document from its own start, whichever device holds it.
+    if packed and T // pieces < config.select_q_tile:
+        raise ValueError(f"each device's run of {T // pieces} packed tokens (T={T} over mesh "
+                         f"axis {name!r}, {axes.layout}) must hold at least select_q_tile="
+                         f"{config.select_q_tile}: a tile cut by a device edge takes its other "
+                         f"queries from the neighbouring runs")
+    # Packed rows tile each document from its own start; a tile a device edge cuts gets its
+    # other queries from the neighbours (`_packed_context_body`).
     if not packed and (T // pieces) % config.select_q_tile:
         raise ValueError(f"each device's run of {T // pieces} queries (T={T} over mesh axis "
                          f"{name!r}, {axes.layout}) must be a multiple of select_q_tile="
@@ -195,7 +208,7 @@ def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_p
 
     specs = (x_spec, x_spec, x_spec, x_spec, seg_spec, param_specs(config, compress_params, h))
     args = (q, k, v, g, segment_ids, compress_params)
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
+    if _explicit(axes, mesh):
         args = tuple(_reshard(a, s) for a, s in zip(args, specs))
     in_specs = specs
     out_specs = (x_spec, sel_specs) if return_selection else x_spec
@@ -221,7 +234,7 @@ def run_decode(step, axes: MeshAxes, mesh, q, k, v, g, cache, num_new, compress_
     specs = (x_spec, x_spec, x_spec, x_spec, cache_spec, P(b),
              param_specs(config, compress_params, h))
     args = (q, k, v, g, cache, num_new, compress_params)
-    if any(t == AxisType.Explicit for t in mesh.axis_types):
+    if _explicit(axes, mesh):
         args = tuple(_reshard(a, s) for a, s in zip(args, specs))
     return jax.shard_map(step, mesh=mesh, in_specs=specs, out_specs=(x_spec, cache_spec),
                          check_vma=False)(*args)
@@ -232,6 +245,13 @@ def param_specs(config: NSAConfig, params, heads):
     heads), the others share theirs across heads (replicated)."""
     per_head = config.compress_method == "linear"
     return jax.tree.map(lambda _: P(heads) if per_head else P(), params)
+
+
+def _explicit(axes: MeshAxes, mesh) -> bool:
+    """Whether the axes sharded over are Explicit (then inputs are resharded to the specs)."""
+    kinds = dict(zip(mesh.axis_names, mesh.axis_types))
+    names = [n for f in ("batch", "heads", "context") for n in _names(getattr(axes, f))]
+    return any(kinds[n] == AxisType.Explicit for n in names)
 
 
 def _reshard(tree, specs):
@@ -294,7 +314,10 @@ def _packed_context_body(attend, q, k, v, g, seg, params, *, axis, n: int, layou
     """One device's queries of packed rows. Every device builds the whole row's aligned layout
     (`segments.pack`) of the gathered keys; each run of its queries moves to a window of that
     layout starting at a multiple of the alignment unit, and attends there with the documents'
-    key bounds and per-row lengths (the window's end)."""
+    key bounds and per-row lengths (the window's end). A query tile of a document that
+    straddles two devices selects for all its queries, so the window also holds the
+    ``select_q_tile - 1`` queries on each side of the run (gathered from the neighbours; their
+    outputs are dropped)."""
     from nsa_jax import segments
     from nsa_jax.compression import compress_checked
     i = jax.lax.axis_index(axis)
@@ -314,6 +337,10 @@ def _packed_context_body(attend, q, k, v, g, seg, params, *, axis, n: int, layou
     rows = jnp.arange(T_a, T_a + L, dtype=jnp.int32)[None].repeat(B, axis=0)
     lo_a = jnp.concatenate([packing.lo, rows], axis=1)
     hi_a = jnp.concatenate([packing.hi, rows], axis=1)
+    E = config.select_q_tile - 1
+    edges = _edge_queries(q, runs, E, axis) if E else None
+    into = jax.vmap(lambda s, x: jnp.zeros((L, *x.shape[1:]), x.dtype).at[s].set(
+        x, mode="drop"))
     outs = []
     for lo, hi, start in runs:
         dest = jax.lax.dynamic_slice_in_dim(packing.dest, start, hi - lo, axis=1)  # [B, R]
@@ -323,16 +350,46 @@ def _packed_context_body(attend, q, k, v, g, seg, params, *, axis, n: int, layou
         slot = jnp.where(real, dest - base[:, None], L)  # [B, R]; L: dropped
         jax.debug.callback(functools.partial(_check_window, L=L, docs=docs),
                            jnp.max(jnp.where(real, slot, 0)))
-        into = jax.vmap(lambda s, x: jnp.zeros((L, *x.shape[1:]), x.dtype).at[s].set(
-            x, mode="drop"))
+        slots, queries = [slot], [q[:, lo:hi]]
+        for tokens, rows_q in (() if not E else _neighbours(edges, start, R, E, n, layout)):
+            T = seg.shape[1]
+            d = jnp.take(packing.dest, jnp.clip(tokens, 0, T - 1), axis=1)  # [B, E]
+            s = d - base[:, None]
+            keep = (tokens >= 0)[None] & (tokens < T)[None] & (d < T_a) & (s >= 0) & (s < L)
+            slots.append(jnp.where(keep, s, L))
+            queries.append(rows_q)
         pos = base[:, None] + jnp.arange(L, dtype=jnp.int32)  # [B, L] aligned key positions
         bounds = segments.KeyBounds(jnp.take_along_axis(lo_a, pos, axis=1),
                                     jnp.take_along_axis(hi_a, pos, axis=1))
-        o, _ = attend(into(slot, q[:, lo:hi]), k_a, v_a, k_c, v_c,
-                      None if g is None else into(slot, g[:, lo:hi]), base + L,
+        o, _ = attend(into(jnp.concatenate(slots, 1), jnp.concatenate(queries, 1)), k_a, v_a,
+                      k_c, v_c, None if g is None else into(slot, g[:, lo:hi]), base + L,
                       key_bounds=bounds)
         outs.append(jax.vmap(lambda r, s: r.at[s].get(mode="fill", fill_value=0))(o, slot))
     return jnp.concatenate(outs, axis=1)
+
+
+def _edge_queries(q, runs, E: int, axis):
+    """[B, N * runs, 2, E, HQ, D]: the first and the last E queries of every run of every
+    device (device-major)."""
+    B, _, HQ, D = q.shape
+    edges = jnp.concatenate([x for lo, hi, _ in runs for x in (q[:, lo:lo + E], q[:, hi - E:hi])],
+                            axis=1)
+    edges = jax.lax.all_gather(edges, axis, axis=1, tiled=True)
+    return edges.reshape(B, -1, 2, E, HQ, D)
+
+
+def _neighbours(edges, start, R: int, E: int, n: int, layout: str):
+    """(tokens [E], queries [B, E, HQ, D]) of the E tokens before and the E after the run of R
+    tokens starting at token ``start``: the last E of the previous chunk and the first E of the
+    next (positions outside the row are the caller's to drop)."""
+    c = start // R
+    for chunk, part, tokens in ((c - 1, 1, start - E), (c + 1, 0, start + R)):
+        if layout == "contiguous":
+            owner = chunk
+        else:  # device i holds chunks i (its run 0) and 2n-1-i (its run 1)
+            owner = jnp.where(chunk < n, 2 * chunk, 2 * (2 * n - 1 - chunk) + 1)
+        rows = jnp.take(edges, jnp.clip(owner, 0, edges.shape[1] - 1), axis=1)[:, part]
+        yield tokens + jnp.arange(E, dtype=jnp.int32), rows
 
 
 def _check_window(top, *, L: int, docs: int) -> None:

@@ -106,8 +106,10 @@ def test_mesh_parallel_equals_one_device(impl, layout, axis_type):
     _check_parallel(cfg, impl, layout, axis_type, T=56)
 
 
-# Packed rows over the context axis: documents straddle devices (T=112 over 2 or 4 devices), one
-# is 2 tokens long, one row ends in padding; per-token and 16-query tiles.
+# Packed rows over the context axis: documents straddle devices (T=128 over 2 or 4 devices), one
+# is a single token, one row ends in padding; per-token and 16-query tiles. One block is forced
+# (the local one) and one chosen by the scores, sharpened (q and k times 3), so a tile that a
+# device edge cuts selects wrongly unless it sees all its queries.
 PACKED_CASES = [
     pytest.param("xla", "batch-context", 16, id="xla-batch-context-qt16"),
     pytest.param("xla", "context4-zigzag", 1, id="xla-context4-zigzag-qt1"),
@@ -119,18 +121,20 @@ PACKED_CASES = [
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
 @pytest.mark.parametrize("impl,layout,q_tile", PACKED_CASES)
 def test_packed_documents_context_parallel_equal_one_device(impl, layout, q_tile):
-    cfg = nsa_jax.NSAConfig(select_q_tile=q_tile, compress_method="mlp", **CFG)
+    cfg = nsa_jax.NSAConfig(**{**CFG, "num_selected": 2, "num_initial": 0, "num_local": 1},
+                            select_q_tile=q_tile, compress_method="mlp")
     seg = nsa_jax.segment_ids_from_cu_seqlens(
-        jnp.array([[0, 20, 45, 47, 90, 105], [0, 3, 60, 112, 112, 112]]), 112)
-    _check_parallel(cfg, impl, layout, AxisType.Explicit, T=112, seg=seg)
+        jnp.array([[0, 8, 128, 128, 128], [0, 20, 21, 90, 120]]), 128)
+    _check_parallel(cfg, impl, layout, AxisType.Explicit, T=128, seg=seg, sharpen=3.0)
 
 
-def _check_parallel(cfg, impl, layout, axis_type, *, T, seg=None):
+def _check_parallel(cfg, impl, layout, axis_type, *, T, seg=None, sharpen=1.0):
     """Forward, every gradient and (unpacked) the selection on the mesh of ``layout`` equal the
-    single-device call's."""
+    single-device call's; ``sharpen`` scales q and k."""
     sizes, fields = LAYOUTS[layout]
     axes = nsa_jax.MeshAxes(**fields)
     q, k, v, g = _inputs(T=T)
+    q, k = q * sharpen, k * sharpen
     params = nsa_jax.init_compress_params(jax.random.key(7), cfg, 2, 16, 8)
     selection = seg is None
     (_, (want, want_sel)), want_grads = _run(cfg, impl, return_selection=selection)(
@@ -259,8 +263,9 @@ def test_unsupported_layouts_name_the_axis(case, match):
         _refusal(**case)
 
 
+@pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
 def test_mesh_axes_validation():
-    with pytest.raises(ValueError, match="needs a mesh"):
+    with pytest.raises(ValueError, match="needs the mesh"):
         q, k, v, g = _inputs()
         nsa_jax.nsa_attention(q, k, v, g, config=nsa_jax.NSAConfig(**CFG),
                               mesh_axes=nsa_jax.MeshAxes(batch="data"))
@@ -272,6 +277,11 @@ def test_mesh_axes_validation():
         nsa_jax.MeshAxes(batch="x", context=("x", "y"))
     with pytest.raises(TypeError, match="mesh_axes must be"):
         nsa_jax.nsa_attention(*_inputs(), config=nsa_jax.NSAConfig(**CFG), mesh_axes={"x": 1})
+    mixed = jax.make_mesh((2, 2), ("a", "b"), axis_types=(AxisType.Explicit, AxisType.Auto),
+                          devices=jax.devices()[:4])
+    with jax.set_mesh(mixed), pytest.raises(ValueError, match="mix axis types"):
+        nsa_jax.nsa_attention(*_inputs(), config=nsa_jax.NSAConfig(**CFG),
+                              mesh_axes=nsa_jax.MeshAxes(batch="a", heads="b"))
 
 
 @pytest.mark.skipif(len(jax.devices()) < 4, reason="needs four devices")
