@@ -25,7 +25,10 @@ import numpy as np
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from nsa_jax import segments
+from nsa_jax.compression import compress_checked
 from nsa_jax.config import NSAConfig
+from nsa_jax.metadata import BlockSparseIndices
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -210,14 +213,12 @@ def run(local, attend, axes: MeshAxes, mesh, q, k, v, g, segment_ids, compress_p
     args = (q, k, v, g, segment_ids, compress_params)
     if _explicit(axes, mesh):
         args = tuple(_reshard(a, s) for a, s in zip(args, specs))
-    in_specs = specs
     out_specs = (x_spec, sel_specs) if return_selection else x_spec
     # check_vma=False: the Pallas kernels' out_shape carries no varying-axes annotation.
-    out = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+    out = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_specs,
                         check_vma=False)(*args)
     if not return_selection:
         return out
-    from nsa_jax.metadata import BlockSparseIndices
     o, (indices, counts) = out
     return o, BlockSparseIndices(indices, counts, q_tile=config.select_q_tile,
                                  block_size=config.select_block)
@@ -264,7 +265,6 @@ def _reshard(tree, specs):
 def _context_body(attend, q, k, v, g, params, *, axis, n: int, layout: str, config: NSAConfig,
                   return_selection: bool):
     """One device's queries q [B, T/N, HQ, D] over the keys of every device."""
-    from nsa_jax.compression import compress_checked
     i = jax.lax.axis_index(axis)
     k = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # [B, S, H, D], device order
     v = jax.lax.all_gather(v, axis, axis=1, tiled=True)
@@ -318,8 +318,6 @@ def _packed_context_body(attend, q, k, v, g, seg, params, *, axis, n: int, layou
     straddles two devices selects for all its queries, so the window also holds the
     ``select_q_tile - 1`` queries on each side of the run (gathered from the neighbours; their
     outputs are dropped)."""
-    from nsa_jax import segments
-    from nsa_jax.compression import compress_checked
     i = jax.lax.axis_index(axis)
     k, v, seg = (_gather(x, axis, n, layout) for x in (k, v, seg))
     packing = segments.pack(seg, config, max_segments)
