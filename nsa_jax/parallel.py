@@ -266,10 +266,7 @@ def _context_body(attend, q, k, v, g, params, *, axis, n: int, layout: str, conf
                   return_selection: bool):
     """One device's queries q [B, T/N, HQ, D] over the keys of every device."""
     i = jax.lax.axis_index(axis)
-    k = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # [B, S, H, D], device order
-    v = jax.lax.all_gather(v, axis, axis=1, tiled=True)
-    if layout == "zigzag":
-        k, v = _natural(k, n), _natural(v, n)
+    k, v = _gather(k, axis, n, layout), _gather(v, axis, n, layout)  # [B, S, H, D]
     k_c, v_c = compress_checked(k, v, config, params)
     B, T_l = q.shape[:2]
     outs, sels = [], []
