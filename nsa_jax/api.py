@@ -35,6 +35,16 @@ class _Plan:
                   "window": backend.sliding_window_attention}[op]
         return lambda *args, **kw: method(*args, **kw, interpret=self.interpret, tilings=tilings)
 
+    def compressed_and_selection(self, q, k_c, v_c, config, *, S, kv_len):
+        """The fused pass of `ops.Backend.compressed_and_selection` when one backend runs both
+        operations and has one for the call, else None."""
+        backend = self.backends["compressed"]
+        if backend is not self.backends["scoring"]:
+            return None
+        return backend.compressed_and_selection(q, k_c, v_c, config, S=S, kv_len=kv_len,
+                                                interpret=self.interpret,
+                                                tilings=backend.tilings_from(self.tilings))
+
 
 def _packing(segment_ids, config: NSAConfig, max_segments):
     return None if segment_ids is None else segments.pack(segment_ids, config, max_segments)
@@ -205,10 +215,15 @@ def gated_branches(run: _Plan, q, k, v, k_c, v_c, g, config: NSAConfig, *, S: in
     """The composition of `nsa_attention` on validated inputs: compressed branch, scoring,
     selected and window branches through ``run``'s backends, gated; returns (o, selection).
     ``kv_len``: None or int32[B] (a decode cache); ``key_bounds``: packed rows' bounds or None."""
-    c_bounds = key_bounds and key_bounds.compressed(config)
-    o_c, lse = run("compressed")(q, k_c, v_c, config, S=S, kv_len=kv_len,
-                                 compressed_bounds=c_bounds)
-    sel = run("scoring")(q, k_c, config, S=S, kv_len=kv_len, lse=lse, key_bounds=key_bounds)
+    fused = None if key_bounds else run.compressed_and_selection(q, k_c, v_c, config, S=S,
+                                                                  kv_len=kv_len)
+    if fused is None:
+        c_bounds = key_bounds and key_bounds.compressed(config)
+        o_c, lse = run("compressed")(q, k_c, v_c, config, S=S, kv_len=kv_len,
+                                     compressed_bounds=c_bounds)
+        sel = run("scoring")(q, k_c, config, S=S, kv_len=kv_len, lse=lse, key_bounds=key_bounds)
+    else:
+        o_c, _, sel = fused
     o_s = run("selected")(q, k, v, sel, config, kv_len=kv_len,
                           key_bounds=_selected_bounds(config, key_bounds))
     o_w = (run("window")(q, k, v, config, kv_len=kv_len, key_bounds=key_bounds)

@@ -223,7 +223,8 @@ def test_compressed_lse_cotangent():
 
 
 @pytest.mark.parametrize("q_tile", [1, 16])
-def test_gradients_run_on_the_backward_kernels(q_tile):
+def test_gradients_run_on_the_backward_kernels(monkeypatch, q_tile):
+    monkeypatch.setattr(pallas_triton, "BY_BLOCK_MIN_QUERIES", 1)
     cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=3,
                             window=32, select_q_tile=q_tile)
     q, k, v = _inputs(64)
@@ -269,9 +270,10 @@ def test_interpret_mode_poisons_outputs():
 
 
 @pytest.mark.parametrize("HQ,H,forward", [(4, 2, "nsa_selected_by_block"), (16, 1, "nsa_flash_fwd")])
-def test_per_token_selected_branch_picks_its_kernels(HQ, H, forward):
+def test_per_token_selected_branch_picks_its_kernels(monkeypatch, HQ, H, forward):
     """Per token, small groups run block-major both ways; G = 16 runs its forward query-major and
     its backward block-major (`ops.triton.BY_BLOCK_MAX_GROUP*`)."""
+    monkeypatch.setattr(pallas_triton, "BY_BLOCK_MIN_QUERIES", 64)
     cfg = nsa_jax.NSAConfig(select_block=32, num_selected=3)
     q, k, v = _inputs(70, HQ=HQ, H=H)
     sel = reference.select_blocks(q, nsa_jax.compress(k, v, config=cfg)[0], config=cfg)
@@ -279,6 +281,48 @@ def test_per_token_selected_branch_picks_its_kernels(HQ, H, forward):
     names = _kernel_names(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     assert names.count(forward) == 1 and names.count("nsa_selected_by_block_bwd") == 1
     assert "nsa_flash_bwd_dq" not in names
+
+
+@pytest.mark.parametrize("select_q_tile", [1, 4])
+def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, select_q_tile):
+    """A call of a few queries (a decode step) runs the compressed kernel that also writes its
+    scores, and no scoring kernel; it selects what the two-pass path selects, and its output and
+    gradients (through the fused pass's own backward) match the reference. 7 queries at an offset
+    S > T: tiles of 4 straddle a selection block."""
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=3,
+                            window=16, select_q_tile=select_q_tile)
+    q, _, _ = _inputs(7, seed=4)
+    _, k, v = _inputs(165, seed=5)
+    run = lambda *a: nsa_jax.nsa_attention(*a, config=cfg, return_selection=True, **TRITON)
+    names = _kernel_names(run, q, k, v)
+    assert "nsa_flash_fwd_scored" in names
+    assert not {"nsa_per_token_top_blocks", "nsa_compressed_mass"} & set(names)
+    o, sel = run(q, k, v)
+    monkeypatch.setattr(pallas_triton, "SCORED_MAX_QUERIES", 0)
+    jax.clear_caches()  # traces made before the patch would be reused
+    assert "nsa_flash_fwd_scored" not in _kernel_names(run, q, k, v)
+    o_apart, sel_apart = run(q, k, v)
+    np.testing.assert_array_equal(np.asarray(sel.indices), np.asarray(sel_apart.indices))
+    np.testing.assert_array_equal(np.asarray(sel.counts), np.asarray(sel_apart.counts))
+    assert_close(o, o_apart, FWD_TOL[jnp.float32], "o")
+    monkeypatch.undo()
+    jax.clear_caches()
+    _grad_check(lambda *a: nsa_jax.nsa_attention(*a, config=cfg, **TRITON),
+                lambda *a: nsa_jax.nsa_attention(*a, config=cfg, implementation="reference"),
+                (q, k, v), "q k v".split())
+
+
+def test_few_queries_run_the_selected_branch_query_major():
+    """A call with fewer queries than `ops.triton.BY_BLOCK_MIN_QUERIES` (a decode step) shares no
+    block between queries, so even a small group runs query-major both ways."""
+    cfg = nsa_jax.NSAConfig(select_block=32, num_selected=3)
+    q, k, v = _inputs(70, HQ=2, H=1)  # not the shapes of a patched test above: no cached trace
+    assert 70 < pallas_triton.BY_BLOCK_MIN_QUERIES
+    sel = reference.select_blocks(q, nsa_jax.compress(k, v, config=cfg)[0], config=cfg)
+    loss = lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **TRITON).sum()
+    names = _kernel_names(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+    assert "nsa_flash_fwd" in names and "nsa_flash_bwd_dq" in names
+    assert not any(n.startswith("nsa_selected_by_block") for n in names)
 
 
 # G = 1 with D != Dv; G = 16 forced block-major in packed rows, with a decode offset S > T.
@@ -297,6 +341,7 @@ def test_block_major_selected_attention_matches_the_reference(monkeypatch, case)
     from nsa_jax.kernels.triton import selected_by_block
     T, S, HQ, H, D, Dv, cu = BY_BLOCK_CASES[case]
     monkeypatch.setattr(pallas_triton, "BY_BLOCK_MAX_GROUP", 16)
+    monkeypatch.setattr(pallas_triton, "BY_BLOCK_MIN_QUERIES", 1)
     monkeypatch.setattr(selected_by_block, "CHUNKS_PER_PROGRAM", 1)
     monkeypatch.setattr(selected_by_block, "BWD_CHUNKS_PER_PROGRAM", 1)
     # Launches of a third of the queries (or fewer): float32 partials of n = 4 blocks each.

@@ -18,8 +18,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.common import (LN2, BlockTable, Launch, MaskRule, Program, no_keys,
-                                    check_launch_fields, read_bounds, table_inputs)
+from nsa_jax.kernels.common import (LN2, BlockTable, Launch, MaskRule, Program,
+                                    bounded_ranges, check_launch_fields, no_keys, read_bounds,
+                                    table_inputs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +55,8 @@ def scores(prog: Program, q, k, prec):
     return pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * prog.scale2
 
 
-def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, prog: Program):
+def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=None, *,
+            prog: Program):
     b, i = pl.program_id(0), pl.program_id(2)
     q = q_ref[...]  # [rows, D]
     prec = dot_precision(q.dtype)
@@ -71,6 +73,8 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, pro
         s = scores(prog, q, k, prec)  # [rows, BK]
         if masked:
             s = jnp.where(prog.visible(q_pos, start, bounds), s, -jnp.inf)
+        if s_ref is not None:
+            s_ref[:, pl.ds(start, bk)] = s
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
@@ -84,6 +88,16 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, pro
     init = (jnp.zeros((rows, Dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, m, l = prog.walk(first, visit, init, blocks=blocks, bounds=bounds)
+    if s_ref is not None:
+        # The scores start undefined: the blocks the walk skipped hold no visible key.
+        lo, hi = bounded_ranges(prog.rule, first, first + prog.block_q - 1, bk, bounds)[:2]
+
+        def clear(blk, carry):
+            s_ref[:, pl.ds(prog.start(blk), bk)] = jnp.full((rows, bk), -jnp.inf, jnp.float32)
+            return carry
+
+        lax.fori_loop(0, lo, clear, 0)
+        lax.fori_loop(hi, prog.num_kv_blocks, clear, 0)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -91,7 +105,8 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *, pro
 
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
-                  blocks: BlockTable | None = None, bounds=None, interpret: bool = False):
+                  blocks: BlockTable | None = None, bounds=None, interpret: bool = False,
+                  with_scores: bool = False):
     """Grouped flash attention over a block list or a block range.
 
     Args:
@@ -104,25 +119,39 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
         ``config.block_q``). Without it each program walks the range of blocks its rule can see.
       bounds: optional (lo, hi) int32 [B, T]: query t sees only keys lo[t] <= j < hi[t] (packed
         rows); both non-decreasing in t.
+      with_scores: also return every row's scores (range walks only): the selection of a few
+        queries (a decode step) then reads them instead of computing them again.
 
     Returns:
-      o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key).
+      o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key);
+      with ``with_scores`` also the scores, float32 [B, H, T_p, G_p, N_p] in log2 units (the
+      padded sizes of `Launch`; -inf where a key is not visible).
     """
-    if k.shape[1] == 0 or q.shape[1] == 0:
-        return no_keys(q, v)
+    if with_scores and blocks is not None:
+        raise ValueError("with_scores needs a range walk (blocks=None)")
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
+    scores_shape = (lay.B, lay.H, lay.T_p, lay.G_p, lay.N_p)
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        o, lse = no_keys(q, v)
+        return (o, lse, jnp.full(scores_shape, -jnp.inf)) if with_scores else (o, lse)
     table_specs, table_args = table_inputs(blocks, lay.block_q)
     bound_specs, bound_args = lay.bound_inputs(bounds)
     (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
-    o, lse = pl.pallas_call(
+    out_specs = [lay.tile_spec(lay.Dv_p), lay.tile_spec()]
+    out_shape = [lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32)]
+    if with_scores:
+        out_specs.append(lay.tile_spec(lay.N_p))
+        out_shape.append(lay.rows_shape(jnp.float32, lay.N_p))
+    out = pl.pallas_call(
         functools.partial(_kernel, prog=lay.program(rule, scale)),
         grid=(lay.B, lay.H, lay.num_q_tiles),
         in_specs=(pl.BlockSpec(), lay.tile_spec(lay.D_p), k_spec, v_spec, table_specs,
                   bound_specs),
-        out_specs=(lay.tile_spec(lay.Dv_p), lay.tile_spec()),
-        out_shape=(lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
+        out_specs=tuple(out_specs),
+        out_shape=tuple(out_shape),
         compiler_params=config.compiler_params(),
         interpret=interpret,
-        name="nsa_flash_fwd",
+        name="nsa_flash_fwd_scored" if with_scores else "nsa_flash_fwd",
     )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), k_in, v_in, table_args, bound_args)
-    return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)
+    o, lse = lay.ungroup(out[0], v.shape[3]), lay.ungroup_vector(out[1])
+    return (o, lse, out[2].reshape(scores_shape)) if with_scores else (o, lse)

@@ -11,7 +11,7 @@ Operations, by name (the keys of `supports`):
                     -> BlockSparseIndices
   ``"selected"``    selected_attention(q, k, v, sel, config, *, kv_len, key_bounds) -> o
   ``"window"``      sliding_window_attention(q, k, v, config, *, kv_len, key_bounds) -> o
-Every method also takes ``interpret`` and ``tilings`` (an instance of the backend's
+A backend may also fuse the first two (`Backend.compressed_and_selection`). Every method also takes ``interpret`` and ``tilings`` (an instance of the backend's
 ``tilings_type``, never None). ``S`` is the static key length, ``kv_len`` None or int32[B] per-row
 lengths (keys past a row's length are never visible; its queries end there); ``key_bounds`` / ``compressed_bounds`` are the packed documents' bounds
 (`nsa_jax.segments`), None for unpacked rows. Inputs are non-empty (B, T >= 1).
@@ -86,6 +86,11 @@ class Backend(abc.ABC):
     def compressed_attention(self, q, k_c, v_c, config, *, S, kv_len, compressed_bounds,
                              interpret, tilings):
         ...
+
+    def compressed_and_selection(self, q, k_c, v_c, config, *, S, kv_len, interpret, tilings):
+        """(o, lse, selection) of "compressed" and "scoring" in one pass over k_c for unpacked
+        rows, or None where the backend has no such pass for the call (then each runs apart)."""
+        return None
 
     @abc.abstractmethod
     def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):

@@ -109,6 +109,12 @@ class MosaicBackend(base.Backend):
         return tri.select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret,
                                  tilings.triton)
 
+    def compressed_and_selection(self, q, k_c, v_c, config, *, S, kv_len, interpret, tilings):
+        if mosaic_serves(q, k_c, v_c, packed=False):
+            return None
+        return tri.compressed_and_selection(q, k_c, v_c, config, S, kv_len, interpret,
+                                            tilings.triton)
+
     def selected_attention(self, q, k, v, sel, config, *, kv_len, key_bounds, interpret, tilings):
         return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings, kv_len)
 

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.common import FAR, BlockTable, MaskRule, ReverseTable, pow2
+from nsa_jax.kernels.common import FAR, LOG2E, BlockTable, Launch, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass
@@ -40,6 +40,15 @@ from nsa_jax.ops import base, selection
 # block-major backward against 70.9. G > 16 is unmeasured.
 BY_BLOCK_MAX_GROUP = 8
 BY_BLOCK_MAX_GROUP_BWD = 16
+# Block-major pays by sharing a loaded block among the queries that chose it; a call with fewer
+# queries (a decode step) shares none and would pay the reverse map and partials for nothing.
+BY_BLOCK_MIN_QUERIES = 256
+
+# A call of at most this many queries (a decode step) has the compressed branch hand its scores
+# to the selection, while they take at most SCORED_BYTES (float32 [B, H, T_p * G_p, N_p]: 34 MiB
+# for one token at B=32, H=4, G=16 and 64k keys); other calls score in a pass of their own.
+SCORED_MAX_QUERIES = 16
+SCORED_BYTES = 1 << 27
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
@@ -187,8 +196,9 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
     t = default_tilings() if tilings is None else tilings
-    by_block = (fwd is None and sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP,
-                sel.q_tile == 1 and pow2(G) <= BY_BLOCK_MAX_GROUP_BWD)
+    many = sel.q_tile == 1 and T >= BY_BLOCK_MIN_QUERIES
+    by_block = (fwd is None and many and pow2(G) <= BY_BLOCK_MAX_GROUP,
+                many and pow2(G) <= BY_BLOCK_MAX_GROUP_BWD)
     if fwd is None:
         fwd = (t.selected_by_block if by_block[0] else
                t.selected_per_token if sel.q_tile == 1 else t.selected)
@@ -237,7 +247,7 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     t = default_tilings() if tilings is None else tilings
     if qt == 1 and _block_rule(cfg).fused() is None:
         return _per_token(q, k_c, lse, offsets, cfg, S, bounds, c_bounds, interpret,
-                          t.scoring_per_token.flash(HQ // H))
+                          t.scoring_per_token.flash(HQ // H, queries=T))
     tiling = t.scoring.flash(HQ // H, q_tile=qt)
     # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
     per_tile = B * H * max(N_c, 1) * 4
@@ -278,6 +288,69 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
         counts = jnp.moveaxis(counts, 0, 2).reshape(B, H, n_chunks * chunk_tiles)
     return metadata.BlockSparseIndices(ids[:, :, :N_tiles], counts[:, :, :N_tiles], q_tile=qt,
                                        block_size=cfg.select_block)
+
+
+def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False,
+                             tilings: TritonTilings | None = None):
+    """(o, lse, selection) of the compressed branch and block scoring with one read of k_c: the
+    forward kernel also writes its rows' scores, and the selection sums their probabilities in
+    XLA. None for calls of more than ``SCORED_MAX_QUERIES`` queries or ``SCORED_BYTES`` of
+    scores."""
+    B, T, HQ, D = q.shape
+    if T > SCORED_MAX_QUERIES:
+        return None
+    N_c, H = k_c.shape[1], k_c.shape[2]
+    G = HQ // H
+    t = default_tilings() if tilings is None else tilings
+    fwd = t.compressed.flash(G, queries=T)
+    lay = Launch.of(q, k_c, v_c, block_q=fwd.block_q, block_k=fwd.block_k)
+    if B * H * lay.T_p * lay.G_p * lay.N_p * 4 > SCORED_BYTES:
+        return None
+    o, lse, s = _per_batch_shard(
+        lambda *a: _scored_vjp(*a, compressed_rule(cfg, N_c), cfg.softmax_scale(D), fwd,
+                               t.compressed_bwd.flash(G), interpret),
+        q, k_c, v_c, key_offsets(B, T, S, kv_len))
+    # Selection is not differentiated (as in `select_blocks`).
+    s = jax.lax.stop_gradient(s)[:, :, :T, :G, :N_c]  # [B, H, T, G, N_c]
+    lse_g = jax.lax.stop_gradient(lse).reshape(B, T, H, G).transpose(0, 2, 1, 3)[..., None]
+    seen = jnp.isfinite(lse_g)
+    p = jnp.where(seen, jnp.exp2(s - jnp.where(seen, lse_g, 0.0) * LOG2E), 0.0)
+    qt = cfg.select_q_tile
+    n_tiles = -(-T // qt)
+    mass = jnp.pad(p.sum(axis=3), ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
+    # Materialised: fused into `block_scores`, the sum over G would be recomputed per shift.
+    mass = jax.lax.optimization_barrier(mass.reshape(B, H, n_tiles, qt, N_c).sum(axis=3))
+    scores = selection.block_scores(mass, cfg, -(-S // cfg.select_block))
+    first, last = selection.tile_span(jnp.arange(n_tiles, dtype=jnp.int32) * qt, qt, T,
+                                      key_offsets(B, T, S, kv_len))
+    ids, counts = selection.choose_blocks(scores, first, last, cfg,
+                                          selection.kv_blocks(B, S, cfg, kv_len))
+    return o, lse, metadata.BlockSparseIndices(ids, counts, q_tile=qt, block_size=cfg.select_block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _scored_vjp(q, k_c, v_c, offsets, rule: MaskRule, scale: float, fwd: FlashConfig,
+                bwd: FlashConfig, interpret: bool):
+    """(o, lse, scores) of the range-walk flash forward; the scores' cotangent is dropped (they
+    feed only the selection, which is not differentiated)."""
+    return flash_forward(q, k_c, v_c, offsets, rule=rule, scale=scale, config=fwd,
+                         interpret=interpret, with_scores=True)
+
+
+def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret):
+    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret)
+    return out, (q, k_c, v_c, offsets, out[0], out[1])
+
+
+def _scored_bwd(rule, scale, fwd, bwd, interpret, res, ct):
+    q, k_c, v_c, offsets, o, lse = res
+    do, dlse, _ = ct
+    dq, dk, dv = _backward_kernels(q, k_c, v_c, o, lse, do, dlse, offsets, None, None, rule,
+                                   scale, fwd.block_k, bwd, 1, interpret, False)
+    return dq, dk, dv, _zero_cotangent(offsets)
+
+
+_scored_vjp.defvjp(_scored_fwd, _scored_bwd)
 
 
 def _block_rule(cfg: NSAConfig) -> BlockRule:
@@ -348,6 +421,9 @@ class TritonBackend(base.Backend):
 
     def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
         return select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret, tilings)
+
+    def compressed_and_selection(self, q, k_c, v_c, config, *, S, kv_len, interpret, tilings):
+        return compressed_and_selection(q, k_c, v_c, config, S, kv_len, interpret, tilings)
 
     def selected_attention(self, q, k, v, sel, config, *, kv_len, key_bounds, interpret, tilings):
         return selected_attention(q, k, v, sel, config, key_bounds, interpret, tilings,
