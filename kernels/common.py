@@ -141,13 +141,24 @@ def bounded_ranges(rule: MaskRule, first, last, block_k: int, bounds=None):
     return lo, hi, flo, fhi
 
 
-def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry, bounds=None):
+def walk_range(rule: MaskRule, first, last, block_k: int, visit, carry, bounds=None, part=None):
     """Runs ``carry = visit(blk, carry, masked)`` over the blocks that queries first..last (within
-    ``bounds``) can see, with ``masked=False`` (static) for the blocks they all see whole."""
+    ``bounds``) can see, with ``masked=False`` (static) for the blocks they all see whole.
+    ``part`` = (s, n): only the s-th of n consecutive equal shares of those blocks."""
     lo, hi, flo, fhi = bounded_ranges(rule, first, last, block_k, bounds)
+    if part is not None:
+        lo, hi = share_of(lo, hi, *part)
+        flo, fhi = jnp.clip(flo, lo, hi), jnp.clip(fhi, lo, hi)
     carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
     carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
     return lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
+
+
+def share_of(lo, hi, s, n: int):
+    """[lo_s, hi_s): the s-th of n consecutive equal shares of the range [lo, hi)."""
+    per = (hi - lo + n - 1) // n
+    lo_s = jnp.minimum(lo + s * per, hi)
+    return lo_s, jnp.clip(lo + (s + 1) * per, lo_s, hi)
 
 
 def query_range(rule: MaskRule, k_start, block_k: int, offset, block_q: int, n_qt: int):
@@ -297,13 +308,13 @@ class Program:
     def visible(self, q_pos, start, bounds=None):
         return visible(self.rule, q_pos, start, self.block_k, bounds)
 
-    def walk(self, first, visit, carry, *, blocks=None, bounds=None):
+    def walk(self, first, visit, carry, *, blocks=None, bounds=None, part=None):
         """Runs ``carry = visit(blk, carry, masked=...)`` over the KV blocks of the tile whose first
         query is at ``first``: its table row when ``blocks`` = (table ref, count ref) is given
-        (all masked), else the range of `walk_range`."""
+        (all masked), else the range of `walk_range` (or its share ``part``)."""
         if blocks is None:
             return walk_range(self.rule, first, first + self.block_q - 1, self.block_k, visit,
-                              carry, bounds)
+                              carry, bounds, part)
         tab_ref, cnt_ref = blocks
         return lax.fori_loop(0, cnt_ref[0], lambda e, carry: visit(tab_ref[e], carry), carry)
 

@@ -13,6 +13,7 @@ import nsa_jax
 from nsa_jax import reference, segments
 from nsa_jax.ops import triton as pallas_triton
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig
+from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings
 from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
 
 TRITON = IMPLEMENTATIONS["triton"]
@@ -293,7 +294,8 @@ def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, sele
                             window=16, select_q_tile=select_q_tile)
     q, _, _ = _inputs(7, seed=4)
     _, k, v = _inputs(165, seed=5)
-    run = lambda *a: nsa_jax.nsa_attention(*a, config=cfg, return_selection=True, **TRITON)
+    run = lambda *a, **kw: nsa_jax.nsa_attention(*a, config=cfg, return_selection=True, **kw,
+                                                 **TRITON)
     names = _kernel_names(run, q, k, v)
     assert "nsa_flash_fwd_scored" in names
     assert not {"nsa_per_token_top_blocks", "nsa_compressed_mass"} & set(names)
@@ -306,10 +308,18 @@ def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, sele
     np.testing.assert_array_equal(np.asarray(sel.counts), np.asarray(sel_apart.counts))
     assert_close(o, o_apart, FWD_TOL[jnp.float32], "o")
     monkeypatch.undo()
+    # Shares: 16-token blocks, so each program walks one of the two blocks of compressed tokens.
+    monkeypatch.setattr(pallas_triton, "MIN_SHARE", 1)
     jax.clear_caches()
-    _grad_check(lambda *a: nsa_jax.nsa_attention(*a, config=cfg, **TRITON),
+    tilings = TritonTilings(compressed=Tiling(block_k=16))
+    o_shared, sel_shared = run(q, k, v, tilings=tilings)
+    np.testing.assert_array_equal(np.asarray(sel_shared.indices), np.asarray(sel.indices))
+    assert_close(o_shared, o, FWD_TOL[jnp.float32], "o in shares")
+    _grad_check(lambda *a: nsa_jax.nsa_attention(*a, config=cfg, tilings=tilings, **TRITON),
                 lambda *a: nsa_jax.nsa_attention(*a, config=cfg, implementation="reference"),
                 (q, k, v), "q k v".split())
+    monkeypatch.undo()
+    jax.clear_caches()
 
 
 def test_few_queries_run_the_selected_branch_query_major():

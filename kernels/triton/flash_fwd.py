@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -56,8 +57,8 @@ def scores(prog: Program, q, k, prec):
 
 
 def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=None, *,
-            prog: Program):
-    b, i = pl.program_id(0), pl.program_id(2)
+            prog: Program, splits: int = 1):
+    b, i, share = pl.program_id(0), pl.program_id(2) // splits, pl.program_id(2) % splits
     q = q_ref[...]  # [rows, D]
     prec = dot_precision(q.dtype)
     first = off_ref[b] + i * prog.block_q
@@ -87,10 +88,14 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
     rows, Dv = prog.rows, v_ref.shape[-1]
     init = (jnp.zeros((rows, Dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, m, l = prog.walk(first, visit, init, blocks=blocks, bounds=bounds)
+    acc, m, l = prog.walk(first, visit, init, blocks=blocks, bounds=bounds,
+                          part=None if splits == 1 else (share, splits))
     if s_ref is not None:
-        # The scores start undefined: the blocks the walk skipped hold no visible key.
+        # The scores start undefined: the blocks no share walks hold no visible key. The first
+        # share clears those before the range, the last those after it.
         lo, hi = bounded_ranges(prog.rule, first, first + prog.block_q - 1, bk, bounds)[:2]
+        lo = jnp.where(share == 0, lo, 0)
+        hi = jnp.where(share == splits - 1, hi, prog.num_kv_blocks)
 
         def clear(blk, carry):
             s_ref[:, pl.ds(prog.start(blk), bk)] = jnp.full((rows, bk), -jnp.inf, jnp.float32)
@@ -106,7 +111,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
                   blocks: BlockTable | None = None, bounds=None, interpret: bool = False,
-                  with_scores: bool = False):
+                  with_scores: bool = False, splits: int = 1):
     """Grouped flash attention over a block list or a block range.
 
     Args:
@@ -121,14 +126,16 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
         rows); both non-decreasing in t.
       with_scores: also return every row's scores (range walks only): the selection of a few
         queries (a decode step) then reads them instead of computing them again.
+      splits: programs per query tile (range walks only), each walking an equal share of its
+        blocks, merged by log-sum-exp (flash-decoding): more programs for calls of few tiles.
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key);
       with ``with_scores`` also the scores, float32 [B, H, T_p, G_p, N_p] in log2 units (the
       padded sizes of `Launch`; -inf where a key is not visible).
     """
-    if with_scores and blocks is not None:
-        raise ValueError("with_scores needs a range walk (blocks=None)")
+    if (with_scores or splits > 1) and blocks is not None:
+        raise ValueError("with_scores and splits need a range walk (blocks=None)")
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
     scores_shape = (lay.B, lay.H, lay.T_p, lay.G_p, lay.N_p)
     if k.shape[1] == 0 or q.shape[1] == 0:
@@ -137,21 +144,47 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
     table_specs, table_args = table_inputs(blocks, lay.block_q)
     bound_specs, bound_args = lay.bound_inputs(bounds)
     (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
-    out_specs = [lay.tile_spec(lay.Dv_p), lay.tile_spec()]
-    out_shape = [lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32)]
+    # Program (b, h, j) owns query tile j // splits and share j % splits of its blocks.
+    tile = lambda *width: pl.BlockSpec((None, None, lay.rows, *width),
+                                       lambda b, h, j: (b, h, j // splits) + (0,) * len(width))
+    if splits == 1:
+        out_specs = [tile(lay.Dv_p), tile()]
+        out_shape = [lay.rows_shape(q.dtype, lay.Dv_p), lay.rows_shape(jnp.float32)]
+    else:
+        # Each share's own softmax, in float32 until the merge.
+        rows = lay.T_p * lay.G_p
+        part = lambda *width: pl.BlockSpec(
+            (None, None, None, lay.rows, *width),
+            lambda b, h, j: (b, h, j % splits, j // splits) + (0,) * len(width))
+        out_specs = [part(lay.Dv_p), part()]
+        out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, splits, rows, lay.Dv_p), jnp.float32),
+                     jax.ShapeDtypeStruct((lay.B, lay.H, splits, rows), jnp.float32)]
     if with_scores:
-        out_specs.append(lay.tile_spec(lay.N_p))
+        out_specs.append(tile(lay.N_p))
         out_shape.append(lay.rows_shape(jnp.float32, lay.N_p))
     out = pl.pallas_call(
-        functools.partial(_kernel, prog=lay.program(rule, scale)),
-        grid=(lay.B, lay.H, lay.num_q_tiles),
-        in_specs=(pl.BlockSpec(), lay.tile_spec(lay.D_p), k_spec, v_spec, table_specs,
-                  bound_specs),
+        functools.partial(_kernel, prog=lay.program(rule, scale), splits=splits),
+        grid=(lay.B, lay.H, lay.num_q_tiles * splits),
+        in_specs=(pl.BlockSpec(), tile(lay.D_p), k_spec, v_spec, table_specs, bound_specs),
         out_specs=tuple(out_specs),
         out_shape=tuple(out_shape),
         compiler_params=config.compiler_params(),
         interpret=interpret,
         name="nsa_flash_fwd_scored" if with_scores else "nsa_flash_fwd",
     )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), k_in, v_in, table_args, bound_args)
-    o, lse = lay.ungroup(out[0], v.shape[3]), lay.ungroup_vector(out[1])
+    o, lse = out[:2] if splits == 1 else merge_shares(*out[:2], q.dtype)
+    o, lse = lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)
     return (o, lse, out[2].reshape(scores_shape)) if with_scores else (o, lse)
+
+
+def merge_shares(o, lse, dtype):
+    """Softmax results [B, H, splits, rows, ...] over disjoint key ranges -> the whole range's
+    (o in ``dtype``, lse); rows no share saw keep o = 0, lse = -inf."""
+    top = jnp.max(lse, axis=2)  # [B, H, rows]
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top[:, :, None])  # [B, H, splits, rows]; 0 for a share that saw nothing
+    total = jnp.sum(w, axis=2)
+    seen = total > 0
+    total = jnp.where(seen, total, 1.0)
+    o = jnp.sum(w[..., None] * o, axis=2) / total[..., None]
+    return o.astype(dtype), jnp.where(seen, top + jnp.log(total), -jnp.inf)

@@ -49,6 +49,10 @@ BY_BLOCK_MIN_QUERIES = 256
 # for one token at B=32, H=4, G=16 and 64k keys); other calls score in a pass of their own.
 SCORED_MAX_QUERIES = 16
 SCORED_BYTES = 1 << 27
+# Such a call has one program per (row, KV head), too few to keep the memory busy: each walks a
+# share of its compressed tokens (at least MIN_SHARE blocks) so that about SCORED_PROGRAMS run.
+SCORED_PROGRAMS = 512
+MIN_SHARE = 4
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
@@ -306,9 +310,11 @@ def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, i
     lay = Launch.of(q, k_c, v_c, block_q=fwd.block_q, block_k=fwd.block_k)
     if B * H * lay.T_p * lay.G_p * lay.N_p * 4 > SCORED_BYTES:
         return None
+    splits = max(1, min(SCORED_PROGRAMS // (B * H * lay.num_q_tiles),
+                        lay.num_kv_blocks // MIN_SHARE))
     o, lse, s = _per_batch_shard(
         lambda *a: _scored_vjp(*a, compressed_rule(cfg, N_c), cfg.softmax_scale(D), fwd,
-                               t.compressed_bwd.flash(G), interpret),
+                               t.compressed_bwd.flash(G), pow2(splits + 1) // 2, interpret),
         q, k_c, v_c, key_offsets(B, T, S, kv_len))
     # Selection is not differentiated (as in `select_blocks`).
     s = jax.lax.stop_gradient(s)[:, :, :T, :G, :N_c]  # [B, H, T, G, N_c]
@@ -328,21 +334,21 @@ def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, i
     return o, lse, metadata.BlockSparseIndices(ids, counts, q_tile=qt, block_size=cfg.select_block)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _scored_vjp(q, k_c, v_c, offsets, rule: MaskRule, scale: float, fwd: FlashConfig,
-                bwd: FlashConfig, interpret: bool):
-    """(o, lse, scores) of the range-walk flash forward; the scores' cotangent is dropped (they
-    feed only the selection, which is not differentiated)."""
+                bwd: FlashConfig, splits: int, interpret: bool):
+    """(o, lse, scores) of the range-walk flash forward in ``splits`` shares; the scores'
+    cotangent is dropped (they feed only the selection, which is not differentiated)."""
     return flash_forward(q, k_c, v_c, offsets, rule=rule, scale=scale, config=fwd,
-                         interpret=interpret, with_scores=True)
+                         interpret=interpret, with_scores=True, splits=splits)
 
 
-def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret):
-    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret)
+def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, splits, interpret):
+    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, splits, interpret)
     return out, (q, k_c, v_c, offsets, out[0], out[1])
 
 
-def _scored_bwd(rule, scale, fwd, bwd, interpret, res, ct):
+def _scored_bwd(rule, scale, fwd, bwd, splits, interpret, res, ct):
     q, k_c, v_c, offsets, o, lse = res
     do, dlse, _ = ct
     dq, dk, dv = _backward_kernels(q, k_c, v_c, o, lse, do, dlse, offsets, None, None, rule,
