@@ -391,3 +391,33 @@ def test_block_major_work_items_cover_each_block_once():
     np.testing.assert_array_equal(hi[0, 0], [2, 3, 4, 6, 8, 9, 0, 0, 0])
     np.testing.assert_array_equal(first[0, 0], [0, 2, 3, 5, 6])
     np.testing.assert_array_equal(pieces[0, 0], [2, 1, 2, 1, 0])
+
+
+@pytest.mark.parametrize("with_scores,splits", [(False, 1), (True, 1), (True, 4)])
+def test_decode_forward_lowers_for_cuda(monkeypatch, with_scores, splits):
+    """The decode forward's Triton module is valid for an H200, checked without a GPU (lowering
+    for "cuda" under an abstract device, with the MLIR verifier that otherwise runs only when
+    XLA compiles it on the GPU)."""
+    from jax._src.pallas.triton import lowering
+    from jax.sharding import AbstractDevice, AbstractMesh
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.triton.flash_fwd import flash_forward
+
+    lower = lowering.lower_jaxpr_to_triton_module
+
+    def verified(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", verified)
+    B, HQ, H, D, N = 2, 64, 4, 128, 512
+    q = jnp.zeros((B, 1, HQ, D), jnp.bfloat16)
+    k = jnp.zeros((B, N, H, D), jnp.bfloat16)
+    rule = MaskRule(num_keys=N, key_stride=16, key_offset=31)
+    f = lambda q, k, off: flash_forward(q, k, k, off, rule=rule, scale=0.1,
+                                        config=FlashConfig(block_q=1), with_scores=with_scores,
+                                        splits=splits)
+    h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
+        jax.jit(f).trace(q, k, jnp.zeros((B,), jnp.int32)).lower(lowering_platforms=("cuda",))

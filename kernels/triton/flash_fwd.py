@@ -94,8 +94,8 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
         # The scores start undefined: the blocks no share walks hold no visible key. The first
         # share clears those before the range, the last those after it.
         lo, hi = bounded_ranges(prog.rule, first, first + prog.block_q - 1, bk, bounds)[:2]
-        lo = jnp.where(share == 0, lo, 0)
-        hi = jnp.where(share == splits - 1, hi, prog.num_kv_blocks)
+        lo = jnp.where(share == 0, lo, jnp.int32(0))
+        hi = jnp.where(share == splits - 1, hi, jnp.int32(prog.num_kv_blocks))
 
         def clear(blk, carry):
             s_ref[:, pl.ds(prog.start(blk), bk)] = jnp.full((rows, bk), -jnp.inf, jnp.float32)

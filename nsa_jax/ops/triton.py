@@ -48,10 +48,12 @@ BY_BLOCK_MIN_QUERIES = 256
 # to the selection, while they take at most SCORED_BYTES (float32 [B, H, T_p * G_p, N_p]: 34 MiB
 # for one token at B=32, H=4, G=16 and 64k keys); other calls score in a pass of their own.
 SCORED_MAX_QUERIES = 16
-SCORED_BYTES = 1 << 27
+SCORED_BYTES = 1 << 28
 # Such a call has one program per (row, KV head), too few to keep the memory busy: each walks a
 # share of its compressed tokens (at least MIN_SHARE blocks) so that about SCORED_PROGRAMS run.
-SCORED_PROGRAMS = 512
+# H200, B=32, one-token steps in a loop: 256 programs 230/341 us at 64k/128k (HQ=64, H=4), 512
+# 243/377, unshared 252/433; at B=1 shares take 64k from 153 to 100 us.
+SCORED_PROGRAMS = 256
 MIN_SHARE = 4
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
