@@ -289,9 +289,10 @@ def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, sele
     """A call of a few queries (a decode step) runs the compressed kernel that also writes its
     scores, and no scoring kernel; it selects what the two-pass path selects, and its output and
     gradients (through the fused pass's own backward) match the reference. 7 queries at an offset
-    S > T: tiles of 4 straddle a selection block."""
-    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=32, num_selected=3,
-                            window=16, select_q_tile=select_q_tile)
+    S > T: tiles of 4 straddle a selection block. Only each tile's own blocks are forced, so the
+    scores choose three of the four blocks among eleven."""
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4,
+                            num_initial=0, num_local=1, window=16, select_q_tile=select_q_tile)
     q, _, _ = _inputs(7, seed=4)
     _, k, v = _inputs(165, seed=5)
     run = lambda *a, **kw: nsa_jax.nsa_attention(*a, config=cfg, return_selection=True, **kw,
@@ -300,6 +301,9 @@ def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, sele
     assert "nsa_flash_fwd_scored" in names
     assert not {"nsa_per_token_top_blocks", "nsa_compressed_mass"} & set(names)
     o, sel = run(q, k, v)
+    _, want = nsa_jax.nsa_attention(q, k, v, config=cfg, return_selection=True,
+                                    implementation="reference")
+    np.testing.assert_array_equal(np.asarray(sel.indices), np.asarray(want.indices))
     monkeypatch.setattr(pallas_triton, "SCORED_MAX_QUERIES", 0)
     jax.clear_caches()  # traces made before the patch would be reused
     assert "nsa_flash_fwd_scored" not in _kernel_names(run, q, k, v)
@@ -391,6 +395,35 @@ def test_block_major_work_items_cover_each_block_once():
     np.testing.assert_array_equal(hi[0, 0], [2, 3, 4, 6, 8, 9, 0, 0, 0])
     np.testing.assert_array_equal(first[0, 0], [0, 2, 3, 5, 6])
     np.testing.assert_array_equal(pieces[0, 0], [2, 1, 2, 1, 0])
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_scored_forward_writes_every_score(splits):
+    """The scores the forward hands to a decode step's selection: the scaled logits (log2 units)
+    of every visible compressed token, and -inf everywhere else, also in the key blocks no share
+    walks (before and after the visible range; the output starts undefined)."""
+    from nsa_jax.kernels.common import LOG2E, MaskRule
+    from nsa_jax.kernels.triton.flash_fwd import flash_forward
+    T, HQ, H, D, N, d, l = 2, 4, 2, 16, 100, 8, 16
+    q, _, _ = _inputs(T, HQ=HQ, H=H, D=D, seed=6)
+    _, k, _ = _inputs(N, HQ=HQ, H=H, D=D, seed=7)
+    # The queries see tokens 25..49 of 100: key block 0 (16 tokens) and blocks 4-6 are cleared.
+    offset = 410
+    rule = MaskRule(num_keys=N, key_stride=d, key_offset=l - 1, window=200)
+    _, _, s = flash_forward(q, k, k, jnp.array([offset]), rule=rule, scale=0.25,
+                            config=FlashConfig(block_q=1, block_k=16), interpret=True,
+                            with_scores=True, splits=splits)
+    G = HQ // H
+    got = np.asarray(s)[0, :, :T, :G]  # [H, T, G, N_p]
+    pos = offset + np.arange(T)[:, None]
+    last = np.arange(N) * d + l - 1
+    seen = (last[None] <= pos) & (pos - last[None] < 200)  # [T, N]
+    assert seen[:, 25:50].all() and not seen[:, :25].any() and not seen[:, 50:].any()
+    qg = np.asarray(q[0], np.float64).reshape(T, H, G, D)
+    want = np.einsum("thgd,nhd->htgn", qg, np.asarray(k[0], np.float64)) * 0.25 * LOG2E
+    want = np.where(seen[None, :, None, :], want, -np.inf)
+    np.testing.assert_allclose(got[..., :N], want, rtol=1e-5, atol=1e-5)
+    assert np.all(got[..., N:] == -np.inf)
 
 
 @pytest.mark.parametrize("with_scores,splits", [(False, 1), (True, 1), (True, 4)])
