@@ -20,6 +20,11 @@ import nsa_jax  # noqa: E402
 from nsa_jax.metadata import BlockSparseIndices  # noqa: E402
 
 ON_GPU = jax.default_backend() == "gpu"
+# The CPU suite spends most of its time compiling small programs that then run for milliseconds.
+# Without XLA's backend (LLVM) optimisations the same operations compile a third faster and run
+# slower, which these shapes do not notice.
+if not ON_GPU:
+    jax.config.update("jax_disable_most_optimizations", True)
 
 # Every implementation the suite compares with the reference, as keyword arguments. On CPU the
 # Pallas kernels run in interpret mode, on small shapes only. Interpret mode fills kernel outputs

@@ -222,8 +222,17 @@ def test_sliding_window_attention(impl, case, dt):
     assert_bit_identical(fn(q, k, v), fn(q, k, v))
 
 
+# The composition around the kernels is code every implementation shares, so in interpret mode
+# test_nsa_attention leaves out the cases whose kernel calls (same shapes and options) the branch
+# tests above make: G = 16 (CASES[2]), no window (CASES[4]), d == l (CASES[8]), and float16
+# (bfloat16 runs the half-precision composition). "xla" and a GPU run them all.
+INTERPRETED_NSA_SKIPS = {(CASES[2], "f32"), (CASES[4], "f32"), (CASES[8], "f32"), (CASES[0], "f16")}
+
+
 @pytest.mark.parametrize("impl,case,dt", _dtype_cases())
 def test_nsa_attention(impl, case, dt):
+    if impl.get("interpret") and (case, dt) in INTERPRETED_NSA_SKIPS:
+        pytest.skip("interpret mode: the branch tests make these kernel calls")
     dtype = DTYPES[dt]
     cfg = case.config()
     q, k, v, g = case.inputs(6, dtype)
@@ -238,8 +247,9 @@ def test_nsa_attention(impl, case, dt):
 @pytest.mark.parametrize("method", ["mean", "linear", "mlp"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=lambda c: c.id)
 def test_nsa_attention_compress_params(impl, case, method):
-    if impl.get("interpret") and method != "mlp":
-        pytest.skip("interpret mode: the kernels do not see the compression method; mlp covers it")
+    if impl.get("interpret") and (method != "mlp" or case != CASES[0]):
+        pytest.skip("interpret mode: the kernels do not see the compression method; mlp on one "
+                    "case covers it (test_nsa_attention runs the kernels on both)")
     """Gradients reach the compression parameters (through the compressed branch)."""
     cfg = case.config(compress_method=method)
     q, k, v, g = case.inputs(7, jnp.float32)

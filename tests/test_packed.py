@@ -74,6 +74,9 @@ def test_packed_equals_documents_alone(impl, causal):
         seg = segments.segment_ids_from_cu_seqlens(jnp.asarray(cu), T)
         bounds = list(zip(cu[:-1], cu[1:]))
 
+        # Jitted: every example brings new shapes, and compiling one program per shape costs a
+        # fraction of compiling each operation of an eager call.
+        @jax.jit
         def run(q, k, v, g, params, seg=None):
             return nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg,
                                          compress_params=params or None, **kw)
@@ -86,8 +89,8 @@ def test_packed_equals_documents_alone(impl, causal):
         for name, gr, wg in zip("q k v g params".split(), grads, want_grads):
             assert_close(_flat(gr), _flat(wg), GRAD_TOL[jnp.float32], f"d{name}")
         if impl != "reference":
-            ref = reference.nsa_attention(*args[:4], config=cfg, segment_ids=seg,
-                                          compress_params=args[4] or None)
+            ref = jax.jit(lambda q, k, v, g, params: reference.nsa_attention(
+                q, k, v, g, config=cfg, segment_ids=seg, compress_params=params or None))(*args)
             assert_close(out, ref, FWD_TOL[jnp.float32], "o vs packed reference")
         if pad:  # padding tokens get zero output and zero gradient
             assert not np.asarray(out[:, T - pad:]).any()
@@ -127,13 +130,15 @@ def test_too_many_documents_for_the_layout_raises_at_run_time():
     T = 20
     _, (q, k, v, g, _) = _inputs(T, 1, "mean")
     seg = jnp.arange(1, T + 1, dtype=jnp.int32)[None]  # 20 one-token documents, 16 rows each
-    run = jax.jit(lambda q, k, v, g: nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg,
-                                                           implementation="xla"))
+
+    def run(fn, **kw):
+        return jax.jit(lambda q, k, v, g: fn(q, k, v, g, config=cfg, segment_ids=seg, **kw))(
+            q, k, v, g)
+
     with pytest.raises(Exception, match="max_segments"):
-        jax.block_until_ready(run(q, k, v, g))
-    ok = nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg, implementation="xla",
-                               max_segments=T)
-    want = reference.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg, max_segments=T)
+        jax.block_until_ready(run(nsa_jax.nsa_attention, implementation="xla"))
+    ok = run(nsa_jax.nsa_attention, implementation="xla", max_segments=T)
+    want = run(reference.nsa_attention, max_segments=T)
     assert_close(ok, want, FWD_TOL[jnp.float32], "o")
 
 
@@ -171,15 +176,17 @@ def test_layer_runs_packed_documents(impl):
     cu = np.cumsum([0] + lengths)
     seg = nsa_jax.segment_ids_from_cu_seqlens(jnp.asarray(cu), T)
     _, (q, k, v, g, _) = _inputs(T, 3, "mean")
-    direct = reference.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg)
-    via_api = nsa_jax.nsa_attention(q, k, v, g, config=cfg, segment_ids=seg,
-                                    implementation="reference")
-    np.testing.assert_array_equal(np.asarray(via_api), np.asarray(direct))
+    direct = jax.jit(lambda *a: reference.nsa_attention(*a, config=cfg, segment_ids=seg))
+    via_api = jax.jit(lambda *a: nsa_jax.nsa_attention(*a, config=cfg, segment_ids=seg,
+                                                       implementation="reference"))
+    np.testing.assert_array_equal(np.asarray(via_api(q, k, v, g)), np.asarray(direct(q, k, v, g)))
     layer = nsa_jax.NSAAttention(HQ, 16, HQ * D, num_kv_heads=H, config=cfg, rngs=nnx.Rngs(0),
                                  **IMPLS[impl])
+    # Jitted: eagerly, each document's new length compiles every operation of the layer again.
+    call = nnx.jit(lambda layer, x, seg=None: layer(x, segment_ids=seg))
     x = normal(jax.random.key(9), (1, T, 16))
-    out = layer(x, segment_ids=seg)
-    want = jnp.concatenate([layer(x[:, a:b]) for a, b in zip(cu[:-1], cu[1:])]
+    out = call(layer, x, seg)
+    want = jnp.concatenate([call(layer, x[:, a:b]) for a, b in zip(cu[:-1], cu[1:])]
                            + [jnp.zeros((1, T - cu[-1], 16))], axis=1)
     assert_close(out[:, :cu[-1]], want[:, :cu[-1]], FWD_TOL[jnp.float32], "o")
 
@@ -220,11 +227,16 @@ def test_branch_functions_take_segment_ids(impl):
     composed = nsa_jax.gate_and_combine(o_c, o_s, o_w, g)
     assert_close(composed, nsa_jax.nsa_attention(q, k, v, g, **p), FWD_TOL[jnp.float32], "o")
     one = dict(config=cfg, **kw)
-    for (a, b), L in zip(zip(cu[:-1], cu[1:]), lengths):
-        w_doc = nsa_jax.sliding_window_attention(q[:, a:b], k[:, a:b], v[:, a:b], **one)
+
+    @jax.jit  # one program per document length instead of one per operation
+    def alone(q, k, v):
+        kc_doc, vc_doc = nsa_jax.compress(k, v, config=cfg)
+        return (nsa_jax.sliding_window_attention(q, k, v, **one),
+                *nsa_jax.compressed_attention(q, kc_doc, vc_doc, **one))
+
+    for a, b in zip(cu[:-1], cu[1:]):
+        w_doc, oc_doc, lse_doc = alone(q[:, a:b], k[:, a:b], v[:, a:b])
         assert_close(o_w[:, a:b], w_doc, FWD_TOL[jnp.float32], f"window doc {a}:{b}")
-        kc_doc, vc_doc = nsa_jax.compress(k[:, a:b], v[:, a:b], config=cfg)
-        oc_doc, lse_doc = nsa_jax.compressed_attention(q[:, a:b], kc_doc, vc_doc, **one)
         assert_close(o_c[:, a:b], oc_doc, FWD_TOL[jnp.float32], f"compressed doc {a}:{b}")
         np.testing.assert_array_equal(np.isfinite(lse[:, a:b]), np.isfinite(lse_doc))
 
