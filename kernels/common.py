@@ -226,12 +226,12 @@ class ReverseTable:
     offsets: jax.Array
 
 
-def table_inputs(blocks: BlockTable | None, block_q: int):
-    """(specs, args) giving the program of query tile i its table row (padded to a power of two
-    with -1) and that row's count; (None, None) without a table."""
+def table_inputs(blocks: BlockTable | None, block_q: int, splits: int = 1):
+    """(specs, args) giving program i (query tile i // splits) its table row (padded to a power
+    of two with -1) and that row's count; (None, None) without a table."""
     if blocks is None:
         return None, None
-    per = blocks.tiles_per_row(block_q)
+    per = blocks.tiles_per_row(block_q) * splits
     K = blocks.table.shape[-1]
     K_p = pow2(K)
     tab = jnp.pad(blocks.table, ((0, 0), (0, 0), (0, 0), (0, K_p - K)), constant_values=-1)
@@ -311,12 +311,16 @@ class Program:
     def walk(self, first, visit, carry, *, blocks=None, bounds=None, part=None):
         """Runs ``carry = visit(blk, carry, masked=...)`` over the KV blocks of the tile whose first
         query is at ``first``: its table row when ``blocks`` = (table ref, count ref) is given
-        (all masked), else the range of `walk_range` (or its share ``part``)."""
+        (all masked), else the range of `walk_range`; ``part`` = (s, n): only the s-th of n
+        consecutive equal shares of those blocks."""
         if blocks is None:
             return walk_range(self.rule, first, first + self.block_q - 1, self.block_k, visit,
                               carry, bounds, part)
         tab_ref, cnt_ref = blocks
-        return lax.fori_loop(0, cnt_ref[0], lambda e, carry: visit(tab_ref[e], carry), carry)
+        lo, hi = jnp.int32(0), cnt_ref[0]
+        if part is not None:
+            lo, hi = share_of(lo, hi, *part)
+        return lax.fori_loop(lo, hi, lambda e, carry: visit(tab_ref[e], carry), carry)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -445,13 +449,13 @@ class Launch:
             return pl.BlockSpec((None, self.N_p, None, width), lambda b, h, i: (b, 0, h, 0)), x
         return self.kv_spec(width), self.heads_major(x, width)
 
-    def bound_inputs(self, bounds, *, all_rows: bool = False):
-        """(specs, args) of the rows' (lo, hi) from `bound_rows`: program (b, h, i)'s rows, or all
-        rows of batch b; (None, None) without bounds."""
+    def bound_inputs(self, bounds, *, all_rows: bool = False, splits: int = 1):
+        """(specs, args) of the rows' (lo, hi) from `bound_rows`: the rows of program (b, h, i)
+        (query tile i // splits), or all rows of batch b; (None, None) without bounds."""
         if bounds is None:
             return None, None
         if all_rows:
             spec = pl.BlockSpec((None, self.T_p * self.G_p), lambda b, h, i: (b, 0))
         else:
-            spec = pl.BlockSpec((None, self.rows), lambda b, h, i: (b, i))
+            spec = pl.BlockSpec((None, self.rows), lambda b, h, i: (b, i // splits))
         return (spec, spec), bound_rows(bounds, self.T_p, self.G_p)

@@ -12,6 +12,7 @@ import pytest
 import nsa_jax
 from nsa_jax import reference, segments
 from nsa_jax.ops import triton as pallas_triton
+from nsa_jax.kernels.common import pow2 as pl_pow2
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig
 from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings
 from conftest import FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, ON_GPU, assert_close, normal
@@ -313,7 +314,7 @@ def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, sele
     assert_close(o, o_apart, FWD_TOL[jnp.float32], "o")
     monkeypatch.undo()
     # Shares: 16-token blocks, so each program walks one of the two blocks of compressed tokens.
-    monkeypatch.setattr(pallas_triton, "MIN_SHARE", 1)
+    monkeypatch.setitem(pallas_triton.MIN_SHARE, "compressed", 1)
     jax.clear_caches()
     tilings = TritonTilings(compressed=Tiling(block_k=16))
     o_shared, sel_shared = run(q, k, v, tilings=tilings)
@@ -411,8 +412,8 @@ def test_scored_forward_writes_every_score(splits):
     offset = 410
     rule = MaskRule(num_keys=N, key_stride=d, key_offset=l - 1, window=200)
     _, _, s = flash_forward(q, k, k, jnp.array([offset]), rule=rule, scale=0.25,
-                            config=FlashConfig(block_q=1, block_k=16), interpret=True,
-                            with_scores=True, splits=splits)
+                            config=FlashConfig(block_q=1, block_k=16, splits=splits),
+                            interpret=True, with_scores=True)
     G = HQ // H
     got = np.asarray(s)[0, :, :T, :G]  # [H, T, G, N_p]
     pos = offset + np.arange(T)[:, None]
@@ -424,6 +425,68 @@ def test_scored_forward_writes_every_score(splits):
     want = np.where(seen[None, :, None, :], want, -np.inf)
     np.testing.assert_allclose(got[..., :N], want, rtol=1e-5, atol=1e-5)
     assert np.all(got[..., N:] == -np.inf)
+
+
+@pytest.mark.parametrize("T,G,l,d,ls", [(1, 16, 32, 16, 64), (3, 3, 16, 8, 32), (5, 1, 24, 8, 16)])
+def test_scored_block_mass_matches_the_selection_rules(T, G, l, d, ls):
+    """`scored_block_mass` (the decode step's block scores from the forward's scores) against
+    `selection.block_scores` of the same probabilities summed in float64: tokens spilling into
+    the next block (also past the last whole chunk), rows that see no token, padded queries and
+    heads, -inf scores."""
+    from nsa_jax.kernels.common import LOG2E
+    from nsa_jax.kernels.triton.block_scores import scored_block_mass
+    from nsa_jax.ops import selection
+    B, H, N_p = 2, 2, 192
+    T_p, G_p = pl_pow2(T), max(pl_pow2(G), 16 // pl_pow2(T))
+    rng = np.random.default_rng(T)
+    s = rng.normal(size=(B, H, T_p, G_p, N_p)).astype(np.float32) * 3
+    s[rng.random(s.shape) < 0.2] = -np.inf
+    s[..., 180:] = -np.inf  # tokens past N_c = 180
+    lse = rng.normal(size=(B, T, H * G)).astype(np.float32) + 4
+    lse[0, 0, 0] = -np.inf  # a row that sees no token
+    s[0, 0, 0, 0] = -np.inf
+    s[:, :, T:] = np.nan  # padded queries and heads must not count
+    s[:, :, :, G:] = np.nan
+    cfg = nsa_jax.NSAConfig(compress_block=l, compress_stride=d, select_block=ls)
+    got = scored_block_mass(jnp.asarray(s), jnp.asarray(lse), per_block=ls // d, overlap=l // d,
+                            config=FlashConfig(block_k=16), interpret=True)
+    got = np.asarray(got)
+    assert got.shape == (B, H, T_p, N_p * d // ls + 1)
+    lse_g = lse.reshape(B, T, H, G).transpose(0, 2, 1, 3)[..., None].astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        p = np.where(np.isfinite(lse_g), np.exp2(s[:, :, :T, :G] - lse_g * LOG2E), 0.0)
+    N_s = -(-(180 * d + l) // ls)
+    want = np.asarray(selection.block_scores(jnp.asarray(p.sum(axis=3)[..., :180]), cfg, N_s))
+    assert got.shape[-1] >= N_s
+    np.testing.assert_allclose(got[:, :, :T, :N_s], want, rtol=1e-5, atol=1e-7)
+    assert not got[:, :, :T, N_s:].any()
+
+
+@pytest.mark.parametrize("N_s,n,num_initial,num_local,causal", [
+    (37, 5, 1, 2, True), (37, 5, 0, 0, True), (37, 4, 2, 1, False), (3, 5, 1, 1, True),
+    (64, 16, 1, 2, True)])
+def test_tile_top_blocks_matches_the_selection_rules(N_s, n, num_initial, num_local, causal):
+    """The decode step's top-n kernel chooses what `selection.choose_blocks` chooses: scores
+    with many ties (ties to the lower id), tiles straddling a block boundary (own blocks above
+    the other forced ones), rows of different key lengths, fewer blocks than n."""
+    from nsa_jax.kernels.triton.top_blocks import BlockRule, tile_top_blocks
+    from nsa_jax.ops import selection
+    B, H, C, ls = 3, 2, 4, 16
+    cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=ls, num_selected=n,
+                            num_initial=num_initial, num_local=num_local, causal=causal)
+    rng = np.random.default_rng(N_s + n)
+    scores = jnp.asarray(rng.integers(0, 6, size=(B, H, C, N_s)).astype(np.float32) / 4)
+    kv_blocks = jnp.asarray([N_s, N_s - 2, 1])
+    first = jnp.asarray(rng.integers(0, N_s * ls, size=(B, C)), jnp.int32)
+    last = first + jnp.asarray(rng.integers(0, 2 * ls, size=(B, C)), jnp.int32)
+    rule = BlockRule(select_block=ls, per_block=2, overlap=2, num_selected=n,
+                     num_initial=num_initial, num_local=num_local, causal=causal)
+    ids, counts = tile_top_blocks(scores, first, last, kv_blocks, rule=rule, interpret=True)
+    want_ids, want_counts = selection.choose_blocks(scores, first, last, cfg,
+                                                    kv_blocks[:, None, None])
+    np.testing.assert_array_equal(np.asarray(counts), np.asarray(want_counts))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(want_ids))
+    assert (np.asarray(counts) > 0).any() and (np.asarray(counts) < n).any()
 
 
 @pytest.mark.parametrize("with_scores,splits", [(False, 1), (True, 1), (True, 4)])
@@ -449,8 +512,44 @@ def test_decode_forward_lowers_for_cuda(monkeypatch, with_scores, splits):
     k = jnp.zeros((B, N, H, D), jnp.bfloat16)
     rule = MaskRule(num_keys=N, key_stride=16, key_offset=31)
     f = lambda q, k, off: flash_forward(q, k, k, off, rule=rule, scale=0.1,
-                                        config=FlashConfig(block_q=1), with_scores=with_scores,
-                                        splits=splits)
+                                        config=FlashConfig(block_q=1, splits=splits),
+                                        with_scores=with_scores)
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         jax.jit(f).trace(q, k, jnp.zeros((B,), jnp.int32)).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_decode_step_lowers_for_cuda(monkeypatch, T):
+    """Every Triton kernel of a decode-sized layer call (the scored compressed pass, the block
+    mass, the top-n, the selected and window branches in shares) is valid for an H200, as
+    above."""
+    from jax._src.pallas.triton import lowering
+    from jax.sharding import AbstractDevice, AbstractMesh
+    from nsa_jax.kernels.triton.tiling import SM90
+    from nsa_jax.ops import base
+
+    lower = lowering.lower_jaxpr_to_triton_module
+    names = []
+
+    def verified(*args, **kwargs):
+        result = lower(*args, **kwargs)
+        result.module.operation.verify()
+        names.append(args[0].debug_info.func_name)
+        return result
+
+    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", verified)
+    monkeypatch.setattr(pallas_triton.TritonBackend, "available", lambda self, interpret: base.YES)
+    B, HQ, H, D = 4, 64, 4, 128
+    cfg = nsa_jax.NSAConfig()
+    cache = nsa_jax.init_cache(B, 4096 + 37, H, D, config=cfg, dtype=jnp.bfloat16)
+    q = jnp.zeros((B, T, HQ, D), jnp.bfloat16)
+    k = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    f = lambda q, k, cache: nsa_jax.nsa_decode(q, k, k, None, cache, config=cfg,
+                                               implementation="triton", tilings=SM90)
+    h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
+        jax.jit(f).trace(q, k, cache).lower(lowering_platforms=("cuda",))
+    assert sorted(names) == ["nsa_flash_fwd"] * 2 + ["nsa_flash_fwd_scored",
+                                                     "nsa_scored_block_mass",
+                                                     "nsa_tile_top_blocks"]

@@ -32,15 +32,21 @@ class FlashConfig:
       block_q: queries per program (power of two); rows per program are block_q * G_p.
       block_k: keys per KV block (power of two, >= 16).
       num_warps, num_stages: Triton launch parameters.
+      splits: programs per query tile in the forward, each walking an equal share of the tile's
+        KV blocks, merged by log-sum-exp (flash-decoding): calls of few query tiles (a decode
+        step) otherwise leave most of the GPU idle.
     """
 
     block_q: int = 64
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    splits: int = 1
 
     def __post_init__(self):
         check_launch_fields(self, {"block_q": 1, "block_k": 16, "num_warps": 1})
+        if not isinstance(self.splits, int) or isinstance(self.splits, bool) or self.splits < 1:
+            raise ValueError(f"FlashConfig.splits={self.splits!r} must be a positive int")
 
     def compiler_params(self) -> pltriton.CompilerParams:
         return pltriton.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
@@ -57,7 +63,7 @@ def scores(prog: Program, q, k, prec):
 
 
 def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=None, *,
-            prog: Program, splits: int = 1):
+            prog: Program, splits: int):
     b, i, share = pl.program_id(0), pl.program_id(2) // splits, pl.program_id(2) % splits
     q = q_ref[...]  # [rows, D]
     prec = dot_precision(q.dtype)
@@ -111,7 +117,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
                   blocks: BlockTable | None = None, bounds=None, interpret: bool = False,
-                  with_scores: bool = False, splits: int = 1):
+                  with_scores: bool = False):
     """Grouped flash attention over a block list or a block range.
 
     Args:
@@ -119,30 +125,30 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
       offsets: int32[B], key position of query 0 (S - T).
       rule: the token-level mask rule.
       scale: softmax scale.
-      config: tiling; ``config.block_k`` is the KV block the table ids refer to.
+      config: tiling; ``config.block_k`` is the KV block the table ids refer to, and
+        ``config.splits`` shares walk each query tile's blocks.
       blocks: optional KV blocks per query tile (``blocks.q_tile`` a multiple of
         ``config.block_q``). Without it each program walks the range of blocks its rule can see.
       bounds: optional (lo, hi) int32 [B, T]: query t sees only keys lo[t] <= j < hi[t] (packed
         rows); both non-decreasing in t.
       with_scores: also return every row's scores (range walks only): the selection of a few
         queries (a decode step) then reads them instead of computing them again.
-      splits: programs per query tile (range walks only), each walking an equal share of its
-        blocks, merged by log-sum-exp (flash-decoding): more programs for calls of few tiles.
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key);
       with ``with_scores`` also the scores, float32 [B, H, T_p, G_p, N_p] in log2 units (the
       padded sizes of `Launch`; -inf where a key is not visible).
     """
-    if (with_scores or splits > 1) and blocks is not None:
-        raise ValueError("with_scores and splits need a range walk (blocks=None)")
+    if with_scores and blocks is not None:
+        raise ValueError("with_scores needs a range walk (blocks=None)")
+    splits = config.splits
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
     scores_shape = (lay.B, lay.H, lay.T_p, lay.G_p, lay.N_p)
     if k.shape[1] == 0 or q.shape[1] == 0:
         o, lse = no_keys(q, v)
         return (o, lse, jnp.full(scores_shape, -jnp.inf)) if with_scores else (o, lse)
-    table_specs, table_args = table_inputs(blocks, lay.block_q)
-    bound_specs, bound_args = lay.bound_inputs(bounds)
+    table_specs, table_args = table_inputs(blocks, lay.block_q, splits)
+    bound_specs, bound_args = lay.bound_inputs(bounds, splits=splits)
     (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
     # Program (b, h, j) owns query tile j // splits and share j % splits of its blocks.
     tile = lambda *width: pl.BlockSpec((None, None, lay.rows, *width),

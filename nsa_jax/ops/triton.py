@@ -23,12 +23,12 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import FAR, LOG2E, BlockTable, Launch, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
-from nsa_jax.kernels.triton.block_scores import compressed_mass
+from nsa_jax.kernels.triton.block_scores import compressed_mass, scored_block_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
 from nsa_jax.kernels.triton.selected_by_block import selected_by_block, selected_by_block_backward
 from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
-from nsa_jax.kernels.triton.top_blocks import BlockRule, per_token_top_blocks
+from nsa_jax.kernels.triton.top_blocks import BlockRule, per_token_top_blocks, tile_top_blocks
 from nsa_jax.ops import base, selection
 
 # Per-token selected attention runs block-major (`kernels/triton/selected_by_block.py`) for
@@ -49,12 +49,16 @@ BY_BLOCK_MIN_QUERIES = 256
 # for one token at B=32, H=4, G=16 and 64k keys); other calls score in a pass of their own.
 SCORED_MAX_QUERIES = 16
 SCORED_BYTES = 1 << 28
-# Such a call has one program per (row, KV head), too few to keep the memory busy: each walks a
-# share of its compressed tokens (at least MIN_SHARE blocks) so that about SCORED_PROGRAMS run.
-# H200, B=32, one-token steps in a loop: 256 programs 230/341 us at 64k/128k (HQ=64, H=4), 512
-# 243/377, unshared 252/433; at B=1 shares take 64k from 153 to 100 us.
-SCORED_PROGRAMS = 256
-MIN_SHARE = 4
+# Such a call has one program per (row, KV head) and query tile, too few to keep the memory busy:
+# each branch's forward walks shares of a tile's KV blocks (at least MIN_SHARE blocks each) so
+# that about SHARE_PROGRAMS programs run. H200, B=32, one-token steps in a loop at 64k/128k
+# (HQ=64, H=4). Compressed: 256 programs 230/341 us a step, 512 243/377, unshared 252/433; at
+# B=1 shares take 64k from 153 to 100 us. Selected and window: unshared 214/329, 256 programs
+# (two shares) 201/292 and 182/272 in a second run, 512 229/304 and 177/278, 1024 in shares of
+# one block 203/300 and 192/274; the selected kernel went from 32 to 22 us, the window from 18
+# to 13.
+SHARE_PROGRAMS = {"compressed": 256, "selected": 256, "window": 256}
+MIN_SHARE = {"compressed": 4, "selected": 2, "window": 2}
 
 # Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
 # are scored in chunks of query tiles.
@@ -173,6 +177,16 @@ _backward_kernels = jax.custom_vjp(_backward, nondiff_argnums=(10, 11, 12, 13, 1
 _backward_kernels.defvjp(lambda *a: (_backward(*a), None), _no_second_order)
 
 
+def _shared(fwd, branch: str, programs: int, blocks: int):
+    """``fwd`` with shares (`FlashConfig.splits`, a power of two) for a call of ``programs``
+    programs walking up to ``blocks`` KV blocks each: enough for about ``SHARE_PROGRAMS[branch]``
+    programs, each share at least ``MIN_SHARE[branch]`` blocks. A Mosaic config is kept."""
+    if not isinstance(fwd, FlashConfig):
+        return fwd
+    splits = max(1, min(SHARE_PROGRAMS[branch] // programs, blocks // MIN_SHARE[branch]))
+    return dataclasses.replace(fwd, splits=pow2(splits + 1) // 2)
+
+
 def compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
     return MaskRule(num_keys=N_c, key_stride=cfg.compress_stride,
                     key_offset=cfg.compress_block - 1, causal=cfg.causal)
@@ -209,7 +223,11 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
         fwd = (t.selected_by_block if by_block[0] else
                t.selected_per_token if sel.q_tile == 1 else t.selected)
         fwd = fwd.flash(G, q_tile=None if by_block[0] else sel.q_tile,
-                        block_k_divides=sel.block_size)
+                        block_k_divides=sel.block_size,
+                        queries=T if T <= SCORED_MAX_QUERIES else None)
+        if T <= SCORED_MAX_QUERIES:
+            fwd = _shared(fwd, "selected", B * H * -(-T // fwd.block_q),
+                          cfg.num_selected * sel.block_size // fwd.block_k)
     bwd = t.selected_by_block_bwd if by_block[1] else t.selected_bwd
     bwd = bwd.flash(G, q_tile=None if by_block[1] else sel.q_tile,
                     block_k_divides=sel.block_size)
@@ -228,10 +246,14 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = default_tilings() if tilings is None else tilings
+    if fwd is None:
+        fwd = t.window.flash(HQ // H, queries=T)
+        if T <= SCORED_MAX_QUERIES and cfg.window:
+            fwd = _shared(fwd, "window", B * H * -(-T // fwd.block_q),
+                          -(-(cfg.window + T) // fwd.block_k))
     o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
-                  t.window.flash(HQ // H, queries=T) if fwd is None else fwd,
-                  t.window_bwd.flash(HQ // H), 1, interpret)
+                  fwd, t.window_bwd.flash(HQ // H), 1, interpret)
     return o
 
 
@@ -299,8 +321,8 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
 def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False,
                              tilings: TritonTilings | None = None):
     """(o, lse, selection) of the compressed branch and block scoring with one read of k_c: the
-    forward kernel also writes its rows' scores, and the selection sums their probabilities in
-    XLA. None for calls of more than ``SCORED_MAX_QUERIES`` queries or ``SCORED_BYTES`` of
+    forward kernel also writes its rows' scores, and `scored_block_mass` turns them into block
+    scores (XLA does, for rules that kernel does not take). None for calls of more than ``SCORED_MAX_QUERIES`` queries or ``SCORED_BYTES`` of
     scores."""
     B, T, HQ, D = q.shape
     if T > SCORED_MAX_QUERIES:
@@ -312,45 +334,58 @@ def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, i
     lay = Launch.of(q, k_c, v_c, block_q=fwd.block_q, block_k=fwd.block_k)
     if B * H * lay.T_p * lay.G_p * lay.N_p * 4 > SCORED_BYTES:
         return None
-    splits = max(1, min(SCORED_PROGRAMS // (B * H * lay.num_q_tiles),
-                        lay.num_kv_blocks // MIN_SHARE))
+    fwd = _shared(fwd, "compressed", B * H * lay.num_q_tiles, lay.num_kv_blocks)
     o, lse, s = _per_batch_shard(
         lambda *a: _scored_vjp(*a, compressed_rule(cfg, N_c), cfg.softmax_scale(D), fwd,
-                               t.compressed_bwd.flash(G), pow2(splits + 1) // 2, interpret),
+                               t.compressed_bwd.flash(G), interpret),
         q, k_c, v_c, key_offsets(B, T, S, kv_len))
     # Selection is not differentiated (as in `select_blocks`).
-    s = jax.lax.stop_gradient(s)[:, :, :T, :G, :N_c]  # [B, H, T, G, N_c]
-    lse_g = jax.lax.stop_gradient(lse).reshape(B, T, H, G).transpose(0, 2, 1, 3)[..., None]
-    seen = jnp.isfinite(lse_g)
-    p = jnp.where(seen, jnp.exp2(s - jnp.where(seen, lse_g, 0.0) * LOG2E), 0.0)
+    s, lse_s = jax.lax.stop_gradient(s), jax.lax.stop_gradient(lse)
     qt = cfg.select_q_tile
-    n_tiles = -(-T // qt)
-    mass = jnp.pad(p.sum(axis=3), ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
-    # Materialised: fused into `block_scores`, the sum over G would be recomputed per shift.
-    mass = jax.lax.optimization_barrier(mass.reshape(B, H, n_tiles, qt, N_c).sum(axis=3))
-    scores = selection.block_scores(mass, cfg, -(-S // cfg.select_block))
+    n_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
+    pb = cfg.select_block // cfg.compress_stride
+    if _block_rule(cfg).fused() is None and (lay.N_p & -lay.N_p) >= pb:
+        mass = _per_batch_shard(
+            lambda s, lse: scored_block_mass(s, lse, per_block=pb,
+                                             overlap=cfg.compress_block // cfg.compress_stride,
+                                             config=fwd, interpret=interpret),
+            s, lse_s)[:, :, :T]  # [B, H, T, blocks]
+        mass = jnp.pad(mass, ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
+        scores = mass.reshape(B, H, n_tiles, qt, -1).sum(axis=3)[..., :N_s]
+        scores = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, N_s - scores.shape[-1])))
+    else:
+        s = s[:, :, :T, :G, :N_c]  # [B, H, T, G, N_c]
+        lse_g = lse_s.reshape(B, T, H, G).transpose(0, 2, 1, 3)[..., None]
+        seen = jnp.isfinite(lse_g)
+        p = jnp.where(seen, jnp.exp2(s - jnp.where(seen, lse_g, 0.0) * LOG2E), 0.0)
+        mass = jnp.pad(p.sum(axis=3), ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
+        # Materialised: fused into `block_scores`, the sum over G would be recomputed per shift.
+        mass = jax.lax.optimization_barrier(mass.reshape(B, H, n_tiles, qt, N_c).sum(axis=3))
+        scores = selection.block_scores(mass, cfg, N_s)
     first, last = selection.tile_span(jnp.arange(n_tiles, dtype=jnp.int32) * qt, qt, T,
                                       key_offsets(B, T, S, kv_len))
-    ids, counts = selection.choose_blocks(scores, first, last, cfg,
-                                          selection.kv_blocks(B, S, cfg, kv_len))
+    ids, counts = _per_batch_shard(
+        lambda scores, first, last, kv_blocks: tile_top_blocks(
+            scores, first, last, kv_blocks, rule=_block_rule(cfg), interpret=interpret),
+        scores, first, last, selection.kv_blocks(B, S, cfg, kv_len).reshape(B))
     return o, lse, metadata.BlockSparseIndices(ids, counts, q_tile=qt, block_size=cfg.select_block)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _scored_vjp(q, k_c, v_c, offsets, rule: MaskRule, scale: float, fwd: FlashConfig,
-                bwd: FlashConfig, splits: int, interpret: bool):
-    """(o, lse, scores) of the range-walk flash forward in ``splits`` shares; the scores'
-    cotangent is dropped (they feed only the selection, which is not differentiated)."""
+                bwd: FlashConfig, interpret: bool):
+    """(o, lse, scores) of the range-walk flash forward; the scores' cotangent is dropped (they
+    feed only the selection, which is not differentiated)."""
     return flash_forward(q, k_c, v_c, offsets, rule=rule, scale=scale, config=fwd,
-                         interpret=interpret, with_scores=True, splits=splits)
+                         interpret=interpret, with_scores=True)
 
 
-def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, splits, interpret):
-    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, splits, interpret)
+def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret):
+    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret)
     return out, (q, k_c, v_c, offsets, out[0], out[1])
 
 
-def _scored_bwd(rule, scale, fwd, bwd, splits, interpret, res, ct):
+def _scored_bwd(rule, scale, fwd, bwd, interpret, res, ct):
     q, k_c, v_c, offsets, o, lse = res
     do, dlse, _ = ct
     dq, dk, dv = _backward_kernels(q, k_c, v_c, o, lse, do, dlse, offsets, None, None, rule,
