@@ -6,9 +6,11 @@ compressed tokens and sums them over the rows. Summing over a selection tile's s
 mapping compressed tokens onto selection blocks is linear and cheap, so it stays in XLA; no
 [T, N_c] array is ever formed.
 
-`scored_block_mass`: a call of few queries (a decode step) has the forward write its scores
-instead (`flash_forward(with_scores=True)`), and this kernel turns them into each query's mass on
-every selection block, one chunk of whole blocks per program so that thousands run at once.
+`scored_block_mass`: a call of few queries (a decode step) has the forward write each row's
+probabilities already mapped onto selection blocks, relative to the running maximum of the KV
+block they came from (`flash_forward(block_sums=...)`), and this kernel scales them by the final
+log-sum-exp and sums the G heads, a chunk of whole KV blocks per program so that about a
+thousand programs run at once.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, Program, bounded_ranges, read_bounds
 from nsa_jax.kernels.triton.flash_bwd import probabilities
-from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision
+from nsa_jax.kernels.triton.flash_fwd import SUMS_UNIT, FlashConfig, dot_precision
 
 
 def _mass_kernel(off_ref, lse_ref, q_ref, k_ref, bounds, out_ref, *, prog: Program):
@@ -91,65 +94,75 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
     return mass[..., :N_c]
 
 
-def _block_mass_kernel(lse_ref, s_ref, own_ref, spill_ref, *, group: int, overlap: int):
-    lse2 = lse_ref[...][:, None, None] * LOG2E  # [R, 1, 1]; +inf for rows that must not count
-    # Rows that do not count may hold anything (padded rows' scores are never read otherwise).
-    p = jnp.where(lse2 < jnp.inf, jnp.exp2(s_ref[...] - lse2), 0.0)  # [R, NB, pb]
-    R, NB, pb = p.shape
-    # Token k of a block covers strides k .. k + r - 1: min(r, pb - k) of them in its own block,
-    # the rest in the next one (r - 1 <= pb); each stride carries 1 / r of the token's mass.
-    k = lax.broadcasted_iota(jnp.int32, (1, 1, pb), 2)
-    own_w = jnp.minimum(overlap, pb - k).astype(jnp.float32) / overlap
-    spill_w = jnp.maximum(k + overlap - pb, 0).astype(jnp.float32) / overlap
-    by_query = lambda x: jnp.sum(x, axis=2).reshape(R // group, group, NB).sum(axis=1)
-    own_ref[...] = by_query(p * own_w)  # [Q, NB]
-    spill_ref[...] = by_query(p * spill_w)  # [Q, NB]: mass of block j landing in block j + 1
+def _block_mass_kernel(lse_ref, part_ref, tail_ref, top_ref, mass_ref, edge_ref, *, group: int,
+                       nkb: int, chunks: int):
+    R, width = part_ref.shape
+    nbk = width // nkb
+    kb = (pl.program_id(2) % chunks) * nkb  # first KV block of the chunk
+    lse2 = lse_ref[...][:, None] * LOG2E  # [R, 1]; +inf for rows that must not count
+    live = lse2 < jnp.inf
+
+    def weight(col, n):
+        # The factor from a KV block's running maximum to the row's softmax: exp2(top - lse).
+        return jnp.where(live, jnp.exp2(top_ref[:, pl.ds(col, n)] - lse2), 0.0)  # [R, n]
+
+    # Column kb + 1 + x holds KV block kb + x; column kb + x the block before it.
+    own = part_ref[...].reshape(R, nkb, nbk) * weight(kb + 1, nkb)[:, :, None]
+    spill = tail_ref[:, pl.ds(kb, nkb)] * weight(kb, nkb)  # [R, nkb]
+    first = lax.broadcasted_iota(jnp.int32, (1, 1, nbk), 2) == 0
+    blocks = own + jnp.where(first, spill[:, :, None], 0.0)  # [R, nkb, nbk]
+    mass_ref[...] = blocks.reshape(R // group, group, width).sum(axis=1)  # [Q, width]
+    # The spill past the chunk's last KV block; only the last chunk's is not counted by another.
+    past = tail_ref[:, pl.ds(kb + nkb, 1)] * weight(kb + nkb, 1)  # [R, 1]
+    edge_ref[...] = past.reshape(R // group, group, 1).sum(axis=1)  # [Q, 1]
 
 
-def scored_block_mass(scores, lse, *, per_block: int, overlap: int, config: FlashConfig,
-                      interpret: bool = False):
-    """Each query's compressed mass on each selection block, from the forward's scores.
+def scored_block_mass(sums, lse, *, interpret: bool = False):
+    """Each query's compressed mass on each selection block, from a scored forward's
+    `BlockSums` (part, tail, top).
 
     Args:
-      scores: float32 [B, H, T_p, G_p, N_p] from `flash_forward(with_scores=True)` (log2 units,
-        -inf where a token is not visible; T, G padded to T_p, G_p).
+      sums: (part, tail, top), each float32 [B, H, T_p, G_p, width], from
+        `flash_forward(block_sums=...)`.
       lse: float32 [B, T, H * G], the compressed branch's log-sum-exp.
-      per_block: compressed strides per selection block (l' / d), a power of two dividing N_p.
-      overlap: strides one compressed token covers (r = l / d), at most ``per_block + 1``.
-      config: ``block_k`` caps the tokens per program, ``num_warps`` and ``num_stages`` launch it.
 
     Returns:
-      float32 [B, H, T_p, N_p / per_block + 1]: the mass each query (summed over its G heads)
-      puts on each block; the last block takes only the spill of the tokens before it.
+      float32 [B, H, T_p, part's width + 1]: the mass each query (summed over its G heads) puts
+      on each selection block; the last block takes only the spill of the tokens before it.
     """
-    B, H, T_p, G_p, N_p = scores.shape
+    part, tail, top = sums
+    B, H, T_p, G_p, width = part.shape
+    n_alloc = top.shape[-1] - 1
     T, G = lse.shape[1], lse.shape[2] // H
-    N_b = N_p // per_block
-    if N_p == 0 or T == 0:
-        return jnp.zeros((B, H, T_p, N_b + 1), jnp.float32)
+    if n_alloc == 0 or T == 0:
+        return jnp.zeros((B, H, T_p, width + 1), jnp.float32)
+    nbk = width // n_alloc
     # +inf for rows that must not count (no visible token, padded queries and heads).
     lse_rows = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(B, T, H, G).transpose(0, 2, 1, 3)
     lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, T_p - T), (0, G_p - G)),
                        constant_values=jnp.inf).reshape(B, H, T_p * G_p)
     q_per = min(T_p & -T_p, max(1, 16 // G_p))  # queries per program: 16 rows when possible
     R = q_per * G_p
-    # Chunks of whole blocks dividing N_p, about 4096 scores a program.
-    nb = max(1, min(max(config.block_k, 4096 // R) // per_block, (N_p & -N_p) // per_block))
-    grid = (B, H, (T_p // q_per) * (N_b // nb))
-    n_c = N_b // nb
-    rows = lambda b, h, i: (b, h, i // n_c)
-    out = pl.BlockSpec((None, None, q_per, nb), lambda b, h, i: (b, h, i // n_c, i % n_c))
-    own, spill = pl.pallas_call(
-        functools.partial(_block_mass_kernel, group=G_p, overlap=overlap),
+    # Whole KV blocks (n_alloc is a multiple of SUMS_UNIT), about 2048 sums a program.
+    nkb = max(1, min(SUMS_UNIT, 2048 // (R * nbk)))
+    nkb = min(nkb & -nkb, n_alloc & -n_alloc)
+    chunks = n_alloc // nkb
+    grid = (B, H, (T_p // q_per) * chunks)
+    rows = lambda w: pl.BlockSpec((None, None, R, w), lambda b, h, i: (b, h, i // chunks, 0))
+    out = lambda w: pl.BlockSpec((None, None, q_per, w), lambda b, h, i: (b, h, i // chunks,
+                                                                          i % chunks))
+    mass, edge = pl.pallas_call(
+        functools.partial(_block_mass_kernel, group=G_p, nkb=nkb, chunks=chunks),
         grid=grid,
-        in_specs=(pl.BlockSpec((None, None, R), rows),
-                  pl.BlockSpec((None, None, R, nb, per_block),
-                               lambda b, h, i: (b, h, i // n_c, i % n_c, 0))),
-        out_specs=(out, out),
-        out_shape=(jax.ShapeDtypeStruct((B, H, T_p, N_b), jnp.float32),) * 2,
-        compiler_params=config.compiler_params(),
+        in_specs=(pl.BlockSpec((None, None, R), lambda b, h, i: (b, h, i // chunks)),
+                  pl.BlockSpec((None, None, R, nkb * nbk),
+                               lambda b, h, i: (b, h, i // chunks, i % chunks)),
+                  rows(n_alloc + 1), rows(n_alloc + 1)),
+        out_specs=(out(nkb * nbk), out(1)),
+        out_shape=(jax.ShapeDtypeStruct((B, H, T_p, width), jnp.float32),
+                   jax.ShapeDtypeStruct((B, H, T_p, chunks), jnp.float32)),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="nsa_scored_block_mass",
-    )(lse_rows, scores.reshape(B, H, T_p * G_p, N_b, per_block))
-    edge = [(0, 0)] * 3
-    return jnp.pad(own, edge + [(0, 1)]) + jnp.pad(spill, edge + [(1, 0)])
+    )(lse_rows, *(x.reshape(B, H, T_p * G_p, x.shape[-1]) for x in (part, tail, top)))
+    return jnp.concatenate([mass, edge[..., -1:]], axis=-1)

@@ -22,6 +22,7 @@ from jax.experimental.pallas import triton as pltriton
 from nsa_jax.kernels.common import (LN2, BlockTable, Launch, MaskRule, Program,
                                     bounded_ranges, check_launch_fields, no_keys, read_bounds,
                                     table_inputs)
+from nsa_jax.kernels.triton.block_map import exact_dot, token_map
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,8 +63,29 @@ def scores(prog: Program, q, k, prec):
     return pltriton.dot(q, k, trans_b=True, precision=prec).astype(jnp.float32) * prog.scale2
 
 
-def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=None, *,
-            prog: Program, splits: int):
+# Block sums are allocated for a multiple of this many KV blocks, so that their reader takes
+# whole chunks of them.
+SUMS_UNIT = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSums:
+    """The selection-block partial sums a scored forward writes (`flash_forward`'s
+    ``block_sums``), for compressed tokens of ``per_block`` strides per selection block, each
+    token covering ``overlap`` strides. Per row, per KV block visited: ``part``, the block's
+    probabilities relative to the running maximum then, mapped onto its selection blocks (float32
+    [.., rows, n * BK / per_block]); ``tail``, their share past the KV block's end (in the next
+    one's first selection block); ``top``, that running maximum in log2 units (-inf before any
+    visible key). ``tail`` and ``top`` [.., rows, n + 1] hold KV block j in column j + 1 and
+    nothing (0, -inf) in column 0; n is the KV block count rounded up to `SUMS_UNIT`, and what no
+    row sees is 0 (``top`` -inf)."""
+
+    per_block: int
+    overlap: int
+
+
+def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, *sums_refs,
+            prog: Program, splits: int, sums: BlockSums | None):
     b, i, share = pl.program_id(0), pl.program_id(2) // splits, pl.program_id(2) % splits
     q = q_ref[...]  # [rows, D]
     prec = dot_precision(q.dtype)
@@ -71,6 +93,11 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
     q_pos = prog.q_pos(first)  # [rows]
     bounds = read_bounds(bounds)
     bk = prog.block_k
+    rows, Dv = prog.rows, v_ref.shape[-1]
+    if sums is not None:
+        part_ref, tail_ref, top_ref = sums_refs
+        pb = sums.per_block
+        to_blocks, past_end = token_map(bk, pb, sums.overlap)  # [BK, BK / pb], [BK]
 
     def visit(blk, carry, masked=True):
         acc, m, l = carry  # [rows, Dv], [rows], [rows]; m in log2 units
@@ -80,35 +107,45 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
         s = scores(prog, q, k, prec)  # [rows, BK]
         if masked:
             s = jnp.where(prog.visible(q_pos, start, bounds), s, -jnp.inf)
-        if s_ref is not None:
-            s_ref[:, pl.ds(start, bk)] = s
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp2(m - m_safe)
         p = jnp.exp2(s - m_safe[:, None])  # [rows, BK]
+        if sums is not None:
+            part_ref[:, pl.ds(blk * (bk // pb), bk // pb)] = exact_dot(p, to_blocks)
+            tail_ref[:, pl.ds(blk + 1, 1)] = jnp.sum(p * past_end[None, :], axis=1)[:, None]
+            top_ref[:, pl.ds(blk + 1, 1)] = m_new[:, None]
         l = l * alpha + jnp.sum(p, axis=1)
         pv = pltriton.dot(p.astype(v.dtype), v, precision=prec).astype(jnp.float32)  # [rows, Dv]
         acc = acc * alpha[:, None] + pv
         return acc, m_new, l
 
-    rows, Dv = prog.rows, v_ref.shape[-1]
     init = (jnp.zeros((rows, Dv), jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     acc, m, l = prog.walk(first, visit, init, blocks=blocks, bounds=bounds,
                           part=None if splits == 1 else (share, splits))
-    if s_ref is not None:
-        # The scores start undefined: the blocks no share walks hold no visible key. The first
-        # share clears those before the range, the last those after it.
+    if sums is not None:
+        # The sums start undefined: the KV blocks no share walks hold no visible key. The first
+        # share clears those before the range (and column 0), the last those after it.
+        n_alloc = top_ref.shape[-1] - 1
         lo, hi = bounded_ranges(prog.rule, first, first + prog.block_q - 1, bk, bounds)[:2]
         lo = jnp.where(share == 0, lo, jnp.int32(0))
-        hi = jnp.where(share == splits - 1, hi, jnp.int32(prog.num_kv_blocks))
+        hi = jnp.where(share == splits - 1, hi, jnp.int32(n_alloc))
+        nbk = bk // pb
 
         def clear(blk, carry):
-            s_ref[:, pl.ds(prog.start(blk), bk)] = jnp.full((rows, bk), -jnp.inf, jnp.float32)
+            part_ref[:, pl.ds(blk * nbk, nbk)] = jnp.zeros((rows, nbk), jnp.float32)
+            tail_ref[:, pl.ds(blk + 1, 1)] = jnp.zeros((rows, 1), jnp.float32)
+            top_ref[:, pl.ds(blk + 1, 1)] = jnp.full((rows, 1), -jnp.inf, jnp.float32)
             return carry
 
+        @pl.when(share == 0)
+        def _():
+            tail_ref[:, pl.ds(0, 1)] = jnp.zeros((rows, 1), jnp.float32)
+            top_ref[:, pl.ds(0, 1)] = jnp.full((rows, 1), -jnp.inf, jnp.float32)
+
         lax.fori_loop(0, lo, clear, 0)
-        lax.fori_loop(hi, prog.num_kv_blocks, clear, 0)
+        lax.fori_loop(hi, n_alloc, clear, 0)
     has_key = l > 0
     l_safe = jnp.where(has_key, l, 1.0)
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
@@ -117,7 +154,7 @@ def _kernel(off_ref, q_ref, k_ref, v_ref, blocks, bounds, o_ref, lse_ref, s_ref=
 
 def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: FlashConfig,
                   blocks: BlockTable | None = None, bounds=None, interpret: bool = False,
-                  with_scores: bool = False):
+                  block_sums: BlockSums | None = None):
     """Grouped flash attention over a block list or a block range.
 
     Args:
@@ -131,22 +168,30 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
         ``config.block_q``). Without it each program walks the range of blocks its rule can see.
       bounds: optional (lo, hi) int32 [B, T]: query t sees only keys lo[t] <= j < hi[t] (packed
         rows); both non-decreasing in t.
-      with_scores: also return every row's scores (range walks only): the selection of a few
-        queries (a decode step) then reads them instead of computing them again.
+      block_sums: also write every row's selection-block partial sums (range walks only;
+        ``config.block_k / per_block`` a multiple of 16): the selection of a few queries (a
+        decode step) then reads them instead of computing the probabilities again.
 
     Returns:
       o [B, T, HQ, Dv] in q.dtype and lse [B, T, HQ] float32 (-inf for rows without a key);
-      with ``with_scores`` also the scores, float32 [B, H, T_p, G_p, N_p] in log2 units (the
-      padded sizes of `Launch`; -inf where a key is not visible).
+      with ``block_sums`` also (part, tail, top) as `BlockSums` describes, each
+      [B, H, T_p, G_p, width] (the padded sizes of `Launch`).
     """
-    if with_scores and blocks is not None:
-        raise ValueError("with_scores needs a range walk (blocks=None)")
+    if block_sums is not None and blocks is not None:
+        raise ValueError("block_sums needs a range walk (blocks=None)")
     splits = config.splits
     lay = Launch.of(q, k, v, block_q=config.block_q, block_k=config.block_k)
-    scores_shape = (lay.B, lay.H, lay.T_p, lay.G_p, lay.N_p)
+    if block_sums is not None:
+        nbk = config.block_k // block_sums.per_block
+        n_alloc = -(-lay.num_kv_blocks // SUMS_UNIT) * SUMS_UNIT
+        sums_shape = lambda w: (lay.B, lay.H, lay.T_p, lay.G_p, w)
+        widths = (n_alloc * nbk, n_alloc + 1, n_alloc + 1)
     if k.shape[1] == 0 or q.shape[1] == 0:
         o, lse = no_keys(q, v)
-        return (o, lse, jnp.full(scores_shape, -jnp.inf)) if with_scores else (o, lse)
+        if block_sums is None:
+            return o, lse
+        return o, lse, tuple(jnp.full(sums_shape(w), f, jnp.float32)
+                             for w, f in zip(widths, (0.0, 0.0, -jnp.inf)))
     table_specs, table_args = table_inputs(blocks, lay.block_q, splits)
     bound_specs, bound_args = lay.bound_inputs(bounds, splits=splits)
     (k_spec, k_in), (v_spec, v_in) = lay.keys(k, lay.D_p), lay.keys(v, lay.Dv_p)
@@ -165,22 +210,25 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Fla
         out_specs = [part(lay.Dv_p), part()]
         out_shape = [jax.ShapeDtypeStruct((lay.B, lay.H, splits, rows, lay.Dv_p), jnp.float32),
                      jax.ShapeDtypeStruct((lay.B, lay.H, splits, rows), jnp.float32)]
-    if with_scores:
-        out_specs.append(tile(lay.N_p))
-        out_shape.append(lay.rows_shape(jnp.float32, lay.N_p))
+    if block_sums is not None:
+        out_specs += [tile(w) for w in widths]
+        out_shape += [lay.rows_shape(jnp.float32, w) for w in widths]
     out = pl.pallas_call(
-        functools.partial(_kernel, prog=lay.program(rule, scale), splits=splits),
+        functools.partial(_kernel, prog=lay.program(rule, scale), splits=splits,
+                          sums=block_sums),
         grid=(lay.B, lay.H, lay.num_q_tiles * splits),
         in_specs=(pl.BlockSpec(), tile(lay.D_p), k_spec, v_spec, table_specs, bound_specs),
         out_specs=tuple(out_specs),
         out_shape=tuple(out_shape),
         compiler_params=config.compiler_params(),
         interpret=interpret,
-        name="nsa_flash_fwd_scored" if with_scores else "nsa_flash_fwd",
+        name="nsa_flash_fwd_scored" if block_sums is not None else "nsa_flash_fwd",
     )(offsets.astype(jnp.int32), lay.group(q, lay.D_p), k_in, v_in, table_args, bound_args)
     o, lse = out[:2] if splits == 1 else merge_shares(*out[:2], q.dtype)
     o, lse = lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)
-    return (o, lse, out[2].reshape(scores_shape)) if with_scores else (o, lse)
+    if block_sums is None:
+        return o, lse
+    return o, lse, tuple(x.reshape(sums_shape(w)) for x, w in zip(out[2:], widths))
 
 
 def merge_shares(o, lse, dtype):

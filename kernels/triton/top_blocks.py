@@ -33,6 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from nsa_jax.kernels.common import (FAR, LOG2E, Launch, MaskRule, Program, bounded_ranges, pow2,
                                     read_bounds)
+from nsa_jax.kernels.triton.block_map import exact_dot, token_map
 from nsa_jax.kernels.triton.flash_bwd import probabilities
 from nsa_jax.kernels.triton.flash_fwd import FlashConfig, dot_precision
 
@@ -72,38 +73,6 @@ class BlockRule:
     def chunk(self, block_k: int) -> int:
         """Compressed tokens per chunk: whole blocks, and at least 16 blocks for `tl.dot`."""
         return max(block_k, 16 * self.per_block)
-
-
-def _token_map(BK: int, rule: BlockRule):
-    """(bfloat16 [BK, NB], float32 [BK]): the share of each token of a block-aligned chunk in each
-    of the chunk's blocks, and the share past the chunk's end (in the next chunk's first block)."""
-    pb, r = rule.per_block, rule.overlap
-    i = lax.broadcasted_iota(jnp.int32, (BK, BK // pb), 0)
-    j = lax.broadcasted_iota(jnp.int32, (BK, BK // pb), 1)
-    # Token i covers strides i .. i + r - 1; block j holds strides j * pb .. (j + 1) * pb - 1.
-    inside = jnp.minimum(i + r, (j + 1) * pb) - jnp.maximum(i, j * pb)
-    share = jnp.maximum(inside, 0).astype(jnp.float32) / r
-    t = lax.broadcasted_iota(jnp.int32, (BK,), 0)
-    tail = jnp.maximum(t + r - BK, 0).astype(jnp.float32) / r
-    return share.astype(jnp.bfloat16), tail
-
-
-def _bf16_head(x):
-    """The leading bfloat16 part of float32 x, by truncating the mantissa: exactly representable,
-    so no compiler may fold the split away (XLA drops f32 -> bf16 -> f32 round trips)."""
-    bits = lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-65536)
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _exact_dot(p, m):
-    """float32 p [M, K] @ m [K, N] (bfloat16, exactly representable) at float32 accuracy."""
-    hi = _bf16_head(p)
-    rest = p - hi
-    mid = _bf16_head(rest)
-    lo = rest - mid
-    # Smallest parts first.
-    out = pltriton.dot(lo.astype(jnp.bfloat16), m) + pltriton.dot(mid.astype(jnp.bfloat16), m)
-    return out + pltriton.dot(hi.astype(jnp.bfloat16), m)
 
 
 def _insert(best, ids, key, blk, n: int):
@@ -160,7 +129,7 @@ def _kernel(off_ref, lse_ref, q_ref, k_ref, lo_ref, hi_ref, bounds, out_ref, *, 
     last = blk_hi - 1
     if rule.causal:
         last = jnp.minimum(last, own)
-    share, tail = _token_map(BK, rule)
+    share, tail = token_map(BK, rule.per_block, rule.overlap)
     col = lax.broadcasted_iota(jnp.int32, (NB,), 0)
 
     def visit(c, carry, masked=True):
@@ -169,7 +138,7 @@ def _kernel(off_ref, lse_ref, q_ref, k_ref, lo_ref, hi_ref, bounds, out_ref, *, 
         k = k_ref[pl.ds(start, BK), :]  # [BK, D]
         p = probabilities(prog, q, k, lse2, q_pos, start, prec=prec, masked=masked,
                           bounds=bounds)  # [rows, BK]
-        s = _exact_dot(p, share).reshape(bq, G, NB).sum(axis=1)  # [Q, NB]
+        s = exact_dot(p, share).reshape(bq, G, NB).sum(axis=1)  # [Q, NB]
         s = s + jnp.where(col == 0, spill[:, None], 0.0)
         spill = jnp.sum(p * tail[None, :], axis=1).reshape(bq, G).sum(axis=1)  # [Q]
         j = c * NB + col  # [NB] block ids

@@ -20,12 +20,12 @@ from jax.sharding import PartitionSpec as P
 
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
-from nsa_jax.kernels.common import FAR, LOG2E, BlockTable, Launch, MaskRule, ReverseTable, pow2
+from nsa_jax.kernels.common import FAR, BlockTable, Launch, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass, scored_block_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
-from nsa_jax.kernels.triton.flash_fwd import FlashConfig, flash_forward
+from nsa_jax.kernels.triton.flash_fwd import BlockSums, FlashConfig, flash_forward
 from nsa_jax.kernels.triton.selected_by_block import selected_by_block, selected_by_block_backward
 from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
 from nsa_jax.kernels.triton.top_blocks import BlockRule, per_token_top_blocks, tile_top_blocks
@@ -80,7 +80,7 @@ def _per_batch_shard(fn, *args):
     """``fn(*args)``, on each batch shard (`jax.shard_map`) when the batch axis of the first
     argument is sharded over explicit mesh axes: pallas_call takes no explicitly sharded operand.
     Every array argument and result has the batch axis first."""
-    batch = jax.typeof(args[0]).sharding.spec[0]
+    batch = jax.typeof(jax.tree.leaves(args[0])[0]).sharding.spec[0]
     if batch is None:
         return fn(*args)
     args = jax.tree.map(lambda x: jax.sharding.reshard(x, P(batch)), args)
@@ -321,71 +321,62 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
 def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, interpret=False,
                              tilings: TritonTilings | None = None):
     """(o, lse, selection) of the compressed branch and block scoring with one read of k_c: the
-    forward kernel also writes its rows' scores, and `scored_block_mass` turns them into block
-    scores (XLA does, for rules that kernel does not take). None for calls of more than ``SCORED_MAX_QUERIES`` queries or ``SCORED_BYTES`` of
-    scores."""
+    forward kernel also writes its rows' selection-block partial sums, `scored_block_mass` turns
+    them into block scores and `tile_top_blocks` chooses. None for calls of more than
+    ``SCORED_MAX_QUERIES`` queries, more than ``SCORED_BYTES`` of sums, or selection rules the
+    kernels do not take (`BlockRule.fused`)."""
     B, T, HQ, D = q.shape
-    if T > SCORED_MAX_QUERIES:
+    rule = _block_rule(cfg)
+    if T > SCORED_MAX_QUERIES or rule.fused() is not None:
         return None
     N_c, H = k_c.shape[1], k_c.shape[2]
     G = HQ // H
     t = default_tilings() if tilings is None else tilings
     fwd = t.compressed.flash(G, queries=T)
+    # A KV block maps onto at least 16 selection blocks (the block map's matrix product).
+    fwd = dataclasses.replace(fwd, block_k=max(fwd.block_k, 16 * rule.per_block))
     lay = Launch.of(q, k_c, v_c, block_q=fwd.block_q, block_k=fwd.block_k)
-    if B * H * lay.T_p * lay.G_p * lay.N_p * 4 > SCORED_BYTES:
+    if B * H * lay.T_p * lay.G_p * lay.N_p // rule.per_block * 4 > SCORED_BYTES:
         return None
     fwd = _shared(fwd, "compressed", B * H * lay.num_q_tiles, lay.num_kv_blocks)
-    o, lse, s = _per_batch_shard(
+    sums = BlockSums(per_block=rule.per_block, overlap=rule.overlap)
+    o, lse, sums = _per_batch_shard(
         lambda *a: _scored_vjp(*a, compressed_rule(cfg, N_c), cfg.softmax_scale(D), fwd,
-                               t.compressed_bwd.flash(G), interpret),
+                               t.compressed_bwd.flash(G), sums, interpret),
         q, k_c, v_c, key_offsets(B, T, S, kv_len))
     # Selection is not differentiated (as in `select_blocks`).
-    s, lse_s = jax.lax.stop_gradient(s), jax.lax.stop_gradient(lse)
+    sums, lse_s = jax.lax.stop_gradient(sums), jax.lax.stop_gradient(lse)
     qt = cfg.select_q_tile
     n_tiles, N_s = -(-T // qt), -(-S // cfg.select_block)
-    pb = cfg.select_block // cfg.compress_stride
-    if _block_rule(cfg).fused() is None and (lay.N_p & -lay.N_p) >= pb:
-        mass = _per_batch_shard(
-            lambda s, lse: scored_block_mass(s, lse, per_block=pb,
-                                             overlap=cfg.compress_block // cfg.compress_stride,
-                                             config=fwd, interpret=interpret),
-            s, lse_s)[:, :, :T]  # [B, H, T, blocks]
-        mass = jnp.pad(mass, ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
-        scores = mass.reshape(B, H, n_tiles, qt, -1).sum(axis=3)[..., :N_s]
-        scores = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, N_s - scores.shape[-1])))
-    else:
-        s = s[:, :, :T, :G, :N_c]  # [B, H, T, G, N_c]
-        lse_g = lse_s.reshape(B, T, H, G).transpose(0, 2, 1, 3)[..., None]
-        seen = jnp.isfinite(lse_g)
-        p = jnp.where(seen, jnp.exp2(s - jnp.where(seen, lse_g, 0.0) * LOG2E), 0.0)
-        mass = jnp.pad(p.sum(axis=3), ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
-        # Materialised: fused into `block_scores`, the sum over G would be recomputed per shift.
-        mass = jax.lax.optimization_barrier(mass.reshape(B, H, n_tiles, qt, N_c).sum(axis=3))
-        scores = selection.block_scores(mass, cfg, N_s)
+    mass = _per_batch_shard(lambda sums, lse: scored_block_mass(sums, lse, interpret=interpret),
+                            sums, lse_s)[:, :, :T]  # [B, H, T, blocks]
+    mass = jnp.pad(mass, ((0, 0), (0, 0), (0, n_tiles * qt - T), (0, 0)))
+    scores = mass.reshape(B, H, n_tiles, qt, -1).sum(axis=3)[..., :N_s]
+    scores = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, N_s - scores.shape[-1])))
     first, last = selection.tile_span(jnp.arange(n_tiles, dtype=jnp.int32) * qt, qt, T,
                                       key_offsets(B, T, S, kv_len))
     ids, counts = _per_batch_shard(
         lambda scores, first, last, kv_blocks: tile_top_blocks(
-            scores, first, last, kv_blocks, rule=_block_rule(cfg), interpret=interpret),
+            scores, first, last, kv_blocks, rule=rule, interpret=interpret),
         scores, first, last, selection.kv_blocks(B, S, cfg, kv_len).reshape(B))
     return o, lse, metadata.BlockSparseIndices(ids, counts, q_tile=qt, block_size=cfg.select_block)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _scored_vjp(q, k_c, v_c, offsets, rule: MaskRule, scale: float, fwd: FlashConfig,
-                bwd: FlashConfig, interpret: bool):
-    """(o, lse, scores) of the range-walk flash forward; the scores' cotangent is dropped (they
+                bwd: FlashConfig, sums: BlockSums, interpret: bool):
+    """(o, lse, block sums) of the range-walk flash forward; the sums' cotangent is dropped (they
     feed only the selection, which is not differentiated)."""
     return flash_forward(q, k_c, v_c, offsets, rule=rule, scale=scale, config=fwd,
-                         interpret=interpret, with_scores=True)
+                         interpret=interpret, block_sums=sums)
 
 
-def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret):
-    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, interpret)
+def _scored_fwd(q, k_c, v_c, offsets, rule, scale, fwd, bwd, sums, interpret):
+    out = _scored_vjp(q, k_c, v_c, offsets, rule, scale, fwd, bwd, sums, interpret)
     return out, (q, k_c, v_c, offsets, out[0], out[1])
 
 
-def _scored_bwd(rule, scale, fwd, bwd, interpret, res, ct):
+def _scored_bwd(rule, scale, fwd, bwd, sums, interpret, res, ct):
     q, k_c, v_c, offsets, o, lse = res
     do, dlse, _ = ct
     dq, dk, dv = _backward_kernels(q, k_c, v_c, o, lse, do, dlse, offsets, None, None, rule,
