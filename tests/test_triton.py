@@ -29,6 +29,23 @@ def _kernel_names(fn, *args):
     return re.findall(r"name=(nsa_\w+)", str(jax.make_jaxpr(fn)(*args)))
 
 
+def _kernel_grids(fn, *args):
+    """[(kernel name, grid)] of the Pallas calls ``fn`` makes."""
+    grids = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append((eqn.params["name"], eqn.params["grid_mapping"].grid))
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    visit(inner)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
 def test_scoring_in_chunks_matches_one_pass(monkeypatch):
     cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=16, select_block=32, num_selected=3,
                             select_q_tile=16)
@@ -286,20 +303,20 @@ def test_per_token_selected_branch_picks_its_kernels(monkeypatch, HQ, H, forward
 
 
 @pytest.mark.parametrize("select_q_tile", [1, 4])
-def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, select_q_tile):
+def test_few_queries_select_in_the_compressed_pass(monkeypatch, select_q_tile):
     """A call of a few queries (a decode step) runs the compressed kernel that also writes its
-    scores, and no scoring kernel; it selects what the two-pass path selects, and its output and
-    gradients (through the fused pass's own backward) match the reference. 7 queries at an offset
-    S > T: tiles of 4 straddle a selection block. Only each tile's own blocks are forced, so the
-    scores choose three of the four blocks among eleven."""
+    block sums, and no scoring kernel; it selects what the two-pass path selects, and its output
+    and gradients (through the fused pass's own backward) match the reference, also with every
+    branch in shares. 7 queries at an offset S > T: tiles of 4 straddle a selection block. Only
+    each tile's own blocks are forced, so the scores choose three of the four blocks among 19."""
     cfg = nsa_jax.NSAConfig(compress_block=16, compress_stride=8, select_block=16, num_selected=4,
                             num_initial=0, num_local=1, window=16, select_q_tile=select_q_tile)
     q, _, _ = _inputs(7, seed=4)
-    _, k, v = _inputs(165, seed=5)
+    _, k, v = _inputs(300, seed=5)
     run = lambda *a, **kw: nsa_jax.nsa_attention(*a, config=cfg, return_selection=True, **kw,
                                                  **TRITON)
     names = _kernel_names(run, q, k, v)
-    assert "nsa_flash_fwd_scored" in names
+    assert {"nsa_flash_fwd_scored", "nsa_scored_block_mass", "nsa_tile_top_blocks"} <= set(names)
     assert not {"nsa_per_token_top_blocks", "nsa_compressed_mass"} & set(names)
     o, sel = run(q, k, v)
     _, want = nsa_jax.nsa_attention(q, k, v, config=cfg, return_selection=True,
@@ -313,16 +330,27 @@ def test_few_queries_select_from_the_compressed_kernels_scores(monkeypatch, sele
     np.testing.assert_array_equal(np.asarray(sel.counts), np.asarray(sel_apart.counts))
     assert_close(o, o_apart, FWD_TOL[jnp.float32], "o")
     monkeypatch.undo()
-    # Shares: 16-token blocks, so each program walks one of the two blocks of compressed tokens.
+    # Shares in every branch: the 36 compressed tokens are two KV blocks of 32 (16 selection
+    # blocks of 2 strides each), the window's 16 + 7 keys two blocks of 16, the 4 selected
+    # blocks four of 16.
     monkeypatch.setitem(pallas_triton.MIN_SHARE, "compressed", 1)
+    monkeypatch.setitem(pallas_triton.MIN_SHARE, "window", 1)
     jax.clear_caches()
-    tilings = TritonTilings(compressed=Tiling(block_k=16))
+    tilings = TritonTilings(compressed=Tiling(block_k=16), window=Tiling(block_k=16))
+    grids = _kernel_grids(lambda *a: run(*a, tilings=tilings), q, k, v)
+    # Two shares per query tile: the compressed pass and the window have one tile of 8 queries,
+    # the selected branch one per selection tile.
+    sel_tiles = 7 if select_q_tile == 1 else 2
+    assert ("nsa_flash_fwd_scored", (1, 2, 2)) in grids
+    assert sorted(g for name, g in grids if name == "nsa_flash_fwd") == sorted(
+        [(1, 2, 2), (1, 2, 2 * sel_tiles)])
     o_shared, sel_shared = run(q, k, v, tilings=tilings)
     np.testing.assert_array_equal(np.asarray(sel_shared.indices), np.asarray(sel.indices))
     assert_close(o_shared, o, FWD_TOL[jnp.float32], "o in shares")
-    _grad_check(lambda *a: nsa_jax.nsa_attention(*a, config=cfg, tilings=tilings, **TRITON),
-                lambda *a: nsa_jax.nsa_attention(*a, config=cfg, implementation="reference"),
-                (q, k, v), "q k v".split())
+    if select_q_tile == 1:  # the pass's backward is the compressed branch's, whatever the tile
+        _grad_check(lambda *a: nsa_jax.nsa_attention(*a, config=cfg, tilings=tilings, **TRITON),
+                    lambda *a: nsa_jax.nsa_attention(*a, config=cfg, implementation="reference"),
+                    (q, k, v), "q k v".split())
     monkeypatch.undo()
     jax.clear_caches()
 
@@ -399,12 +427,13 @@ def test_block_major_work_items_cover_each_block_once():
 
 
 @pytest.mark.parametrize("T,G,N,window,splits", [
-    (2, 3, 300, 960, 1), (2, 3, 300, 960, 3), (1, 16, 320, 0, 2), (5, 1, 200, 0, 1)])
+    (2, 3, 300, 960, 1), (2, 3, 300, 960, 3), (1, 16, 512, 0, 2), (5, 1, 200, 0, 1)])
 def test_scored_block_mass_matches_the_selection_rules(T, G, N, window, splits):
     """A decode step's block scores (the forward's block sums, then `scored_block_mass`) against
     `selection.block_scores` of the probabilities in float64: KV blocks no share walks (before
-    and after a window), tokens spilling into the next KV block and past the last one (N = N_p),
-    padded queries and heads."""
+    and after a window), tokens spilling into the next KV block and past the last one,
+    padded queries and heads. With N = 512 the 8 KV blocks fill the sums' room, so the last
+    token's spill is the kernel's edge output."""
     from nsa_jax.kernels.common import MaskRule
     from nsa_jax.kernels.triton.block_scores import scored_block_mass
     from nsa_jax.kernels.triton.flash_fwd import BlockSums, flash_forward

@@ -1,4 +1,8 @@
-"""Per-token block selection in one kernel (Triton lowering): scores, rules and top-n on chip.
+"""Block selection kernels (Triton lowering): rules and top-n on chip.
+
+`tile_top_blocks` chooses from block scores already made (a decode step's, from
+`scored_block_mass`): one program per (row, KV head, tile) applies the rules and takes the best
+block n times. `per_token_top_blocks` computes the scores as well, as follows.
 
 With ``select_q_tile = 1`` every query chooses its own n blocks. A program owns ``block_q``
 queries of one KV head (rows = queries x the G heads, as in the forward) and walks the compressed

@@ -25,7 +25,7 @@ from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass, scored_block_mass
 from nsa_jax.kernels.triton.flash_bwd import flash_backward
-from nsa_jax.kernels.triton.flash_fwd import BlockSums, FlashConfig, flash_forward
+from nsa_jax.kernels.triton.flash_fwd import SUMS_UNIT, BlockSums, FlashConfig, flash_forward
 from nsa_jax.kernels.triton.selected_by_block import selected_by_block, selected_by_block_backward
 from nsa_jax.kernels.triton.tiling import TritonTilings, default_tilings
 from nsa_jax.kernels.triton.top_blocks import BlockRule, per_token_top_blocks, tile_top_blocks
@@ -44,9 +44,10 @@ BY_BLOCK_MAX_GROUP_BWD = 16
 # queries (a decode step) shares none and would pay the reverse map and partials for nothing.
 BY_BLOCK_MIN_QUERIES = 256
 
-# A call of at most this many queries (a decode step) has the compressed branch hand its scores
-# to the selection, while they take at most SCORED_BYTES (float32 [B, H, T_p * G_p, N_p]: 34 MiB
-# for one token at B=32, H=4, G=16 and 64k keys); other calls score in a pass of their own.
+# A call of at most this many queries (a decode step) has the compressed branch hand its block
+# sums to the selection, while they take at most SCORED_BYTES (float32, about a quarter of the
+# [B, H, T_p * G_p, N_p] scores: 9.6 MiB for one token at B=32, H=4, G=16 and 64k keys); other
+# calls score in a pass of their own.
 SCORED_MAX_QUERIES = 16
 SCORED_BYTES = 1 << 28
 # Such a call has one program per (row, KV head) and query tile, too few to keep the memory busy:
@@ -227,7 +228,7 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
                         queries=T if T <= SCORED_MAX_QUERIES else None)
         if T <= SCORED_MAX_QUERIES:
             fwd = _shared(fwd, "selected", B * H * -(-T // fwd.block_q),
-                          cfg.num_selected * sel.block_size // fwd.block_k)
+                          sel.indices.shape[-1] * sel.block_size // fwd.block_k)
     bwd = t.selected_by_block_bwd if by_block[1] else t.selected_bwd
     bwd = bwd.flash(G, q_tile=None if by_block[1] else sel.q_tile,
                     block_k_divides=sel.block_size)
@@ -336,7 +337,9 @@ def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, i
     # A KV block maps onto at least 16 selection blocks (the block map's matrix product).
     fwd = dataclasses.replace(fwd, block_k=max(fwd.block_k, 16 * rule.per_block))
     lay = Launch.of(q, k_c, v_c, block_q=fwd.block_q, block_k=fwd.block_k)
-    if B * H * lay.T_p * lay.G_p * lay.N_p // rule.per_block * 4 > SCORED_BYTES:
+    n_alloc = -(-lay.num_kv_blocks // SUMS_UNIT) * SUMS_UNIT
+    per_row = n_alloc * fwd.block_k // rule.per_block + 2 * (n_alloc + 1)  # part, tail, top
+    if B * H * lay.T_p * lay.G_p * per_row * 4 > SCORED_BYTES:
         return None
     fwd = _shared(fwd, "compressed", B * H * lay.num_q_tiles, lay.num_kv_blocks)
     sums = BlockSums(per_block=rule.per_block, overlap=rule.overlap)
