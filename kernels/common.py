@@ -240,6 +240,17 @@ def table_inputs(blocks: BlockTable | None, block_q: int, splits: int = 1):
     return specs, (tab, blocks.counts[..., None])
 
 
+def group_lse(lse, H: int, T_p: int, G_p: int):
+    """float32 [B, T, H*G] log-sum-exp -> [B, H, T_p * G_p], +inf for rows without a visible key
+    (lse = -inf) and for padded rows, so that their probabilities are exactly 0."""
+    T, HQ = lse.shape[1:]
+    finite = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    lse_g = group_rows(finite[..., None], H, T_p, G_p, 1)[..., 0]
+    row = jnp.arange(T_p * G_p)
+    real = ((row // G_p) < T) & ((row % G_p) < HQ // H)
+    return jnp.where(real, lse_g, jnp.inf)
+
+
 def group_rows(x, H: int, T_p: int, G_p: int, D_p: int):
     """[B, T, H*G, D] -> [B, H, T_p * G_p, D_p], zero padded; row r is query r // G_p, head r % G_p,
     so the rows of one program are contiguous."""
@@ -393,12 +404,8 @@ class Launch:
         return self.group(x[..., None], 1)[..., 0]
 
     def group_lse(self, lse):
-        """float32 [B, T, H*G] log-sum-exp -> [B, H, T_p * G_p], +inf for rows without a visible
-        key (lse = -inf) and for padded rows, so that their probabilities are exactly 0."""
-        lse_g = self.group_vector(jnp.where(jnp.isfinite(lse), lse, jnp.inf))
-        row = jnp.arange(self.T_p * self.G_p)
-        real = ((row // self.G_p) < self.T) & ((row % self.G_p) < self.G)
-        return jnp.where(real, lse_g, jnp.inf)
+        """`group_lse` in this launch's layout."""
+        return group_lse(lse, self.H, self.T_p, self.G_p)
 
     def ungroup(self, x, width: int):
         """[B, H, T_p * G_p, w_p] -> [B, T, H*G, width]: drops padded rows, heads and channels."""

@@ -495,46 +495,11 @@ def test_tile_top_blocks_matches_the_selection_rules(N_s, n, num_initial, num_lo
     assert (np.asarray(counts) > 0).any() and (np.asarray(counts) < n).any()
 
 
-@pytest.mark.parametrize("with_sums,splits", [(False, 1), (True, 1), (True, 4)])
-def test_decode_forward_lowers_for_cuda(monkeypatch, with_sums, splits):
-    """The decode forward's Triton module is valid for an H200, checked without a GPU (lowering
-    for "cuda" under an abstract device, with the MLIR verifier that otherwise runs only when
-    XLA compiles it on the GPU)."""
+def _lower_for_h200(monkeypatch, fn, *args):
+    """Lowers ``fn(*args)`` for "cuda" under an abstract H200 with the MLIR verifier that
+    otherwise runs only when XLA compiles a Triton module on the GPU; returns the kernels' names."""
     from jax._src.pallas.triton import lowering
     from jax.sharding import AbstractDevice, AbstractMesh
-    from nsa_jax.kernels.common import MaskRule
-    from nsa_jax.kernels.triton.flash_fwd import BlockSums, flash_forward
-
-    lower = lowering.lower_jaxpr_to_triton_module
-
-    def verified(*args, **kwargs):
-        result = lower(*args, **kwargs)
-        result.module.operation.verify()
-        return result
-
-    monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", verified)
-    B, HQ, H, D, N = 2, 64, 4, 128, 512
-    q = jnp.zeros((B, 1, HQ, D), jnp.bfloat16)
-    k = jnp.zeros((B, N, H, D), jnp.bfloat16)
-    rule = MaskRule(num_keys=N, key_stride=16, key_offset=31)
-    sums = BlockSums(per_block=4, overlap=2) if with_sums else None
-    f = lambda q, k, off: flash_forward(q, k, k, off, rule=rule, scale=0.1,
-                                        config=FlashConfig(block_q=1, splits=splits),
-                                        block_sums=sums)
-    h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
-    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
-        jax.jit(f).trace(q, k, jnp.zeros((B,), jnp.int32)).lower(lowering_platforms=("cuda",))
-
-
-@pytest.mark.parametrize("T", [1, 5])
-def test_decode_step_lowers_for_cuda(monkeypatch, T):
-    """Every Triton kernel of a decode-sized layer call (the scored compressed pass, the block
-    mass, the top-n, the selected and window branches in shares) is valid for an H200, as
-    above."""
-    from jax._src.pallas.triton import lowering
-    from jax.sharding import AbstractDevice, AbstractMesh
-    from nsa_jax.kernels.triton.tiling import SM90
-    from nsa_jax.ops import base
 
     lower = lowering.lower_jaxpr_to_triton_module
     names = []
@@ -546,6 +511,36 @@ def test_decode_step_lowers_for_cuda(monkeypatch, T):
         return result
 
     monkeypatch.setattr(lowering, "lower_jaxpr_to_triton_module", verified)
+    h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    return names
+
+
+@pytest.mark.parametrize("with_sums,splits", [(False, 1), (True, 1), (True, 4)])
+def test_decode_forward_lowers_for_cuda(monkeypatch, with_sums, splits):
+    """The decode forward's Triton module is valid for an H200, checked without a GPU."""
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.triton.flash_fwd import BlockSums, flash_forward
+
+    B, HQ, H, D, N = 2, 64, 4, 128, 512
+    q = jnp.zeros((B, 1, HQ, D), jnp.bfloat16)
+    k = jnp.zeros((B, N, H, D), jnp.bfloat16)
+    rule = MaskRule(num_keys=N, key_stride=16, key_offset=31)
+    sums = BlockSums(per_block=4, overlap=2) if with_sums else None
+    f = lambda q, k, off: flash_forward(q, k, k, off, rule=rule, scale=0.1,
+                                        config=FlashConfig(block_q=1, splits=splits),
+                                        block_sums=sums)
+    _lower_for_h200(monkeypatch, f, q, k, jnp.zeros((B,), jnp.int32))
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_decode_step_lowers_for_cuda(monkeypatch, T):
+    """Every Triton kernel of a decode-sized layer call (the scored compressed pass, the block
+    mass, the top-n, the selected and window branches in shares) is valid for an H200."""
+    from nsa_jax.kernels.triton.tiling import SM90
+    from nsa_jax.ops import base
+
     monkeypatch.setattr(pallas_triton.TritonBackend, "available", lambda self, interpret: base.YES)
     B, HQ, H, D = 4, 64, 4, 128
     cfg = nsa_jax.NSAConfig()
@@ -554,9 +549,7 @@ def test_decode_step_lowers_for_cuda(monkeypatch, T):
     k = jnp.zeros((B, T, H, D), jnp.bfloat16)
     f = lambda q, k, cache: nsa_jax.nsa_decode(q, k, k, None, cache, config=cfg,
                                                implementation="triton", tilings=SM90)
-    h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
-    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
-        jax.jit(f).trace(q, k, cache).lower(lowering_platforms=("cuda",))
+    names = _lower_for_h200(monkeypatch, f, q, k, cache)
     assert sorted(names) == ["nsa_flash_fwd"] * 2 + ["nsa_flash_fwd_scored",
                                                      "nsa_scored_block_mass",
                                                      "nsa_tile_top_blocks"]

@@ -23,7 +23,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, Program, bounded_ranges, read_bounds
+from nsa_jax.kernels.common import (LOG2E, Launch, MaskRule, Program, bounded_ranges, group_lse,
+                                    read_bounds)
 from nsa_jax.kernels.triton.flash_bwd import probabilities
 from nsa_jax.kernels.triton.flash_fwd import SUMS_UNIT, FlashConfig, dot_precision
 
@@ -133,14 +134,9 @@ def scored_block_mass(sums, lse, *, interpret: bool = False):
     part, tail, top = sums
     B, H, T_p, G_p, width = part.shape
     n_alloc = top.shape[-1] - 1
-    T, G = lse.shape[1], lse.shape[2] // H
-    if n_alloc == 0 or T == 0:
+    if n_alloc == 0 or lse.shape[1] == 0:
         return jnp.zeros((B, H, T_p, width + 1), jnp.float32)
     nbk = width // n_alloc
-    # +inf for rows that must not count (no visible token, padded queries and heads).
-    lse_rows = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(B, T, H, G).transpose(0, 2, 1, 3)
-    lse_rows = jnp.pad(lse_rows, ((0, 0), (0, 0), (0, T_p - T), (0, G_p - G)),
-                       constant_values=jnp.inf).reshape(B, H, T_p * G_p)
     q_per = min(T_p & -T_p, max(1, 16 // G_p))  # queries per program: 16 rows when possible
     R = q_per * G_p
     # Whole KV blocks (n_alloc is a multiple of SUMS_UNIT), about 2048 sums a program.
@@ -164,5 +160,6 @@ def scored_block_mass(sums, lse, *, interpret: bool = False):
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="nsa_scored_block_mass",
-    )(lse_rows, *(x.reshape(B, H, T_p * G_p, x.shape[-1]) for x in (part, tail, top)))
+    )(group_lse(lse, H, T_p, G_p),
+      *(x.reshape(B, H, T_p * G_p, x.shape[-1]) for x in (part, tail, top)))
     return jnp.concatenate([mass, edge[..., -1:]], axis=-1)

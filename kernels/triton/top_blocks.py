@@ -79,6 +79,22 @@ class BlockRule:
         return max(block_k, 16 * self.per_block)
 
 
+def _rule_keys(s, j, lo, last, own_lo, own_hi, rule: BlockRule):
+    """Selection keys of blocks ``j`` with scores ``s`` (broadcast together) for a query or tile
+    whose sequence starts at block ``lo``, that may take blocks up to ``last`` and whose own
+    queries sit in blocks ``own_lo .. own_hi``: -inf where not eligible, the float32 maximum for
+    forced blocks and +inf for its own forced ones, as `nsa_jax.ops.selection.top_blocks` ranks
+    them."""
+    eligible = (j >= lo) & (j <= last)
+    forced = j < lo + rule.num_initial
+    if rule.num_local >= 1:
+        forced |= (j >= own_lo - (rule.num_local - 1)) & (j <= own_hi)
+    forced &= eligible
+    key = jnp.where(eligible, s, -jnp.inf)
+    key = jnp.where(forced, _MAX, key)
+    return jnp.where(forced & (j >= own_lo) & (j <= own_hi), jnp.inf, key)
+
+
 def _insert(best, ids, key, blk, n: int):
     """Running top-n: moves the candidates ``key`` [Q, NB] (block ids ``blk`` [NB]) that beat the
     n-th best of ``best``/``ids`` [Q, NP] into it, best first; ties to the lower id."""
@@ -146,14 +162,8 @@ def _kernel(off_ref, lse_ref, q_ref, k_ref, lo_ref, hi_ref, bounds, out_ref, *, 
         s = s + jnp.where(col == 0, spill[:, None], 0.0)
         spill = jnp.sum(p * tail[None, :], axis=1).reshape(bq, G).sum(axis=1)  # [Q]
         j = c * NB + col  # [NB] block ids
-        eligible = (j[None, :] >= blk_lo[:, None]) & (j[None, :] <= last[:, None])
-        forced = j[None, :] < blk_lo[:, None] + rule.num_initial
-        if rule.num_local >= 1:
-            forced |= (j[None, :] >= own[:, None] - (rule.num_local - 1)) & (j[None, :] <= own[:, None])
-        forced &= eligible
-        key = jnp.where(eligible, s, -jnp.inf)
-        key = jnp.where(forced, _MAX, key)
-        key = jnp.where(forced & (j[None, :] == own[:, None]), jnp.inf, key)
+        key = _rule_keys(s, j[None, :], blk_lo[:, None], last[:, None], own[:, None],
+                         own[:, None], rule)  # [Q, NB]
         best, ids = _insert(best, ids, key, j, rule.num_selected)
         return best, ids, spill
 
@@ -230,19 +240,10 @@ def _tile_top_kernel(span_ref, kvb_ref, s_ref, ids_ref, cnt_ref, *, rule: BlockR
     s = s_ref[...]  # [N_sp], the row padded to a power of two
     j = lax.broadcasted_iota(jnp.int32, s.shape, 0)
     ls = rule.select_block
-    eligible = (j < num_blocks) & (j < kvb_ref[b])
+    last_blk = jnp.minimum(kvb_ref[b], num_blocks) - 1
     if rule.causal:
-        eligible &= j * ls <= last
-    forced = j < rule.num_initial
-    own = None
-    if rule.num_local >= 1:
-        own = (j >= first // ls) & (j <= last // ls)
-        forced |= (j >= first // ls - (rule.num_local - 1)) & (j <= last // ls)
-    forced &= eligible
-    key = jnp.where(eligible, s, -jnp.inf)
-    key = jnp.where(forced, _MAX, key)
-    if own is not None:
-        key = jnp.where(forced & own, jnp.inf, key)
+        last_blk = jnp.minimum(last_blk, last // ls)
+    key = _rule_keys(s, j, 0, last_blk, first // ls, last // ls, rule)
     slot = lax.broadcasted_iota(jnp.int32, (n_p,), 0)
 
     def pick(i, carry):
