@@ -15,8 +15,8 @@ import jax
 from nsa_jax.config import NSAConfig
 from nsa_jax.tools import bench
 
-ROWS = ("dense", "compressed", "selected_qt64", "window", "nsa_qt64", "dense_fwd_bwd",
-        "nsa_qt64_fwd_bwd")
+ROWS = ("dense", "compressed", "scoring_qt64", "selected_qt64", "window", "nsa_qt64",
+        "dense_fwd_bwd", "nsa_qt64_fwd_bwd")
 
 
 def main(lengths):

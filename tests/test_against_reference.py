@@ -13,7 +13,7 @@ import pytest
 import nsa_jax
 from nsa_jax import reference
 from conftest import (DTYPES, FWD_TOL, GRAD_TOL, IMPLEMENTATIONS, assert_bit_identical, assert_close,
-                      normal, upcast)
+                      assert_same_selection, normal, upcast)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,23 +125,6 @@ def test_compressed_attention(impl, case, dt):
     _vjp_check(lambda *a: fn(*a)[0], lambda *a: reference.compressed_attention(
         *a, config=cfg, kv_len=S)[0], (q, k_c, v_c), upcast((q, k_c, v_c)), dtype, 1, "q k_c v_c".split())
     assert_bit_identical(fn(q, k_c, v_c), (o, lse))
-
-
-def assert_same_selection(sel, ref_sel, scores):
-    """Selections must match exactly, except between blocks whose reference scores tie to within
-    float32 rounding (then either choice is correct)."""
-    assert sel.indices.shape == ref_sel.indices.shape
-    assert (sel.q_tile, sel.block_size) == (ref_sel.q_tile, ref_sel.block_size)
-    ids, ref_ids = np.asarray(sel.indices), np.asarray(ref_sel.indices)
-    np.testing.assert_array_equal(np.asarray(sel.counts), np.asarray(ref_sel.counts))
-    scores = np.asarray(scores)
-    for idx in zip(*np.nonzero((ids != ref_ids).any(-1))):
-        a, b = set(ids[idx]) - {-1}, set(ref_ids[idx]) - {-1}
-        only = sorted(a ^ b)
-        row = scores[idx]
-        spread = row[only].max() - row[only].min()
-        assert spread <= 1e-5 * max(1.0, np.abs(row).max()), (
-            f"selection differs at {idx}: {sorted(a)} vs {sorted(b)}, scores {row[only]}")
 
 
 @pytest.mark.parametrize("impl,case,dt", _dtype_cases())

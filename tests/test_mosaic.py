@@ -14,7 +14,8 @@ import pytest
 import nsa_jax
 from nsa_jax import reference
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
-from conftest import FWD_TOL, GRAD_TOL, ON_GPU, assert_bit_identical, assert_close, normal, upcast
+from conftest import (FWD_TOL, GRAD_TOL, ON_GPU, assert_bit_identical, assert_close,
+                      assert_same_selection, normal, upcast)
 
 MOSAIC = dict(implementation="mosaic", interpret=not ON_GPU)
 BF16 = jnp.bfloat16
@@ -22,7 +23,8 @@ BF16 = jnp.bfloat16
 
 def _kernels(fn, *args):
     """The forward kernels ``fn`` runs (each name once)."""
-    return set(re.findall(r"(nsa_mosaic_\w+|nsa_flash_fwd)", str(jax.make_jaxpr(fn)(*args))))
+    return set(re.findall(r"(nsa_mosaic_\w+|nsa_flash_fwd|nsa_compressed_mass)",
+                          str(jax.make_jaxpr(fn)(*args))))
 
 
 def _inputs(T, HQ, H, D, Dv, seed, dtype=BF16, S=None):
@@ -147,6 +149,82 @@ def test_whole_nsa_forward():
     assert_close(got, want, FWD_TOL[BF16], "o")
 
 
+def _scoring_inputs(T, HQ, H, D, qt, S, seed):
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=3,
+                            select_q_tile=qt, window=32)
+    q, k, v = _inputs(T, HQ, H, D, D, seed, S=S)
+    k_c, v_c = nsa_jax.compress(k, v, config=cfg)
+    _, lse = nsa_jax.compressed_attention(q, k_c, v_c, config=cfg, kv_len=k.shape[1], **MOSAIC)
+    return cfg, q, k_c, lse
+
+
+# G = 4 with D padded to 64 channels; G = 16 with queries after earlier keys, two selection
+# tiles per CTA row count; G = 1 with 64-row products. Odd lengths throughout.
+@pytest.mark.parametrize("T,HQ,H,D,qt,S,rows", [(150, 4, 1, 24, 64, None, 256),
+                                               (131, 16, 1, 16, 32, 203, 128),
+                                               (201, 2, 2, 16, 64, 1100, 64)],
+                         ids=["G4-D24", "G16-S>T", "G1"])
+def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows):
+    """The compressed mass per tile, mapped onto selection blocks, against the float32
+    reference's block scores; the Triton kernel's mass; reruns bit-identical. Under the
+    interpreter the output starts as NaN, so an unwritten block fails."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
+    from nsa_jax.kernels.triton import block_scores as triton_scores
+    from nsa_jax.kernels.triton.flash_fwd import FlashConfig
+    from nsa_jax.ops import selection, triton as tri
+    cfg, q, k_c, lse = _scoring_inputs(T, HQ, H, D, qt, S, 8)
+    S = S or T
+    offsets = tri.key_offsets(1, T, S)
+    args = dict(rule=tri.compressed_rule(cfg, k_c.shape[1]), scale=cfg.softmax_scale(D), q_tile=qt)
+    interpret = False if ON_GPU else plgpu.InterpretGPUParams(uninitialized_memory="nan")
+    fn = jax.jit(lambda q, k_c, lse: compressed_mass(
+        q, k_c, lse, offsets, config=MosaicScoringConfig(rows=rows), interpret=interpret, **args))
+    mass = fn(q, k_c, lse)
+    assert _kernels(fn, q, k_c, lse) == {"nsa_mosaic_compressed_mass"}
+    scores = selection.block_scores(mass, cfg, -(-S // cfg.select_block))
+    want = reference.block_scores(*upcast((q, k_c)), config=cfg, kv_len=S)
+    assert_close(scores, want, 1e-2, "block scores")  # lse and products from bf16 kernels
+    triton_mass = triton_scores.compressed_mass(q, k_c, lse, offsets, config=FlashConfig(),
+                                                interpret=not ON_GPU, **args)
+    assert_close(mass, triton_mass, 1e-5, "mass")
+    assert_bit_identical(fn(q, k_c, lse), mass)
+
+
+def test_selection_runs_the_scoring_kernel_where_it_serves():
+    """Tiled selection in bf16 scores with the Mosaic GPU kernel and selects as the reference
+    does; per-token selection and float32 score with the Triton kernels."""
+    cfg, q, k_c, lse = _scoring_inputs(200, 8, 2, 16, 64, None, 9)
+    fn = lambda q, k_c, lse: nsa_jax.select_blocks(q, k_c, config=cfg, lse=lse, **MOSAIC)
+    assert _kernels(fn, q, k_c, lse) == {"nsa_mosaic_compressed_mass"}
+    ref = reference.select_blocks(*upcast((q, k_c)), config=cfg)
+    assert_same_selection(fn(q, k_c, lse), ref,
+                          reference.block_scores(*upcast((q, k_c)), config=cfg))
+    per_token = dataclasses.replace(cfg, select_q_tile=1)
+    assert "nsa_mosaic_compressed_mass" not in _kernels(
+        lambda q, k_c: nsa_jax.select_blocks(q, k_c, config=per_token, **MOSAIC), q, k_c)
+    q32, k_c32 = upcast((q, k_c))
+    assert _kernels(fn, q32, k_c32, lse) == {"nsa_compressed_mass"}
+
+
+@pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
+def test_scoring_kernel_has_no_shared_memory_races():
+    """Three CTAs taking several units each: Q/lse double buffers, the key ring shared by the
+    two compute warpgroups in turn, and each warpgroup's two output buffers."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
+    q, k, _ = _inputs(150, 8, 2, 64, 64, 10, S=300)
+    lse = jnp.full((1, 150, 8), 4.0, jnp.float32)
+    mass = compressed_mass(q, k, lse, jnp.array([150], jnp.int32),
+                           rule=MaskRule(num_keys=300, window=100), scale=0.125, q_tile=32,
+                           config=MosaicScoringConfig(rows=64),
+                           interpret=plgpu.InterpretGPUParams(detect_races=True))
+    mass.block_until_ready()
+    assert not interpret_pallas_call.get_races().races_found
+
+
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
 @pytest.mark.parametrize("table", [False, True])
 def test_no_shared_memory_races(table):
@@ -173,8 +251,15 @@ def test_no_shared_memory_races(table):
 @pytest.mark.parametrize("field,value,match", [
     ("block_k", 32, "block_k=32 must be 64 or 128"), ("num_stages", 1, "num_stages=1 must be")])
 def test_config_validation(field, value, match):
+    from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig
     with pytest.raises(ValueError, match=match):
         MosaicFlashConfig(**{field: value})
+    with pytest.raises(ValueError, match="rows=96 must be 64, 128 or 256"):
+        MosaicScoringConfig(rows=96)
+    with pytest.raises(ValueError, match="num_stages=3 must be an even int"):
+        MosaicScoringConfig(num_stages=3)
+    with pytest.raises(TypeError, match="MosaicTilings.scoring must be a MosaicScoringConfig"):
+        nsa_jax.MosaicTilings(scoring=MosaicFlashConfig())
     with pytest.raises(TypeError, match="MosaicTilings.window must be a MosaicFlashConfig"):
         nsa_jax.MosaicTilings(window=nsa_jax.Tiling())
     assert dataclasses.replace(nsa_jax.MosaicTilings(), window=MosaicFlashConfig(block_k=128))

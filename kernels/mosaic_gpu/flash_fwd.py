@@ -68,12 +68,12 @@ class MosaicFlashConfig:
                 f"MosaicFlashConfig.num_ctas={self.num_ctas!r} must be a positive int or None")
 
 
-def _multiprocessors() -> int:
+def multiprocessors() -> int:
     # H100 / H200 SXM have 132; the interpreter and unknown devices take the same.
     return int(getattr(jax.devices()[0], "core_count", 0) or 132)
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
@@ -85,8 +85,8 @@ def launch(q, k, v, block_k: int) -> Launch:
                          f"got {q.shape[2] // k.shape[2]}")
     block_q = ROWS // G_p
     lay = Launch.of(q, k, v, block_q=block_q, block_k=block_k, q_unit=COMPUTE_WGS * block_q)
-    return dataclasses.replace(lay, D_p=_round_up(lay.D, CHANNELS),
-                               Dv_p=_round_up(lay.Dv, CHANNELS))
+    return dataclasses.replace(lay, D_p=round_up(lay.D, CHANNELS),
+                               Dv_p=round_up(lay.Dv, CHANNELS))
 
 
 def _visible(rule: MaskRule, first, start, group_shift: int, block_k: int):
@@ -350,7 +350,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
 
     n_units = n_cta * lay.H * lay.B
     # Under the interpreter a few CTAs, so that each runs several units as on a GPU.
-    num_ctas = min(n_units, config.num_ctas or (3 if interpret else _multiprocessors()))
+    num_ctas = min(n_units, config.num_ctas or (3 if interpret else multiprocessors()))
     shared_qo = lay.D_p == lay.Dv_p
 
     def body(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):

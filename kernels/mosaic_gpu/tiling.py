@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.triton.tiling import SM90, TritonTilings
 
@@ -27,6 +28,7 @@ class MosaicTilings:
     compressed: MosaicFlashConfig = MosaicFlashConfig(block_k=128, num_stages=2)
     selected: MosaicFlashConfig | None = None
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3, pingpong=False)
+    scoring: MosaicScoringConfig | None = MosaicScoringConfig()
     triton: TritonTilings = SM90
 
     def __post_init__(self):
@@ -36,6 +38,9 @@ class MosaicTilings:
                 allowed = " or None" if name == "selected" else ""
                 raise TypeError(f"MosaicTilings.{name} must be a MosaicFlashConfig{allowed}, got "
                                 f"{type(value).__name__}")
+        if self.scoring is not None and not isinstance(self.scoring, MosaicScoringConfig):
+            raise TypeError(f"MosaicTilings.scoring must be a MosaicScoringConfig or None, got "
+                            f"{type(self.scoring).__name__}")
         if not isinstance(self.triton, TritonTilings):
             raise TypeError(f"MosaicTilings.triton must be a TritonTilings, got "
                             f"{type(self.triton).__name__}")

@@ -20,6 +20,7 @@ import jax
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import compute_major, pow2
+from nsa_jax.kernels.mosaic_gpu import block_scores as mosaic_scores
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import COMPUTE_WGS, ROWS
 from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
 from nsa_jax.kernels.triton.tiling import TritonTilings
@@ -69,6 +70,15 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: Mosa
                                         kv_len=kv_len)
 
 
+def scoring_config(q, k_c, cfg: NSAConfig, bounds, t: MosaicTilings):
+    """``t.scoring`` when the Mosaic GPU compressed-mass kernel serves the scoring call, else
+    None (the Triton kernels score)."""
+    qt = cfg.select_q_tile
+    if t.scoring is None or qt == 1 or not mosaic_serves(q, k_c, k_c, packed=bounds is not None):
+        return None
+    return t.scoring if mosaic_scores.serves(q.shape[2] // k_c.shape[2], qt, t.scoring) else None
+
+
 def _hopper() -> bool:
     return jax.default_backend() == "gpu" and compute_major(jax.devices()[0]) == "9"
 
@@ -107,7 +117,8 @@ class MosaicBackend(base.Backend):
 
     def select_blocks(self, q, k_c, config, *, S, kv_len, lse, key_bounds, interpret, tilings):
         return tri.select_blocks(q, k_c, config, S, kv_len, lse, key_bounds, interpret,
-                                 tilings.triton)
+                                 tilings.triton, scoring=scoring_config(q, k_c, config, key_bounds,
+                                                                        tilings))
 
     def compressed_and_selection(self, q, k_c, v_c, config, *, S, kv_len, interpret, tilings):
         if mosaic_serves(q, k_c, v_c, packed=False):

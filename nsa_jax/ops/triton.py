@@ -21,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import FAR, BlockTable, Launch, MaskRule, ReverseTable, pow2
+from nsa_jax.kernels.mosaic_gpu.block_scores import compressed_mass as mosaic_compressed_mass
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass, scored_block_mass
@@ -259,8 +260,10 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
 
 
 def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=None,
-                  interpret=False, tilings: TritonTilings | None = None):
-    """``bounds``: optional `segments.KeyBounds` (packed rows in the aligned layout)."""
+                  interpret=False, tilings: TritonTilings | None = None, scoring=None):
+    """``bounds``: optional `segments.KeyBounds` (packed rows in the aligned layout).
+    ``scoring``: a `MosaicScoringConfig` runs the Mosaic GPU compressed-mass kernel instead of
+    the Triton one when selection is per tile (the caller checks that it serves the call)."""
     B, T, HQ, D = q.shape
     N_c, H = k_c.shape[1], k_c.shape[2]
     q, k_c = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k_c)
@@ -277,7 +280,10 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
     if qt == 1 and _block_rule(cfg).fused() is None:
         return _per_token(q, k_c, lse, offsets, cfg, S, bounds, c_bounds, interpret,
                           t.scoring_per_token.flash(HQ // H, queries=T))
-    tiling = t.scoring.flash(HQ // H, q_tile=qt)
+    if scoring is None:
+        mass_kernel, mass_config = compressed_mass, t.scoring.flash(HQ // H, q_tile=qt)
+    else:
+        mass_kernel, mass_config = mosaic_compressed_mass, scoring
     # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
     per_tile = B * H * max(N_c, 1) * 4
     chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))
@@ -296,9 +302,9 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
         start = c * T_c
         cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, T_c, axis=1)
         mass = _per_batch_shard(
-            lambda q, k_c, lse, offsets, c_bounds: compressed_mass(
+            lambda q, k_c, lse, offsets, c_bounds: mass_kernel(
                 q, k_c, lse, offsets, rule=rule, scale=cfg.softmax_scale(D), q_tile=qt,
-                config=tiling, bounds=c_bounds, interpret=interpret),
+                config=mass_config, bounds=c_bounds, interpret=interpret),
             cut(q_p), k_c, cut(lse_p), offsets + start,
             None if bounds is None else tuple(map(cut, c_bounds_p)))  # [B, H, chunk_tiles, N_c]
         scores = selection.block_scores(mass, cfg, N_s)  # [B, H, chunk_tiles, N_s]
