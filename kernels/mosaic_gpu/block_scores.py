@@ -46,14 +46,11 @@ class MosaicScoringConfig:
       num_stages: key blocks in flight (SMEM ring slots); even, so that each compute warpgroup
         always finds its blocks in the same slots.
       num_ctas: persistent CTAs; None: one per multiprocessor.
-      pingpong: keep the two compute warpgroups half a block apart, so that one's softmax runs
-        while the other's product does, instead of both multiplying at once.
     """
 
     rows: int = 256
     num_stages: int = 4
     num_ctas: int | None = None
-    pingpong: bool = True
 
     def __post_init__(self):
         if self.rows not in (64, 128, 256):
@@ -97,8 +94,7 @@ def _visible_t(rule: MaskRule, first, start, R: int, group_shift: int):
 
 
 def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *,
-            rule: MaskRule, scale2: float, lay: Launch, R: int, cfg: MosaicScoringConfig,
-            num_ctas: int):
+            rule: MaskRule, scale2: float, lay: Launch, R: int, stages: int, num_ctas: int):
     """A persistent CTA: it takes work units (b, h, c) — CTA c of KV head h of row b —
     ``num_ctas`` apart; the key blocks of all its units form one stream, so the ring runs on
     from unit to unit.
@@ -106,8 +102,7 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
     ``plan_ref`` int32 [B, n_cta, 4]: the unit's (lo, flo, fhi, hi) (`common.bounded_ranges`).
     """
     q_smem, lse_smem, k_smem, o_smem = smem
-    q_ready, l_ready, q_free, k_ready, k_free, sched = barriers
-    stages = cfg.num_stages
+    q_ready, l_ready, q_free, k_ready, k_free = barriers
     n_cta = lay.T_p * lay.G_p // R
     n_units = n_cta * lay.H * lay.B
     queries = R // lay.G_p
@@ -122,18 +117,9 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
             c = n_cta - 1 - c
         return b, h, c
 
-    def rendezvous():
-        # Both compute warpgroups meet here twice per block: after issuing the product and after
-        # the softmax. Warpgroup 1 meets once more at the start and warpgroup 0 once more at
-        # the end, so one's product is issued as the other's softmax ends.
-        if cfg.pingpong:
-            plgpu.barrier_arrive(sched)
-            plgpu.barrier_wait(sched)
-
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        pl.when(wg == 1)(rendezvous)
 
         @pl.loop(first_unit, n_units, step=num_ctas, init_carry=(jnp.int32(0), jnp.int32(0)))
         def _(u, carry):
@@ -154,7 +140,6 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
 
                 def kq(acc_ref):
                     plgpu.wgmma(acc_ref, k_smem.at[slot], q.transpose((1, 0)))
-                    rendezvous()
                     return acc_ref[...]
 
                 s = pl.run_scoped(kq, plgpu.ACC((BLOCK_K, R), jnp.float32))  # [BK, R]
@@ -170,7 +155,6 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
                 out[...] = p.sum(axis=1)  # [BK]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out, out_ref.at[b, h, c, pl.ds(step * BLOCK_K, BLOCK_K)])
-                rendezvous()
 
             def walk(start, stop, masked: bool):
                 # This warpgroup's blocks: stream index done + step - lo of its parity.
@@ -180,18 +164,9 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
             walk(lo, flo, True)
             walk(flo, fhi, False)
             walk(fhi, hi, True)
-            # The warpgroup with one block fewer in this unit meets as if it had it.
-            mine = (hi - lo + lax.rem(done + wg + 1, jnp.int32(2))) // 2
-
-            @pl.when(mine < (hi - lo + 1) // 2)
-            def _():
-                rendezvous()
-                rendezvous()
-
             plgpu.barrier_arrive(q_free.at[buf])
             return done + hi - lo, n + 1
 
-        pl.when(wg == 0)(rendezvous)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -298,12 +273,11 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
                 plgpu.SMEM((COMPUTE_WGS, 2, BLOCK_K), jnp.float32))
         barriers = (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=2),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2),
-                    plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+                    plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages))
         pl.run_scoped(
             lambda smem, bars: _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem,
                                        bars, rule=rule, scale2=scale * LOG2E, lay=lay, R=R,
-                                       cfg=config, num_ctas=num_ctas),
+                                       stages=stages, num_ctas=num_ctas),
             smem, barriers, collective_axes="wg")
 
     offsets = offsets.astype(jnp.int32)
