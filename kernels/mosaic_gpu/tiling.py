@@ -25,6 +25,11 @@ class MosaicTilings:
     # compressed 9.35 / 9.74, selected 7.16 / 7.19, window 4.80 / 4.51.
     # The selected branch stays on the Triton forward by default: 6.98 ms there against 7.16 at
     # its best here (and behind at every length of the 8k-128k table).
+    # Scoring (the compressed-mass kernel alone, select_q_tile=64), 64k / 128k, HQ64/H4 (ms):
+    # rows=256 4 stages 5.12 / 18.2, 2 stages 5.52 / 19.4; rows=128 6.20 / 22.6 (4 stages) and
+    # 6.63 / 23.8 (2); 6 stages at 256 rows exceed shared memory. Ping-pong meetings between
+    # the compute warpgroups (as in the flash kernel) made 256/4 slower: 5.39 / 19.3. Triton's
+    # kernel: 8.19 / 29.2. HQ32/H8 ranks the same.
     compressed: MosaicFlashConfig = MosaicFlashConfig(block_k=128, num_stages=2)
     selected: MosaicFlashConfig | None = None
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3, pingpong=False)
