@@ -51,7 +51,7 @@ def _flat(tree):
 # Examples per (implementation, causal); kernels compile per shape on a GPU and run in interpret
 # mode on CPU, so they get fewer; the reference, dense over the aligned layout, fewer still (the
 # others are compared with it on every example).
-EXAMPLES = {"reference": 2, "xla": 3, "triton": 3 if ON_GPU else 2}
+EXAMPLES = {"reference": 2, "xla": 3, "triton": 3 if ON_GPU else 2, "mosaic": 3}
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
