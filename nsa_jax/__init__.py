@@ -35,6 +35,7 @@ _LAZY = {
     "default_tilings": "nsa_jax.kernels.triton.tiling",
     "XlaTilings": "nsa_jax.ops.xla",
     "MosaicFlashConfig": "nsa_jax.kernels.mosaic_gpu.flash_fwd",
+    "MosaicScoringConfig": "nsa_jax.kernels.mosaic_gpu.block_scores",
     "MosaicTilings": "nsa_jax.kernels.mosaic_gpu.tiling",
 }
 _RENAMED = {"init_compress_params": ("nsa_jax.compression", "init_params")}
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from nsa_jax.compression import init_params as init_compress_params
     from nsa_jax.config import NSAConfig
     from nsa_jax.decode import NSACache, init_cache, nsa_decode
+    from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
     from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
     from nsa_jax.kernels.triton.tiling import Tiling, TritonTilings, default_tilings
@@ -77,10 +79,10 @@ def __dir__():
 
 
 __all__ = [
-    "BlockSparseIndices", "MeshAxes", "MosaicFlashConfig", "MosaicTilings", "NSAAttention", "NSACache",
-    "NSAConfig", "ReverseBlockMap", "Tiling", "TritonTilings", "XlaTilings", "compress",
-    "compressed_attention", "default_tilings", "gate_and_combine", "init_cache",
-    "init_compress_params", "nsa_attention", "nsa_decode", "reblock", "reference", "reverse_map",
-    "segment_ids_from_cu_seqlens", "select_blocks", "selected_attention",
+    "BlockSparseIndices", "MeshAxes", "MosaicFlashConfig", "MosaicScoringConfig", "MosaicTilings",
+    "NSAAttention", "NSACache", "NSAConfig", "ReverseBlockMap", "Tiling", "TritonTilings",
+    "XlaTilings", "compress", "compressed_attention", "default_tilings", "gate_and_combine",
+    "init_cache", "init_compress_params", "nsa_attention", "nsa_decode", "reblock", "reference",
+    "reverse_map", "segment_ids_from_cu_seqlens", "select_blocks", "selected_attention",
     "sliding_window_attention", "unzigzag", "zigzag",
 ]

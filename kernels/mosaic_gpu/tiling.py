@@ -1,7 +1,8 @@
 """Frozen, validated tilings of the "mosaic" implementation.
 
-Its forward branches run the Mosaic GPU kernels (`MosaicFlashConfig` each); block scoring and
-every backward pass still run the Triton-lowered kernels, tiled by ``triton``.
+Its forward branches run the Mosaic GPU flash kernel (`MosaicFlashConfig` each) and tiled block
+scoring the Mosaic GPU compressed-mass kernel (`MosaicScoringConfig`); every backward pass and the
+calls those kernels do not serve run the Triton-lowered kernels, tiled by ``triton``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from nsa_jax.kernels.triton.tiling import SM90, TritonTilings
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicTilings:
     """One `MosaicFlashConfig` per forward branch (``selected=None``: that branch runs the
-    Triton forward), and the `TritonTilings` of the kernels this backend takes from "triton"."""
+    Triton forward), the scoring kernel's `MosaicScoringConfig` (None: Triton scores), and the
+    `TritonTilings` of the kernels this backend takes from "triton"."""
 
     # H200, T=65536, HQ=64, H=4, bf16 forward (ms), block_k/num_stages, before ping-pong:
     # compressed 10.17 at 128/2 against 11.16-11.27 at 64/2-4 (128/3 exceeds shared memory);

@@ -1,12 +1,20 @@
-"""The "mosaic" backend: the three branches' forward on Pallas Mosaic GPU kernels (Hopper).
+"""The "mosaic" backend: the three branches' forward and tiled block scoring on Pallas Mosaic
+GPU kernels (Hopper).
 
-A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when the call is one it serves
-(`mosaic_serves`: bfloat16/float16, unpacked rows, at most 64 query heads per KV head, head
-widths up to 128, at least one CTA of rows (T * G_p >= 128; decode steps run Triton), and for
-the selected branch selection rows of whole CTAs and blocks of a
-multiple of 64 keys) and its tiling is set (`MosaicTilings.selected` is None by default: on the
-H200 the Triton forward of that branch is still faster); other calls, block scoring and every
-backward pass run the Triton-lowered kernels of the "triton" backend. Both
+A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when its tiling is set and the call is
+one it serves (`mosaic_serves`):
+- bfloat16/float16, unpacked rows;
+- at most 64 query heads per KV head, head widths up to 128;
+- at least one CTA of rows (T * G_p >= 128; decode steps run Triton);
+- for the selected branch, selection rows of whole CTAs and blocks of a multiple of 64 keys.
+
+`MosaicTilings.selected` is None by default: on the H200 the Triton forward of that branch is
+still faster.
+
+Block scoring with selection per tile runs `kernels/mosaic_gpu/block_scores.py` under the same
+conditions (`scoring_config`).
+
+Other calls and every backward pass run the Triton-lowered kernels of the "triton" backend. Both
 forwards feed the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs,
 o and lse, so results agree with "triton" up to float rounding whichever kernel ran.
 """
