@@ -149,31 +149,35 @@ def test_whole_nsa_forward():
     assert_close(got, want, FWD_TOL[BF16], "o")
 
 
-def _scoring_inputs(T, HQ, H, D, qt, S, seed):
+def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=3,
-                            select_q_tile=qt, window=32)
+                            select_q_tile=qt, window=32, causal=causal)
     q, k, v = _inputs(T, HQ, H, D, D, seed, S=S)
     k_c, v_c = nsa_jax.compress(k, v, config=cfg)
     _, lse = nsa_jax.compressed_attention(q, k_c, v_c, config=cfg, kv_len=k.shape[1], **MOSAIC)
     return cfg, q, k_c, lse
 
 
-# G = 4 with D padded to 64 channels; G = 16 with queries after earlier keys, two selection
-# tiles per CTA row count; G = 1 with 64-row products. Odd lengths throughout.
-@pytest.mark.parametrize("T,HQ,H,D,qt,S,rows", [(150, 4, 1, 24, 64, None, 256),
-                                               (131, 16, 1, 16, 32, 203, 128),
-                                               (201, 2, 2, 16, 64, 1100, 64)],
-                         ids=["G4-D24", "G16-S>T", "G1"])
-def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows):
+# G = 4 with D padded to 64 channels; G = 16 with queries after earlier keys, four CTAs per
+# selection tile; G = 1 with 64-row products; G = 3 (padded to 4) with 16-query tiles; 374
+# compressed tokens (six key blocks per unit, masked and whole, the ring and the Q buffers
+# reused across units); no causal rule. Odd lengths throughout.
+@pytest.mark.parametrize("T,HQ,H,D,qt,S,rows,causal", [
+    (150, 4, 1, 24, 64, None, 256, True), (131, 16, 1, 16, 32, 203, 128, True),
+    (201, 2, 2, 16, 64, 1100, 64, True), (131, 6, 2, 16, 16, None, 256, True),
+    (150, 8, 2, 32, 64, 6000, 256, True), (133, 4, 2, 16, 32, None, 128, False)],
+    ids=["G4-D24", "G16-S>T", "G1", "G3", "six-blocks", "noncausal"])
+def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows, causal):
     """The compressed mass per tile, mapped onto selection blocks, against the float32
     reference's block scores; the Triton kernel's mass; reruns bit-identical. Under the
-    interpreter the output starts as NaN, so an unwritten block fails."""
+    interpreter the output starts as NaN, so a block inside a CTA's range left unwritten fails
+    (those outside it are cleared by design)."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
     from nsa_jax.kernels.triton import block_scores as triton_scores
     from nsa_jax.kernels.triton.flash_fwd import FlashConfig
     from nsa_jax.ops import selection, triton as tri
-    cfg, q, k_c, lse = _scoring_inputs(T, HQ, H, D, qt, S, 8)
+    cfg, q, k_c, lse = _scoring_inputs(T, HQ, H, D, qt, S, 8, causal)
     S = S or T
     offsets = tri.key_offsets(1, T, S)
     args = dict(rule=tri.compressed_rule(cfg, k_c.shape[1]), scale=cfg.softmax_scale(D), q_tile=qt)
@@ -191,15 +195,24 @@ def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows):
     assert_bit_identical(fn(q, k_c, lse), mass)
 
 
-def test_selection_runs_the_scoring_kernel_where_it_serves():
+def test_selection_runs_the_scoring_kernel_where_it_serves(monkeypatch):
     """Tiled selection in bf16 scores with the Mosaic GPU kernel and selects as the reference
-    does; per-token selection and float32 score with the Triton kernels."""
+    does, in one pass or a chunk per tile; per-token selection and float32 score with the Triton
+    kernels."""
+    from nsa_jax.ops import triton as tri
     cfg, q, k_c, lse = _scoring_inputs(200, 8, 2, 16, 64, None, 9)
     fn = lambda q, k_c, lse: nsa_jax.select_blocks(q, k_c, config=cfg, lse=lse, **MOSAIC)
     assert _kernels(fn, q, k_c, lse) == {"nsa_mosaic_compressed_mass"}
     ref = reference.select_blocks(*upcast((q, k_c)), config=cfg)
-    assert_same_selection(fn(q, k_c, lse), ref,
-                          reference.block_scores(*upcast((q, k_c)), config=cfg))
+    whole = fn(q, k_c, lse)
+    assert_same_selection(whole, ref, reference.block_scores(*upcast((q, k_c)), config=cfg))
+    # One 64-query CTA per tile: a tile's partials are one row of N_c sums per KV head.
+    monkeypatch.setattr(tri, "MASS_BYTES", 2 * k_c.shape[1] * 4)
+    jax.clear_caches()
+    chunked = fn(q, k_c, lse)
+    jax.clear_caches()
+    np.testing.assert_array_equal(np.asarray(chunked.indices), np.asarray(whole.indices))
+    np.testing.assert_array_equal(np.asarray(chunked.counts), np.asarray(whole.counts))
     per_token = dataclasses.replace(cfg, select_q_tile=1)
     assert "nsa_mosaic_compressed_mass" not in _kernels(
         lambda q, k_c: nsa_jax.select_blocks(q, k_c, config=per_token, **MOSAIC), q, k_c)
@@ -251,15 +264,20 @@ def test_no_shared_memory_races(table):
 @pytest.mark.parametrize("field,value,match", [
     ("block_k", 32, "block_k=32 must be 64 or 128"), ("num_stages", 1, "num_stages=1 must be")])
 def test_config_validation(field, value, match):
-    from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig
     with pytest.raises(ValueError, match=match):
         MosaicFlashConfig(**{field: value})
-    with pytest.raises(ValueError, match="rows=96 must be 64, 128 or 256"):
-        MosaicScoringConfig(rows=96)
-    with pytest.raises(ValueError, match="num_stages=3 must be an even int"):
-        MosaicScoringConfig(num_stages=3)
-    with pytest.raises(TypeError, match="MosaicTilings.scoring must be a MosaicScoringConfig"):
-        nsa_jax.MosaicTilings(scoring=MosaicFlashConfig())
     with pytest.raises(TypeError, match="MosaicTilings.window must be a MosaicFlashConfig"):
         nsa_jax.MosaicTilings(window=nsa_jax.Tiling())
     assert dataclasses.replace(nsa_jax.MosaicTilings(), window=MosaicFlashConfig(block_k=128))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rows=96), "rows=96 must be 64, 128 or 256"),
+    (dict(num_stages=3), "num_stages=3 must be an even int"),
+    (dict(num_ctas=0), "num_ctas=0 must be a positive int")])
+def test_scoring_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nsa_jax.MosaicScoringConfig(**kwargs)
+    with pytest.raises(TypeError, match="MosaicTilings.scoring must be a MosaicScoringConfig"):
+        nsa_jax.MosaicTilings(scoring=MosaicFlashConfig())
+    assert nsa_jax.MosaicTilings(scoring=None).scoring is None

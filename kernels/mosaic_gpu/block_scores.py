@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, bounded_ranges, pow2
-from nsa_jax.kernels.mosaic_gpu.flash_fwd import CHANNELS, COMPUTE_WGS, multiprocessors, round_up
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, multiprocessors, round_up,
+                                                  visible)
 
 BLOCK_K = 64  # compressed tokens per block: wgmma's M
 
@@ -70,31 +71,15 @@ def cta_queries(G: int, q_tile: int, config: MosaicScoringConfig) -> int:
 
 
 def serves(G: int, q_tile: int, config: MosaicScoringConfig) -> bool:
-    """Whether a CTA's rows make a valid product: wgmma's N is a multiple of 8 up to 256."""
-    rows = cta_queries(G, q_tile, config) * pow2(G)
-    return 8 <= rows <= 256
-
-
-def _visible_t(rule: MaskRule, first, start, R: int, group_shift: int):
-    """bool [BK, R] in the wgmma layout: `common.visible`, transposed, of the keys from index
-    ``start`` (axis 0) against the CTA's rows (axis 1), queries from position ``first``."""
-    shape = (BLOCK_K, R)
-    key = start + plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-    row = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-    diff = (first + lax.shift_right_logical(row, group_shift)) - (
-        key * rule.key_stride + rule.key_offset)
-    ok = key < rule.num_keys
-    if rule.causal:
-        ok = ok & (diff >= 0)
-        if rule.window:
-            ok = ok & (diff < rule.window)
-    elif rule.window:
-        ok = ok & (diff < rule.window) & (diff > -rule.window)
-    return ok
+    """Whether a CTA gets 64 to 256 rows. Fewer (small groups with short or odd selection tiles)
+    would still be correct but leave the matrix units mostly idle, and were never measured
+    against the Triton kernel."""
+    return 64 <= cta_queries(G, q_tile, config) * pow2(G) <= 256
 
 
 def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *,
-            rule: MaskRule, scale2: float, lay: Launch, R: int, stages: int, num_ctas: int):
+            rule: MaskRule, scale2: float, lay: Launch, R: int, n_cta: int, stages: int,
+            num_ctas: int):
     """A persistent CTA: it takes work units (b, h, c) — CTA c of KV head h of row b —
     ``num_ctas`` apart; the key blocks of all its units form one stream, so the ring runs on
     from unit to unit.
@@ -103,7 +88,6 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
     """
     q_smem, lse_smem, k_smem, o_smem = smem
     q_ready, l_ready, q_free, k_ready, k_free = barriers
-    n_cta = lay.T_p * lay.G_p // R
     n_units = n_cta * lay.H * lay.B
     queries = R // lay.G_p
     wg = lax.axis_index("wg")
@@ -123,7 +107,7 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
 
         @pl.loop(first_unit, n_units, step=num_ctas, init_carry=(jnp.int32(0), jnp.int32(0)))
         def _(u, carry):
-            done, n = carry  # key blocks of this CTA's earlier units, and their number
+            done, n = carry  # key blocks of this CTA's earlier units, and how many units
             b, h, c = unit(u)
             lo, flo, fhi, hi = (plan_ref[b, c, i] for i in range(4))
             first = off_ref[b] + c * queries
@@ -147,8 +131,9 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
                 # Rows that must not count carry lse = +inf: their probabilities are 0.
                 p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [1]))
                 if masked:
-                    p = jnp.where(_visible_t(rule, first, step * BLOCK_K, R,
-                                             lay.G_p.bit_length() - 1), p, 0.0)
+                    ok = visible(rule, first, step * BLOCK_K, lay.G_p.bit_length() - 1,
+                                 (BLOCK_K, R), key_axis=0)
+                    p = jnp.where(ok, p, 0.0)
                 out = o_smem.at[wg, lax.rem(lax.div(i, jnp.int32(2)), jnp.int32(2))]
                 # The store issued from this buffer two blocks ago must have read it.
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
@@ -215,11 +200,15 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
             plgpu.barrier_wait(q_free.at[lax.rem(n, jnp.int32(2))])
 
 
-def _plan(rule: MaskRule, offsets, n_cta: int, queries: int):
-    """int32 [B, n_cta, 4]: each CTA's (lo, flo, fhi, hi) of key blocks."""
-    first = offsets[:, None] + jnp.arange(n_cta, dtype=jnp.int32) * queries  # [B, n_cta]
+def _plan(rule: MaskRule, offsets, T: int, n_cta: int, queries: int):
+    """int32 [B, n_cta, 4]: each CTA's (lo, flo, fhi, hi) of key blocks; empty for CTAs wholly
+    past the T real queries (padding to whole selection tiles), whose sums would be 0."""
+    start = jnp.arange(n_cta, dtype=jnp.int32) * queries
+    first = offsets[:, None] + start  # [B, n_cta]
     lo, hi, flo, fhi = (jnp.broadcast_to(x, first.shape) for x in bounded_ranges(
         rule, first, first + queries - 1, BLOCK_K))
+    hi = jnp.where(start < T, hi, lo)
+    flo, fhi = jnp.minimum(flo, hi), jnp.minimum(fhi, hi)
     return jnp.stack([lo, flo, fhi, hi], axis=-1).astype(jnp.int32)
 
 
@@ -234,8 +223,10 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
         float32 from the compressed branch.
       offsets: int32[B], key position of query 0.
       rule: visibility of compressed tokens (stride d, offset l - 1).
+      scale: the softmax scale.
       q_tile: queries per selection tile; `serves` must hold.
-      config: tiling.
+      config: tiling; one that does not fit in shared memory fails to compile with a
+        ValueError saying by how much.
       bounds: must be None (packed rows run the Triton kernel).
       interpret: run under the Mosaic GPU interpreter (CPU); True, or its parameters.
 
@@ -251,7 +242,7 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
         return jnp.zeros((B, H, n_tiles, N_c), jnp.float32)
     G = HQ // H
     if not serves(G, q_tile, config):
-        raise ValueError(f"the Mosaic GPU scoring kernel needs 8 to 256 rows per CTA; G={G} "
+        raise ValueError(f"the Mosaic GPU scoring kernel needs 64 to 256 rows per CTA; G={G} "
                          f"and q_tile={q_tile} give {cta_queries(G, q_tile, config) * pow2(G)}")
     queries = cta_queries(G, q_tile, config)
     lay = Launch.of(q, k_c, block_q=queries, block_k=BLOCK_K, q_unit=q_tile)
@@ -277,11 +268,11 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
         pl.run_scoped(
             lambda smem, bars: _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem,
                                        bars, rule=rule, scale2=scale * LOG2E, lay=lay, R=R,
-                                       stages=stages, num_ctas=num_ctas),
+                                       n_cta=n_cta, stages=stages, num_ctas=num_ctas),
             smem, barriers, collective_axes="wg")
 
     offsets = offsets.astype(jnp.int32)
-    plan = _plan(rule, offsets, n_cta, queries)
+    plan = _plan(rule, offsets, T, n_cta, queries)
     parts = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((B, H, n_cta, lay.N_p), jnp.float32),

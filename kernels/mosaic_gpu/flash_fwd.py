@@ -89,13 +89,13 @@ def launch(q, k, v, block_k: int) -> Launch:
                                Dv_p=round_up(lay.Dv, CHANNELS))
 
 
-def _visible(rule: MaskRule, first, start, group_shift: int, block_k: int):
-    """bool [ROWS, BK] in the wgmma layout: `common.visible` of one warpgroup's rows (queries from
-    position ``first``) against the keys from index ``start``."""
-    shape = (ROWS, block_k)
-    row = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=plgpu.Layout.WGMMA)
-    col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-    j = start + col
+def visible(rule: MaskRule, first, start, group_shift: int, shape: tuple[int, int],
+            key_axis: int = 1):
+    """bool ``shape`` in the wgmma layout: `common.visible` of rows (queries from position
+    ``first``, ``1 << group_shift`` heads each) against the keys from index ``start``, keys along
+    ``key_axis`` and rows along the other axis."""
+    row = plgpu.broadcasted_iota(jnp.int32, shape, 1 - key_axis, layout=plgpu.Layout.WGMMA)
+    j = start + plgpu.broadcasted_iota(jnp.int32, shape, key_axis, layout=plgpu.Layout.WGMMA)
     diff = (first + lax.shift_right_logical(row, group_shift)) - (
         j * rule.key_stride + rule.key_offset)
     ok = j < rule.num_keys
@@ -203,7 +203,8 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
                 plgpu.barrier_arrive(k_free.at[slot])
                 s = s * scale2
                 if masked:
-                    ok = _visible(rule, first, block_of(step) * bk, lay.G_p.bit_length() - 1, bk)
+                    ok = visible(rule, first, block_of(step) * bk, lay.G_p.bit_length() - 1,
+                                 (ROWS, bk))
                     s = jnp.where(ok, s, -jnp.inf)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)

@@ -11,8 +11,9 @@ one it serves (`mosaic_serves`):
 `MosaicTilings.selected` is None by default: on the H200 the Triton forward of that branch is
 still faster.
 
-Block scoring with selection per tile runs `kernels/mosaic_gpu/block_scores.py` under the same
-conditions (`scoring_config`).
+Block scoring runs `kernels/mosaic_gpu/block_scores.py` (`scoring_config`) when the forward's
+first three conditions hold, selection is per tile (``select_q_tile > 1``), a CTA gets 64 to 256
+rows (`block_scores.serves`) and `MosaicTilings.scoring` is set.
 
 Other calls and every backward pass run the Triton-lowered kernels of the "triton" backend. Both
 forwards feed the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs,

@@ -22,6 +22,7 @@ from nsa_jax import metadata
 from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import FAR, BlockTable, Launch, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.mosaic_gpu.block_scores import compressed_mass as mosaic_compressed_mass
+from nsa_jax.kernels.mosaic_gpu.block_scores import cta_queries
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass, scored_block_mass
@@ -62,9 +63,11 @@ SCORED_BYTES = 1 << 28
 SHARE_PROGRAMS = {"compressed": 256, "selected": 256, "window": 256}
 MIN_SHARE = {"compressed": 4, "selected": 2, "window": 2}
 
-# Upper bound on the float32 compressed-mass array scoring materialises at once; longer inputs
-# are scored in chunks of query tiles.
-MASS_BYTES = 1 << 29
+# Upper bound on the float32 compressed-mass partials scoring materialises at once (one row of
+# N_c sums per query sub-tile of a mass kernel's program or CTA); longer inputs are scored in
+# chunks of query tiles. At HQ=64, H=4 the Triton kernel's partials take 2 GiB at 128k, the
+# Mosaic kernel's 1 GiB: both run in one chunk, as measured.
+MASS_BYTES = 1 << 31
 
 
 def key_offsets(B: int, T: int, S: int, kv_len=None):
@@ -282,10 +285,12 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
                           t.scoring_per_token.flash(HQ // H, queries=T))
     if scoring is None:
         mass_kernel, mass_config = compressed_mass, t.scoring.flash(HQ // H, q_tile=qt)
+        sub_tiles = qt // min(mass_config.block_q, qt & -qt)
     else:
         mass_kernel, mass_config = mosaic_compressed_mass, scoring
-    # Chunks of whole query tiles, so that the mass array stays under MASS_BYTES.
-    per_tile = B * H * max(N_c, 1) * 4
+        sub_tiles = qt // cta_queries(HQ // H, qt, scoring)
+    # Chunks of whole query tiles, so that the partials stay under MASS_BYTES.
+    per_tile = B * H * max(N_c, 1) * 4 * sub_tiles
     chunk_tiles = max(1, min(N_tiles, MASS_BYTES // per_tile))
     n_chunks = -(-N_tiles // chunk_tiles)
     T_c = chunk_tiles * qt
