@@ -113,44 +113,124 @@ def _row_vector(value):
                              plgpu.Layout.WGMMA.reduce(1))
 
 
-def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
-            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig, q_tile: int,
-            num_ctas: int):
-    """A persistent CTA: it takes work units (b, h, c) — CTA tile c of KV head h of row b —
-    ``num_ctas`` apart. The KV steps of all its units form one sequence, so the ring's slots and
-    barrier phases run on across units and the memory warpgroup prefetches the next unit's blocks
-    while the compute warpgroups finish the current one.
+@dataclasses.dataclass(frozen=True)
+class Units:
+    """The work units of a persistent launch: unit (b, h, c) is CTA tile c of KV head h of row b,
+    and a CTA takes units ``num_ctas`` apart. ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds
+    each unit's KV steps (`_plan`); in table mode step e is entry e of the head's table row
+    ``tab_ref``."""
 
-    ``plan_ref`` int32 [B, 1 or H, n_cta, 10]: the union [lo, hi) of KV steps, then per
-    warpgroup its (lo, flo, fhi, hi) (`common.bounded_ranges`); in table mode (one plan per head)
-    step e is entry e of the head's table row ``tab_ref`` and the plan holds (0, count) and
-    (0, 0, 0, count)."""
-    q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
-    q_bar, k_ready, v_ready, k_free, v_free, sched = barriers
-    stages, bk = cfg.num_stages, cfg.block_k
-    n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
-    n_units = n_cta * lay.H * lay.B
-    wg = lax.axis_index("wg")
+    lay: Launch
+    causal: bool
+    q_tile: int
+    num_ctas: int
+    plan_ref: object
+    tab_ref: object
 
-    def unit(u):
+    @property
+    def n_cta(self) -> int:
+        return self.lay.T_p // (COMPUTE_WGS * self.lay.block_q)
+
+    def loop(self, init_carry):
+        """`pl.loop` over this CTA's units, carrying ``init_carry``."""
+        n_units = self.n_cta * self.lay.H * self.lay.B
+        return pl.loop(lax.axis_index("cta"), n_units, step=self.num_ctas,
+                       init_carry=init_carry)
+
+    def unit(self, u):
         """(b, h, c, plan ref, step -> KV block) of work unit u; the tiles that see the most keys
         come first under a causal rule."""
+        lay = self.lay
         c, hb = lax.div(u, jnp.int32(lay.H * lay.B)), lax.rem(u, jnp.int32(lay.H * lay.B))
         h, b = lax.div(hb, jnp.int32(lay.B)), lax.rem(hb, jnp.int32(lay.B))
-        if rule.causal:
-            c = n_cta - 1 - c
-        plan = plan_ref.at[b, 0 if tab_ref is None else h, c]
-        if tab_ref is None:
+        if self.causal:
+            c = self.n_cta - 1 - c
+        plan = self.plan_ref.at[b, 0 if self.tab_ref is None else h, c]
+        if self.tab_ref is None:
             block_of = lambda step: step
         else:
-            row = (c * COMPUTE_WGS * lay.block_q) // q_tile
-            block_of = lambda step: tab_ref[b, h, row, step]
+            row = (c * COMPUTE_WGS * lay.block_q) // self.q_tile
+            block_of = lambda step: self.tab_ref[b, h, row, step]
         return b, h, c, plan, block_of
 
-    def slot_of(i):
-        return lax.rem(i, jnp.int32(stages))
 
-    first_unit = lax.axis_index("cta")
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    """The SMEM ring of K and V blocks: ``stages`` slots, each with a ready and a free barrier
+    (the free ones take one arrival per compute warpgroup). The KV steps of all of a CTA's units
+    form one sequence, so slots and barrier phases run on across units."""
+
+    k_smem: object
+    v_smem: object
+    k_ready: object
+    v_ready: object
+    k_free: object
+    v_free: object
+    stages: int
+
+    def slot(self, i):
+        return lax.rem(i, jnp.int32(self.stages))
+
+    def skip(self, slot):
+        """A compute warpgroup's pass over a step outside its own range: wait and release, so
+        its barrier phases stay in step."""
+        plgpu.barrier_wait(self.k_ready.at[slot])
+        plgpu.barrier_arrive(self.k_free.at[slot])
+        plgpu.barrier_wait(self.v_ready.at[slot])
+        plgpu.barrier_arrive(self.v_free.at[slot])
+
+    def stream(self, units: Units, k_ref, v_ref, bk: int):
+        """The memory warpgroup: copies every unit's KV blocks into the ring, a slot once both
+        compute warpgroups have released it."""
+
+        @units.loop(init_carry=jnp.int32(0))
+        def issued(u, done):
+            b, h, _, plan, block_of = units.unit(u)
+            u_lo, u_hi = plan[0], plan[1]
+
+            @pl.loop(u_lo, u_hi)
+            def _(step):
+                i = done + step - u_lo
+                slot = self.slot(i)
+                keys = pl.ds(block_of(step) * bk, bk)
+
+                @pl.when(i >= self.stages)
+                def _():
+                    plgpu.barrier_wait(self.k_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[b, h, keys], self.k_smem.at[slot],
+                                        self.k_ready.at[slot])
+
+                @pl.when(i >= self.stages)
+                def _():
+                    plgpu.barrier_wait(self.v_free.at[slot])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[b, h, keys], self.v_smem.at[slot],
+                                        self.v_ready.at[slot])
+
+            return done + u_hi - u_lo
+
+        # Observe the last releases too, so that every phase of the ring has been waited on
+        # before the barriers go out of scope (the interpreter checks this).
+        @pl.loop(jnp.maximum(0, issued - self.stages), issued)
+        def _(i):
+            plgpu.barrier_wait(self.k_free.at[self.slot(i)])
+            plgpu.barrier_wait(self.v_free.at[self.slot(i)])
+
+
+def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
+            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig):
+    """A persistent CTA of the forward (see `Units` and `Ring`): the memory warpgroup prefetches
+    the next unit's blocks while the compute warpgroups finish the current one.
+
+    A unit's plan row holds the union [lo, hi) of KV steps, then per warpgroup its
+    (lo, flo, fhi, hi) (`common.bounded_ranges`); in table mode (one plan per head) it holds
+    (0, count) and (0, 0, 0, count)."""
+    q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
+    q_bar, k_ready, v_ready, k_free, v_free, sched = barriers
+    bk = cfg.block_k
+    ring = Ring(k_smem, v_smem, k_ready, v_ready, k_free, v_free, cfg.num_stages)
+    wg = lax.axis_index("wg")
 
     def rendezvous():
         # Both compute warpgroups meet here. One meeting per step half and an extra one at each
@@ -164,9 +244,9 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
     def _compute():
         plgpu.set_max_registers(232, action="increase")
 
-        @pl.loop(first_unit, n_units, step=num_ctas, init_carry=jnp.int32(0))
+        @units.loop(init_carry=jnp.int32(0))
         def _(u, done):  # done: KV steps of this CTA's earlier units
-            b, h, c, plan, block_of = unit(u)
+            b, h, c, plan, block_of = units.unit(u)
             u_lo, u_hi = plan[0], plan[1]
             tile = c * COMPUTE_WGS + wg
             row0 = tile * ROWS
@@ -177,14 +257,10 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
             q = q_smem.at[wg]
             pl.when(wg == 1)(rendezvous)
             lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
-            slot_at = lambda step: slot_of(done + step - u_lo)
+            slot_at = lambda step: ring.slot(done + step - u_lo)
 
             def skip(step, carry):
-                slot = slot_at(step)
-                plgpu.barrier_wait(k_ready.at[slot])
-                plgpu.barrier_arrive(k_free.at[slot])
-                plgpu.barrier_wait(v_ready.at[slot])
-                plgpu.barrier_arrive(v_free.at[slot])
+                ring.skip(slot_at(step))
                 rendezvous()
                 rendezvous()
                 return carry
@@ -263,38 +339,7 @@ def _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sme
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-
-        @pl.loop(first_unit, n_units, step=num_ctas, init_carry=jnp.int32(0))
-        def issued(u, done):
-            b, h, _, plan, block_of = unit(u)
-            u_lo, u_hi = plan[0], plan[1]
-
-            @pl.loop(u_lo, u_hi)
-            def _(step):
-                i = done + step - u_lo
-                slot = slot_of(i)
-                keys = pl.ds(block_of(step) * bk, bk)
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[b, h, keys], k_smem.at[slot], k_ready.at[slot])
-
-                @pl.when(i >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[b, h, keys], v_smem.at[slot], v_ready.at[slot])
-
-            return done + u_hi - u_lo
-
-        # Observe the last releases too, so that every phase of the ring has been waited on
-        # before the barriers go out of scope (the interpreter checks this).
-        @pl.loop(jnp.maximum(0, issued - stages), issued)
-        def _(i):
-            plgpu.barrier_wait(k_free.at[slot_of(i)])
-            plgpu.barrier_wait(v_free.at[slot_of(i)])
+        ring.stream(units, k_ref, v_ref, bk)
 
 
 def _plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
@@ -366,11 +411,13 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS))
 
+        units = Units(lay, rule.causal, 0 if blocks is None else blocks.q_tile, num_ctas,
+                      plan_ref, tab_ref)
+
         def run(q_smem, o_smem, *rest):
-            _kernel(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+            _kernel(off_ref, units, q_ref, k_ref, v_ref, o_ref, lse_ref,
                     (q_smem, q_smem if o_smem is None else o_smem, *rest[:-6]), rest[-6:],
-                    rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config,
-                    q_tile=0 if blocks is None else blocks.q_tile, num_ctas=num_ctas)
+                    rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config)
 
         pl.run_scoped(lambda smem, bars: run(*smem, *bars), smem, barriers, collective_axes="wg")
 
