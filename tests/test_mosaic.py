@@ -149,6 +149,63 @@ def test_whole_nsa_forward():
     assert_close(got, want, FWD_TOL[BF16], "o")
 
 
+def _gradient_kernels(fn, *args):
+    """The kernels the gradients of ``fn`` run (each name once)."""
+    loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
+    return set(re.findall(r"nsa_\w+", str(jax.make_jaxpr(jax.grad(loss, argnums=0))(*args))))
+
+
+# The compressed branch at G = 16 with queries after earlier keys; the window at G = 4 with
+# D != Dv and 128-key blocks, causal or not.
+@pytest.mark.parametrize("branch,T,HQ,H,D,Dv,S,block_k,causal", [
+    ("compressed", 131, 16, 1, 16, 16, 203, 64, True),
+    ("window", 150, 8, 2, 24, 72, None, 128, True),
+    ("window", 133, 4, 1, 16, 16, None, 64, False)],
+    ids=["compressed-G16-S>T", "window-G4-D24-Dv72", "window-noncausal"])
+def test_dq_kernel(branch, T, HQ, H, D, Dv, S, block_k, causal):
+    """The Mosaic GPU dQ kernel (dK and dV from Triton) against the float32 reference."""
+    cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64,
+                            num_selected=4, window=40, causal=causal)
+    q, k, v = _inputs(T, HQ, H, D, Dv, 11, S=S)
+    dq = MosaicFlashConfig(block_k=block_k, num_stages=2)
+    tilings = nsa_jax.MosaicTilings(compressed_dq=dq, window_dq=dq)
+    kv_len = k.shape[1]
+    if branch == "compressed":
+        k, v = nsa_jax.compress(k, v, config=cfg)
+        fn = lambda q, k, v: nsa_jax.compressed_attention(q, k, v, config=cfg, kv_len=kv_len,
+                                                          tilings=tilings, **MOSAIC)[0]
+        ref = lambda *a: reference.compressed_attention(*a, config=cfg, kv_len=kv_len)[0]
+    else:
+        fn = lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg,
+                                                              tilings=tilings, **MOSAIC)
+        ref = lambda *a: reference.sliding_window_attention(*a, config=cfg)
+    fn = jax.jit(fn)
+    names = _gradient_kernels(fn, q, k, v)
+    assert {"nsa_mosaic_flash_bwd_dq", "nsa_flash_bwd_dkv"} <= names
+    assert "nsa_flash_bwd_dq" not in names
+    _check(fn, ref, (q, k, v), 11, ("q", "k", "v"))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
+def test_dq_kernel_has_no_shared_memory_races():
+    """Three CTAs taking several units each, warpgroups with different ranges (a 40-key window
+    over 64-key blocks), dQ written out through the Q buffers."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq
+    from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
+    q, k, v = _inputs(150, 8, 2, 64, 64, 12)
+    rule, offsets = MaskRule(num_keys=150, window=40), jnp.zeros((1,), jnp.int32)
+    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=0.125, config=MosaicFlashConfig(),
+                           interpret=True)
+    dq = flash_backward_dq(q, k, v, o, lse, o, None, offsets, rule=rule, scale=0.125,
+                           config=MosaicFlashConfig(),
+                           interpret=plgpu.InterpretGPUParams(detect_races=True))
+    dq.block_until_ready()
+    assert not interpret_pallas_call.get_races().races_found
+
+
 def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=3,
                             select_q_tile=qt, window=32, causal=causal)
@@ -280,4 +337,40 @@ def test_scoring_config_validation(kwargs, match):
         nsa_jax.MosaicScoringConfig(**kwargs)
     with pytest.raises(TypeError, match="MosaicTilings.scoring must be a MosaicScoringConfig"):
         nsa_jax.MosaicTilings(scoring=MosaicFlashConfig())
+    with pytest.raises(TypeError, match="MosaicTilings.window_dq must be a MosaicFlashConfig or "
+                                        "None"):
+        nsa_jax.MosaicTilings(window_dq=nsa_jax.MosaicScoringConfig())
     assert nsa_jax.MosaicTilings(scoring=None).scoring is None
+
+
+def test_kernels_lower_for_an_h200():
+    """Each Mosaic GPU kernel at the benchmark's head width and group (D = 128, G = 16) and its
+    default tiling lowers for CUDA under an abstract H200: layouts, shared memory and barriers
+    are checked before any GPU sees them."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq
+    from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
+    T, H, G, D, N_c = 1024, 2, 16, 128, 64
+    arr = jax.ShapeDtypeStruct
+    q, k, k_c = arr((1, T, G * H, D), BF16), arr((1, T, H, D), BF16), arr((1, N_c, H, D), BF16)
+    lse, offsets = arr((1, T, G * H), jnp.float32), arr((1,), jnp.int32)
+    window = MaskRule(num_keys=T, window=512)
+    compressed = MaskRule(num_keys=N_c, key_stride=16, key_offset=31)
+    tilings = nsa_jax.MosaicTilings()
+    calls = {
+        "forward": (lambda q, k, off: flash_forward(q, k, k, off, rule=window, scale=0.1,
+                                                    config=tilings.window), (q, k, offsets)),
+        "scoring": (lambda q, k_c, lse, off: compressed_mass(
+            q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
+            config=MosaicScoringConfig()), (q, k_c, lse, offsets)),
+        "dq": (lambda q, k, lse, off: flash_backward_dq(
+            q, k, k, q, lse, q, None, off, rule=window, scale=0.1,
+            config=MosaicFlashConfig(num_stages=2)), (q, k, lse, offsets)),
+    }
+    h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
+    with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
+        for name, (fn, args) in calls.items():
+            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+            assert "mosaic_gpu" in text, name

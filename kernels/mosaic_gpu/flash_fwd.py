@@ -117,7 +117,7 @@ def _row_vector(value):
 class Units:
     """The work units of a persistent launch: unit (b, h, c) is CTA tile c of KV head h of row b,
     and a CTA takes units ``num_ctas`` apart. ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds
-    each unit's KV steps (`_plan`); in table mode step e is entry e of the head's table row
+    each unit's KV steps (`walk_plan`); in table mode step e is entry e of the head's table row
     ``tab_ref``."""
 
     lay: Launch
@@ -342,7 +342,7 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
         ring.stream(units, k_ref, v_ref, bk)
 
 
-def _plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
+def walk_plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
     """int32 [B, 1 or H, n_cta, 10]: see `_kernel`."""
     n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
     if blocks is not None:
@@ -438,6 +438,6 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
             approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
         kernel_name="nsa_mosaic_flash_fwd",
-    )(offsets.astype(jnp.int32), _plan(rule, lay, offsets, blocks), *table_args,
+    )(offsets.astype(jnp.int32), walk_plan(rule, lay, offsets, blocks), *table_args,
       lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
     return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)

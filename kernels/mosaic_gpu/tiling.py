@@ -36,13 +36,19 @@ class MosaicTilings:
     selected: MosaicFlashConfig | None = None
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3, pingpong=False)
     scoring: MosaicScoringConfig | None = MosaicScoringConfig()
+    # The Mosaic GPU dQ kernel of the compressed and window backward (`flash_bwd.py`); None (the
+    # default) runs the Triton one. Checked under the interpreter only: not yet run on a GPU.
+    compressed_dq: MosaicFlashConfig | None = None
+    window_dq: MosaicFlashConfig | None = None
     triton: TritonTilings = SM90
 
     def __post_init__(self):
-        for name in ("compressed", "selected", "window"):
+        optional = ("selected", "compressed_dq", "window_dq")
+        for name in ("compressed", "window", *optional):
             value = getattr(self, name)
-            if not isinstance(value, MosaicFlashConfig) and (name, value) != ("selected", None):
-                allowed = " or None" if name == "selected" else ""
+            if not isinstance(value, MosaicFlashConfig) and not (name in optional
+                                                                 and value is None):
+                allowed = " or None" if name in optional else ""
                 raise TypeError(f"MosaicTilings.{name} must be a MosaicFlashConfig{allowed}, got "
                                 f"{type(value).__name__}")
         if self.scoring is not None and not isinstance(self.scoring, MosaicScoringConfig):

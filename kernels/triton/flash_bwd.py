@@ -198,7 +198,8 @@ def _dkv_heavy_kernel(off_ref, walk_refs, kv, rows, bounds, dk_ref, dv_ref, *, c
 
 def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
                    config: FlashConfig, blocks: BlockTable | None = None,
-                   reverse: ReverseTable | None = None, bounds=None, interpret: bool = False):
+                   reverse: ReverseTable | None = None, bounds=None, interpret: bool = False,
+                   with_dq: bool = True):
     """Gradients of `flash_forward`'s (o, lse) with respect to q, k and v.
 
     Args:
@@ -208,13 +209,14 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
         refer to.
       reverse: with ``blocks``, `metadata.reverse_map` of it (its rows per KV block of
         ``config.block_k`` keys).
+      with_dq: False skips the dQ kernel (another kernel computes dQ) and returns None for it.
 
     Returns:
       dq [B, T, HQ, D], dk [B, N, H, D], dv [B, N, H, Dv] in the dtypes of q, k, v.
     """
     T, N = q.shape[1], k.shape[1]
     if N == 0 or T == 0:
-        return jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
+        return jnp.zeros_like(q) if with_dq else None, jnp.zeros_like(k), jnp.zeros_like(v)
     if (blocks is None) != (reverse is None):
         raise ValueError("flash_backward takes `reverse` exactly when it takes `blocks`")
     bq, bk = config.block_q, config.block_k
@@ -232,7 +234,7 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
 
     table_specs, table_args = table_inputs(blocks, bq)
     bound_specs, bound_args = lay.bound_inputs(bounds)
-    dq = pl.pallas_call(
+    dq = None if not with_dq else pl.pallas_call(
         functools.partial(_dq_kernel, prog=prog),
         grid=(B, H, lay.num_q_tiles),
         in_specs=(pl.BlockSpec(),
@@ -295,5 +297,5 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
             dk = dk.reshape(B, H, n_kb, bk, lay.D_p).at[at].set(hk.sum(axis=3)).reshape(dk.shape)
             dv = dv.reshape(B, H, n_kb, bk, lay.Dv_p).at[at].set(hv.sum(axis=3)).reshape(dv.shape)
 
-    return (lay.ungroup(dq, lay.D), lay.seq_major(dk, lay.D).astype(k.dtype),
-            lay.seq_major(dv, lay.Dv).astype(v.dtype))
+    return (None if dq is None else lay.ungroup(dq, lay.D),
+            lay.seq_major(dk, lay.D).astype(k.dtype), lay.seq_major(dv, lay.Dv).astype(v.dtype))

@@ -55,9 +55,10 @@ def mosaic_serves(q, k, v, *, packed: bool, q_tile: int | None = None,
 
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, interpret,
                          t: MosaicTilings):
-    fwd = t.compressed if mosaic_serves(q, k_c, v_c, packed=bounds is not None) else None
+    serves = mosaic_serves(q, k_c, v_c, packed=bounds is not None)
     return tri.compressed_attention(q, k_c, v_c, cfg, S, kv_len, bounds, interpret, t.triton,
-                                    fwd=fwd)
+                                    fwd=t.compressed if serves else None,
+                                    dq=t.compressed_dq if serves else None)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
@@ -74,9 +75,10 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings,
                              kv_len=None):
-    fwd = t.window if mosaic_serves(q, k, v, packed=bounds is not None) else None
-    return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton, fwd=fwd,
-                                        kv_len=kv_len)
+    serves = mosaic_serves(q, k, v, packed=bounds is not None)
+    return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton,
+                                        fwd=t.window if serves else None, kv_len=kv_len,
+                                        dq=t.window_dq if serves else None)
 
 
 def scoring_config(q, k_c, cfg: NSAConfig, bounds, t: MosaicTilings):

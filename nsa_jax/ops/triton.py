@@ -23,6 +23,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import FAR, BlockTable, Launch, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.mosaic_gpu.block_scores import compressed_mass as mosaic_compressed_mass
 from nsa_jax.kernels.mosaic_gpu.block_scores import cta_queries
+from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq as mosaic_flash_backward_dq
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
 from nsa_jax.kernels.triton.block_scores import compressed_mass, scored_block_mass
@@ -148,7 +149,16 @@ def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_til
 
 
 def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, block_k,
-              bwd: FlashConfig, q_tile, interpret, by_block):
+              bwd: FlashConfig | tuple[MosaicFlashConfig, FlashConfig], q_tile, interpret,
+              by_block):
+    if isinstance(bwd, tuple):
+        # The Mosaic GPU dQ kernel (range walks only), then the Triton dK/dV kernel.
+        dq_config, bwd = bwd
+        dq = mosaic_flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
+                                      config=dq_config, interpret=interpret)
+        _, dk, dv = flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
+                                   config=bwd, bounds=bounds, interpret=interpret, with_dq=False)
+        return dq, dk, dv
     if by_block:
         # The forward's block ids are the backward's: one kernel reads both.
         bwd = dataclasses.replace(bwd, block_k=block_k)
@@ -198,17 +208,20 @@ def compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
 
 
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None,
-                         interpret=False, tilings: TritonTilings | None = None, fwd=None):
+                         interpret=False, tilings: TritonTilings | None = None, fwd=None,
+                         dq=None):
     """``bounds``: optional `segments.CompressedBounds` (packed rows). ``fwd``: the forward's
     config instead of ``tilings``' (a `MosaicFlashConfig` runs the Mosaic GPU kernel); the same
-    for the other branches."""
+    for the other branches. ``dq``: a `MosaicFlashConfig` runs the backward's dQ on the Mosaic
+    GPU kernel (no ``bounds``), the same for the window branch."""
     B, T, HQ, D = q.shape
     G = HQ // k_c.shape[2]
     t = default_tilings() if tilings is None else tilings
+    bwd = t.compressed_bwd.flash(G)
     return flash(q, k_c, v_c, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
                   t.compressed.flash(G, queries=T) if fwd is None else fwd,
-                  t.compressed_bwd.flash(G), 1, interpret)
+                  bwd if dq is None else (dq, bwd), 1, interpret)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
@@ -245,12 +258,14 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=False,
-                             tilings: TritonTilings | None = None, fwd=None, kv_len=None):
+                             tilings: TritonTilings | None = None, fwd=None, kv_len=None,
+                             dq=None):
     """``bounds``: optional `segments.KeyBounds` (packed rows); ``kv_len`` as in
     `selected_attention`."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     t = default_tilings() if tilings is None else tilings
+    bwd = t.window_bwd.flash(HQ // H)
     if fwd is None:
         fwd = t.window.flash(HQ // H, queries=T)
         if T <= SCORED_MAX_QUERIES and cfg.window:
@@ -258,7 +273,7 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
                           -(-(cfg.window + T) // fwd.block_k))
     o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
-                  fwd, t.window_bwd.flash(HQ // H), 1, interpret)
+                  fwd, bwd if dq is None else (dq, bwd), 1, interpret)
     return o
 
 

@@ -1,0 +1,184 @@
+"""The grouped flash-attention dQ kernel on Hopper, in Pallas Mosaic GPU.
+
+Same contract as the dQ half of `kernels/triton/flash_bwd.flash_backward` for block ranges (the
+compressed and window branches; no block table, no packed bounds), and the same CTA as
+`flash_fwd`: two compute warpgroups of 64 rows each and a memory warpgroup streaming the K and V
+blocks of the CTA's range through the ring (`flash_fwd.Ring`), persistent over work units
+(`flash_fwd.Units`).
+
+Per KV block a compute warpgroup issues the two products that need only the block, S = Q Kᵀ and
+dP = dO Vᵀ, together (one wait for both); recomputes P from the forward's log-sum-exp (no running
+maximum); forms dS = P ∘ (dP − δ) with δ = rowsum(O ∘ dO) − dlse; and accumulates dQ += dS K in
+registers. dQ is scaled by the softmax scale once, at the end.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from nsa_jax.kernels.common import LOG2E, Launch, MaskRule
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import (COMPUTE_WGS, ROWS, MosaicFlashConfig, Ring,
+                                                  Units, launch, multiprocessors, visible,
+                                                  walk_plan)
+from nsa_jax.kernels.triton.flash_bwd import backward_rows
+
+
+def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barriers, *,
+               rule: MaskRule, scale: float, lay: Launch, cfg: MosaicFlashConfig):
+    """A persistent CTA: per unit, each compute warpgroup loads its rows' Q, dO, lse and δ, walks
+    its KV blocks (waiting on and releasing those of the CTA's range outside its own) and writes
+    its rows of dQ."""
+    q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, ds_smem = smem
+    rows_ready, k_ready, v_ready, k_free, v_free = barriers
+    ring = Ring(k_smem, v_smem, k_ready, v_ready, k_free, v_free, cfg.num_stages)
+    bk = cfg.block_k
+    scale2 = scale * LOG2E
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+
+        @units.loop(init_carry=jnp.int32(0))
+        def _(u, done):  # done: KV steps of this CTA's earlier units
+            b, h, c, plan_row, _ = units.unit(u)
+            u_lo, u_hi = plan_row[0], plan_row[1]
+            tile = c * COMPUTE_WGS + wg
+            rows = pl.ds(tile * ROWS, ROWS)
+            first = off_ref[b] + tile * lay.block_q
+            buffers = (q_smem, do_smem, lse_smem, dl_smem)
+            for src, dst, bar in zip(rows_in, buffers, rows_ready):
+                plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst.at[wg], bar.at[wg])
+            for bar in rows_ready:
+                plgpu.barrier_wait(bar.at[wg])
+            q, do = q_smem.at[wg], do_smem.at[wg]
+            # lse is +inf for rows without a visible key and for padded rows: their P is 0.
+            lse2 = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
+            delta = plgpu.load(dl_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            lo, flo, fhi, hi = (plan_row[2 + 4 * wg + i] for i in range(4))
+            slot_at = lambda step: ring.slot(done + step - u_lo)
+
+            def skip(step, carry):
+                ring.skip(slot_at(step))
+                return carry
+
+            def visit(step, dq, masked: bool):
+                slot = slot_at(step)
+                plgpu.barrier_wait(k_ready.at[slot])
+                plgpu.barrier_wait(v_ready.at[slot])
+
+                def s_and_dp(s_ref, dp_ref):
+                    plgpu.wgmma(s_ref, q, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(dp_ref, do, v_smem.at[slot].transpose((1, 0)))
+                    return s_ref[...], dp_ref[...]
+
+                s, dp = pl.run_scoped(s_and_dp, plgpu.ACC((ROWS, bk), jnp.float32),
+                                      plgpu.ACC((ROWS, bk), jnp.float32))  # [ROWS, BK] each
+                plgpu.barrier_arrive(v_free.at[slot])
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
+                if masked:
+                    ok = visible(rule, first, step * bk, lay.G_p.bit_length() - 1, (ROWS, bk))
+                    p = jnp.where(ok, p, 0.0)
+                ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(q_smem.dtype)
+                if ds_smem is None:
+                    dq = pl.run_state(lambda acc: plgpu.wgmma(acc, ds, k_smem.at[slot]))(
+                        plgpu.ACC.init(dq))
+                else:
+                    # The interpreter's wgmma reads operands from SMEM only and cannot run
+                    # `run_state`: a fresh accumulator, then an add.
+                    ds_smem.at[wg][...] = ds
+                    plgpu.commit_smem()
+
+                    def ds_k(acc_ref):
+                        plgpu.wgmma(acc_ref, ds_smem.at[wg], k_smem.at[slot])
+                        return acc_ref[...]
+
+                    dq = dq + pl.run_scoped(ds_k, plgpu.ACC((ROWS, lay.D_p), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                return dq
+
+            dq = plgpu.layout_cast(jnp.zeros((ROWS, lay.D_p), jnp.float32), plgpu.Layout.WGMMA)
+            lax.fori_loop(u_lo, lo, skip, None)
+            dq = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), dq)
+            dq = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), dq)
+            dq = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), dq)
+            lax.fori_loop(hi, u_hi, skip, None)
+            # Every product reading this warpgroup's Q has completed: dQ goes out through it.
+            q_smem.at[wg][...] = (dq * scale).astype(q_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, h, rows])
+            # The next unit loads its rows into these buffers.
+            plgpu.wait_smem_to_gmem(0)
+            return done + u_hi - u_lo
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        ring.stream(units, k_ref, v_ref, bk)
+
+
+def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
+                      config: MosaicFlashConfig,
+                      interpret: bool | plgpu.InterpretGPUParams = False):
+    """dQ of `flash_fwd.flash_forward`'s (o, lse) over a block range (no table).
+
+    Args:
+      q, k, v, offsets, rule, scale: as given to the forward; bfloat16 or float16.
+      o, lse: its outputs. do: cotangent of o [B, T, HQ, Dv]; dlse: of lse [B, T, HQ] (or None).
+      config: tiling (``block_k``, ``num_stages``, ``num_ctas``; ``pingpong`` is not used).
+      interpret: run under the Mosaic GPU interpreter (CPU); True, or its parameters.
+
+    Returns:
+      dq [B, T, HQ, D] in q.dtype.
+    """
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        return jnp.zeros_like(q)
+    lay = launch(q, k, v, config.block_k)
+    dtype = q.dtype
+    stages, bk = config.num_stages, config.block_k
+    n_units = lay.T_p // (COMPUTE_WGS * lay.block_q) * lay.H * lay.B
+    num_ctas = min(n_units, config.num_ctas or (3 if interpret else multiprocessors()))
+
+    def smem_2d(lead, rows, width):
+        transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)),
+                      plgpu.SwizzleTransform(128))
+        return plgpu.SMEM((lead, rows, width), dtype, transforms=transforms)
+
+    def body(off_ref, plan_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref):
+        smem = (smem_2d(COMPUTE_WGS, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
+                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
+                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
+                smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
+                smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
+        ring_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
+                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
+        barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4, *ring_bars)
+        units = Units(lay, rule.causal, 0, num_ctas, plan_ref, None)
+        pl.run_scoped(
+            lambda smem, bars: _dq_kernel(off_ref, units, (q_ref, do_ref, lse_ref, dl_ref), k_ref,
+                                          v_ref, dq_ref, smem, bars, rule=rule, scale=scale,
+                                          lay=lay, cfg=config),
+            smem, barriers, collective_axes="wg")
+
+    offsets = offsets.astype(jnp.int32)
+    q_g, do_g, lse_g, delta = backward_rows(lay, q, o, lse, do, dlse)
+    dq = plgpu.kernel(
+        body,
+        out_type=lay.rows_shape(dtype, lay.D_p),
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
+        kernel_name="nsa_mosaic_flash_bwd_dq",
+    )(offsets, walk_plan(rule, lay, offsets, None), q_g, do_g, lse_g, delta,
+      lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
+    return lay.ungroup(dq, q.shape[3])
