@@ -35,7 +35,7 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
     its rows of dQ."""
     q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, ds_smem = smem
     rows_ready, k_ready, v_ready, k_free, v_free = barriers
-    ring = Ring(k_smem, v_smem, k_ready, v_ready, k_free, v_free, cfg.num_stages)
+    ring = Ring((k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), cfg.num_stages)
     bk = cfg.block_k
     scale2 = scale * LOG2E
     wg = lax.axis_index("wg")
@@ -119,7 +119,7 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        ring.stream(units, k_ref, v_ref, bk)
+        ring.stream(units, (k_ref, v_ref), lambda step, _: pl.ds(step * bk, bk))
 
 
 def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
@@ -141,8 +141,9 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
     lay = launch(q, k, v, config.block_k)
     dtype = q.dtype
     stages, bk = config.num_stages, config.block_k
-    n_units = lay.T_p // (COMPUTE_WGS * lay.block_q) * lay.H * lay.B
-    num_ctas = min(n_units, config.num_ctas or (3 if interpret else multiprocessors()))
+    n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
+    num_ctas = min(n_cta * lay.H * lay.B,
+                   config.num_ctas or (3 if interpret else multiprocessors()))
 
     def smem_2d(lead, rows, width):
         transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)),
@@ -159,7 +160,7 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
         barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4, *ring_bars)
-        units = Units(lay, rule.causal, 0, num_ctas, plan_ref, None)
+        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref)
         pl.run_scoped(
             lambda smem, bars: _dq_kernel(off_ref, units, (q_ref, do_ref, lse_ref, dl_ref), k_ref,
                                           v_ref, dq_ref, smem, bars, rule=rule, scale=scale,

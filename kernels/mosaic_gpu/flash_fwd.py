@@ -116,20 +116,19 @@ def _row_vector(value):
 @dataclasses.dataclass(frozen=True)
 class Units:
     """The work units of a persistent launch: unit (b, h, c) is CTA tile c of KV head h of row b,
-    and a CTA takes units ``num_ctas`` apart. ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds
-    each unit's KV steps (`walk_plan`); in table mode step e is entry e of the head's table row
-    ``tab_ref``."""
+    and a CTA takes units ``num_ctas`` apart, in order of c, or from the last c when
+    ``reverse`` (so that under a causal rule the tiles that walk most come first).
+    ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds each unit's steps (`walk_plan`); in table
+    mode step e is entry e of the head's table row ``tab_ref``, whose rows are ``q_tile``
+    queries."""
 
     lay: Launch
-    causal: bool
-    q_tile: int
+    n_cta: int
+    reverse: bool
     num_ctas: int
     plan_ref: object
-    tab_ref: object
-
-    @property
-    def n_cta(self) -> int:
-        return self.lay.T_p // (COMPUTE_WGS * self.lay.block_q)
+    tab_ref: object = None
+    q_tile: int = 0
 
     def loop(self, init_carry):
         """`pl.loop` over this CTA's units, carrying ``init_carry``."""
@@ -138,12 +137,11 @@ class Units:
                        init_carry=init_carry)
 
     def unit(self, u):
-        """(b, h, c, plan ref, step -> KV block) of work unit u; the tiles that see the most keys
-        come first under a causal rule."""
+        """(b, h, c, plan ref, step -> KV block) of work unit u."""
         lay = self.lay
         c, hb = lax.div(u, jnp.int32(lay.H * lay.B)), lax.rem(u, jnp.int32(lay.H * lay.B))
         h, b = lax.div(hb, jnp.int32(lay.B)), lax.rem(hb, jnp.int32(lay.B))
-        if self.causal:
+        if self.reverse:
             c = self.n_cta - 1 - c
         plan = self.plan_ref.at[b, 0 if self.tab_ref is None else h, c]
         if self.tab_ref is None:
@@ -156,16 +154,14 @@ class Units:
 
 @dataclasses.dataclass(frozen=True)
 class Ring:
-    """The SMEM ring of K and V blocks: ``stages`` slots, each with a ready and a free barrier
-    (the free ones take one arrival per compute warpgroup). The KV steps of all of a CTA's units
-    form one sequence, so slots and barrier phases run on across units."""
+    """An SMEM ring of ``stages`` slots that the memory warpgroup fills for the compute
+    warpgroups. Each buffer [stages, ...] has per slot a ready barrier (its copy landed) and a
+    free barrier (one arrival per compute warpgroup). The steps of all of a CTA's units form one
+    sequence, so slots and barrier phases run on across units."""
 
-    k_smem: object
-    v_smem: object
-    k_ready: object
-    v_ready: object
-    k_free: object
-    v_free: object
+    buffers: tuple
+    ready: tuple
+    free: tuple
     stages: int
 
     def slot(self, i):
@@ -174,14 +170,14 @@ class Ring:
     def skip(self, slot):
         """A compute warpgroup's pass over a step outside its own range: wait and release, so
         its barrier phases stay in step."""
-        plgpu.barrier_wait(self.k_ready.at[slot])
-        plgpu.barrier_arrive(self.k_free.at[slot])
-        plgpu.barrier_wait(self.v_ready.at[slot])
-        plgpu.barrier_arrive(self.v_free.at[slot])
+        for ready, free in zip(self.ready, self.free):
+            plgpu.barrier_wait(ready.at[slot])
+            plgpu.barrier_arrive(free.at[slot])
 
-    def stream(self, units: Units, k_ref, v_ref, bk: int):
-        """The memory warpgroup: copies every unit's KV blocks into the ring, a slot once both
-        compute warpgroups have released it."""
+    def stream(self, units: Units, srcs, rows_of):
+        """The memory warpgroup: copies each unit's steps into the ring, a buffer's slot once
+        both compute warpgroups have released it. ``srcs``: one [B, H, n, ...] GMEM ref per
+        buffer; ``rows_of(step, block_of)``: the `pl.ds` of a step's rows in them."""
 
         @units.loop(init_carry=jnp.int32(0))
         def issued(u, done):
@@ -192,21 +188,10 @@ class Ring:
             def _(step):
                 i = done + step - u_lo
                 slot = self.slot(i)
-                keys = pl.ds(block_of(step) * bk, bk)
-
-                @pl.when(i >= self.stages)
-                def _():
-                    plgpu.barrier_wait(self.k_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[b, h, keys], self.k_smem.at[slot],
-                                        self.k_ready.at[slot])
-
-                @pl.when(i >= self.stages)
-                def _():
-                    plgpu.barrier_wait(self.v_free.at[slot])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[b, h, keys], self.v_smem.at[slot],
-                                        self.v_ready.at[slot])
+                rows = rows_of(step, block_of)
+                for src, buf, ready, free in zip(srcs, self.buffers, self.ready, self.free):
+                    pl.when(i >= self.stages)(lambda: plgpu.barrier_wait(free.at[slot]))
+                    plgpu.copy_gmem_to_smem(src.at[b, h, rows], buf.at[slot], ready.at[slot])
 
             return done + u_hi - u_lo
 
@@ -214,8 +199,8 @@ class Ring:
         # before the barriers go out of scope (the interpreter checks this).
         @pl.loop(jnp.maximum(0, issued - self.stages), issued)
         def _(i):
-            plgpu.barrier_wait(self.k_free.at[self.slot(i)])
-            plgpu.barrier_wait(self.v_free.at[self.slot(i)])
+            for free in self.free:
+                plgpu.barrier_wait(free.at[self.slot(i)])
 
 
 def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
@@ -229,7 +214,7 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
     q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
     q_bar, k_ready, v_ready, k_free, v_free, sched = barriers
     bk = cfg.block_k
-    ring = Ring(k_smem, v_smem, k_ready, v_ready, k_free, v_free, cfg.num_stages)
+    ring = Ring((k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), cfg.num_stages)
     wg = lax.axis_index("wg")
 
     def rendezvous():
@@ -339,7 +324,8 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        ring.stream(units, k_ref, v_ref, bk)
+        ring.stream(units, (k_ref, v_ref),
+                    lambda step, block_of: pl.ds(block_of(step) * bk, bk))
 
 
 def walk_plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
@@ -411,8 +397,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS))
 
-        units = Units(lay, rule.causal, 0 if blocks is None else blocks.q_tile, num_ctas,
-                      plan_ref, tab_ref)
+        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref, tab_ref,
+                      0 if blocks is None else blocks.q_tile)
 
         def run(q_smem, o_smem, *rest):
             _kernel(off_ref, units, q_ref, k_ref, v_ref, o_ref, lse_ref,
