@@ -155,20 +155,24 @@ def _gradient_kernels(fn, *args):
     return set(re.findall(r"nsa_\w+", str(jax.make_jaxpr(jax.grad(loss, argnums=0))(*args))))
 
 
-# The compressed branch at G = 16 with queries after earlier keys; the window at G = 4 with
-# D != Dv and 128-key blocks, causal or not.
+# The compressed branch at G = 16 with queries after earlier keys (the dK/dV kernel splits its
+# rows into shares); the window at G = 4 with D != Dv and 128-key dQ blocks, causal or not.
 @pytest.mark.parametrize("branch,T,HQ,H,D,Dv,S,block_k,causal", [
     ("compressed", 131, 16, 1, 16, 16, 203, 64, True),
     ("window", 150, 8, 2, 24, 72, None, 128, True),
     ("window", 133, 4, 1, 16, 16, None, 64, False)],
     ids=["compressed-G16-S>T", "window-G4-D24-Dv72", "window-noncausal"])
-def test_dq_kernel(branch, T, HQ, H, D, Dv, S, block_k, causal):
-    """The Mosaic GPU dQ kernel (dK and dV from Triton) against the float32 reference."""
+@pytest.mark.parametrize("kernels", ["dq", "dkv", "dq+dkv"])
+def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
+    """The Mosaic GPU dQ and dK/dV kernels, alone (Triton for the other gradients) or together,
+    against the float32 reference."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64,
                             num_selected=4, window=40, causal=causal)
     q, k, v = _inputs(T, HQ, H, D, Dv, 11, S=S)
-    dq = MosaicFlashConfig(block_k=block_k, num_stages=2)
-    tilings = nsa_jax.MosaicTilings(compressed_dq=dq, window_dq=dq)
+    dq = MosaicFlashConfig(block_k=block_k, num_stages=2) if "dq" in kernels else None
+    dkv = MosaicFlashConfig(num_stages=2) if "dkv" in kernels else None
+    tilings = nsa_jax.MosaicTilings(compressed_dq=dq, window_dq=dq, compressed_dkv=dkv,
+                                    window_dkv=dkv)
     kv_len = k.shape[1]
     if branch == "compressed":
         k, v = nsa_jax.compress(k, v, config=cfg)
@@ -181,29 +185,33 @@ def test_dq_kernel(branch, T, HQ, H, D, Dv, S, block_k, causal):
         ref = lambda *a: reference.sliding_window_attention(*a, config=cfg)
     fn = jax.jit(fn)
     names = _gradient_kernels(fn, q, k, v)
-    assert {"nsa_mosaic_flash_bwd_dq", "nsa_flash_bwd_dkv"} <= names
-    assert "nsa_flash_bwd_dq" not in names
+    for part in ("dq", "dkv"):
+        mosaic = part in kernels.split("+")
+        assert (f"nsa_mosaic_flash_bwd_{part}" in names) == mosaic
+        assert (f"nsa_flash_bwd_{part}" in names) != mosaic
     _check(fn, ref, (q, k, v), 11, ("q", "k", "v"))
 
 
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
-def test_dq_kernel_has_no_shared_memory_races():
+def test_backward_kernels_have_no_shared_memory_races():
     """Three CTAs taking several units each, warpgroups with different ranges (a 40-key window
-    over 64-key blocks), dQ written out through the Q buffers."""
+    over 64-key blocks): dQ written out through the Q buffers; dK/dV's row ring, split rows and
+    output slices."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from nsa_jax.kernels.common import MaskRule
-    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv, flash_backward_dq
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
     q, k, v = _inputs(150, 8, 2, 64, 64, 12)
     rule, offsets = MaskRule(num_keys=150, window=40), jnp.zeros((1,), jnp.int32)
     o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=0.125, config=MosaicFlashConfig(),
                            interpret=True)
-    dq = flash_backward_dq(q, k, v, o, lse, o, None, offsets, rule=rule, scale=0.125,
-                           config=MosaicFlashConfig(),
-                           interpret=plgpu.InterpretGPUParams(detect_races=True))
-    dq.block_until_ready()
-    assert not interpret_pallas_call.get_races().races_found
+    for kernel in (flash_backward_dq, flash_backward_dkv):
+        grads = kernel(q, k, v, o, lse, o, None, offsets, rule=rule, scale=0.125,
+                       config=MosaicFlashConfig(num_stages=2),
+                       interpret=plgpu.InterpretGPUParams(detect_races=True))
+        jax.block_until_ready(grads)
+        assert not interpret_pallas_call.get_races().races_found, kernel.__name__
 
 
 def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
@@ -350,7 +358,7 @@ def test_kernels_lower_for_an_h200():
     from jax.sharding import AbstractDevice, AbstractMesh
     from nsa_jax.kernels.common import MaskRule
     from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
-    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv, flash_backward_dq
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
     T, H, G, D, N_c = 1024, 2, 16, 128, 64
     arr = jax.ShapeDtypeStruct
@@ -368,9 +376,22 @@ def test_kernels_lower_for_an_h200():
         "dq": (lambda q, k, lse, off: flash_backward_dq(
             q, k, k, q, lse, q, None, off, rule=window, scale=0.1,
             config=MosaicFlashConfig(num_stages=2)), (q, k, lse, offsets)),
+        "dkv": (lambda q, k, lse, off: flash_backward_dkv(
+            q, k, k, q, lse, q, None, off, rule=window, scale=0.1,
+            config=MosaicFlashConfig(num_stages=2)), (q, k, lse, offsets)),
     }
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         for name, (fn, args) in calls.items():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text, name
+
+
+def test_dkv_kernel_refuses_other_blocks():
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv
+    q, k, v = _inputs(8, 2, 1, 16, 16, 13)
+    with pytest.raises(ValueError, match="takes block_k=64 .* got MosaicFlashConfig.block_k=128"):
+        flash_backward_dkv(q, k, v, q, jnp.zeros((1, 8, 2)), q, None, jnp.zeros((1,), jnp.int32),
+                           rule=MaskRule(num_keys=8), scale=0.25,
+                           config=MosaicFlashConfig(block_k=128), interpret=True)

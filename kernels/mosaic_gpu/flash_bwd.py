@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from nsa_jax.kernels.common import LOG2E, Launch, MaskRule
-from nsa_jax.kernels.mosaic_gpu.flash_fwd import (COMPUTE_WGS, ROWS, MosaicFlashConfig, Ring,
-                                                  Units, launch, multiprocessors, visible,
+from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, query_range, share_of
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
+                                                  Ring, Units, launch, multiprocessors, visible,
                                                   walk_plan)
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
 
@@ -183,3 +184,210 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
     )(offsets, walk_plan(rule, lay, offsets, None), q_g, do_g, lse_g, delta,
       lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
     return lay.ungroup(dq, q.shape[3])
+
+
+# dK/dV of a range walk splits each CTA's rows into shares (their sums added in XLA) so that
+# about DKV_UNITS_PER_SM units per multiprocessor exist, at most DKV_MAX_SPLITS shares of at
+# least DKV_MIN_SHARE row tiles each. Not yet tuned on a GPU.
+DKV_UNITS_PER_SM = 4
+DKV_MAX_SPLITS = 16
+DKV_MIN_SHARE = 8
+
+
+def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, barriers, *,
+                rule: MaskRule, scale: float, lay: Launch, splits: int, stages: int):
+    """A persistent CTA of dK/dV: per unit (b, h, c), CTA tile c // splits owns 2 x 64 keys, one
+    block per compute warpgroup, and share c % splits of the query row tiles that see them; the
+    memory warpgroup streams those tiles' Q, dO, lse and δ through the ring. Each warpgroup takes
+    S^T = K Q^T and dP^T = V dO^T per tile (keys on wgmma's M, rows on its N), then
+    dV += P^T dO and dK += dS^T Q, and writes its float32 partial sums at the unit's end."""
+    k_smem, v_smem, out_smem, p_smem, ring_smem = smem
+    kv_ready, ring_ready, ring_free = barriers
+    ring = Ring(ring_smem, ring_ready, ring_free, stages)
+    q_ring, do_ring, lse_ring, dl_ring = ring_smem
+    R = ROWS  # rows per streamed tile
+    scale2 = scale * LOG2E
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+
+        @units.loop(init_carry=jnp.int32(0))
+        def _(u, done):  # done: row tiles of this CTA's earlier units
+            b, h, c, plan_row, _ = units.unit(u)
+            u_lo, u_hi = plan_row[0], plan_row[1]
+            share = lax.rem(c, jnp.int32(splits))
+            key0 = lax.div(c, jnp.int32(splits)) * (COMPUTE_WGS * ROWS) + wg * ROWS
+            keys = pl.ds(key0, ROWS)
+            for src, dst, bar in zip(kv_in, (k_smem, v_smem), kv_ready):
+                plgpu.copy_gmem_to_smem(src.at[b, h, keys], dst.at[wg], bar.at[wg])
+            for bar in kv_ready:
+                plgpu.barrier_wait(bar.at[wg])
+            k, v = k_smem.at[wg], v_smem.at[wg]
+            lo, hi = plan_row[2 + 4 * wg], plan_row[5 + 4 * wg]
+            slot_at = lambda step: ring.slot(done + step - u_lo)
+
+            def skip(step, carry):
+                ring.skip(slot_at(step))
+                return carry
+
+            def visit(step, carry):
+                dk, dv = carry  # [BK, D_p], [BK, Dv_p] float32
+                slot = slot_at(step)
+                for ready in ring.ready:
+                    plgpu.barrier_wait(ready.at[slot])
+                q, do = q_ring.at[slot], do_ring.at[slot]
+
+                def st_and_dpt(st_ref, dpt_ref):
+                    plgpu.wgmma(st_ref, k, q.transpose((1, 0)))
+                    plgpu.wgmma(dpt_ref, v, do.transpose((1, 0)))
+                    return st_ref[...], dpt_ref[...]
+
+                st, dpt = pl.run_scoped(st_and_dpt, plgpu.ACC((ROWS, R), jnp.float32),
+                                        plgpu.ACC((ROWS, R), jnp.float32))  # [BK, R] each
+                lse2 = plgpu.load(lse_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
+                delta = plgpu.load(dl_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+                ok = visible(rule, off_ref[b] + step * lay.block_q, key0,
+                             lay.G_p.bit_length() - 1, (ROWS, R), key_axis=0)
+                pt = jnp.where(ok, pt, 0.0)
+                dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
+                pt, dst = pt.astype(q_ring.dtype), dst.astype(q_ring.dtype)
+                if p_smem is None:
+                    def accumulate(refs):
+                        plgpu.wgmma(refs[0], pt, do)
+                        plgpu.wgmma(refs[1], dst, q)
+
+                    dv, dk = pl.run_state(accumulate)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+                else:
+                    # The interpreter's wgmma reads operands from SMEM only and cannot run
+                    # `run_state`: fresh accumulators, then adds.
+                    p_smem.at[wg, 0][...] = pt
+                    p_smem.at[wg, 1][...] = dst
+                    plgpu.commit_smem()
+
+                    def products(dv_ref, dk_ref):
+                        plgpu.wgmma(dv_ref, p_smem.at[wg, 0], do)
+                        plgpu.wgmma(dk_ref, p_smem.at[wg, 1], q)
+                        return dv_ref[...], dk_ref[...]
+
+                    ddv, ddk = pl.run_scoped(products, plgpu.ACC((ROWS, lay.Dv_p), jnp.float32),
+                                             plgpu.ACC((ROWS, lay.D_p), jnp.float32))
+                    dv, dk = dv + ddv, dk + ddk
+                for free in ring.free:
+                    plgpu.barrier_arrive(free.at[slot])
+                return dk, dv
+
+            zeros = lambda width: plgpu.layout_cast(jnp.zeros((ROWS, width), jnp.float32),
+                                                    plgpu.Layout.WGMMA)
+            lax.fori_loop(u_lo, lo, skip, None)
+            dk, dv = lax.fori_loop(lo, hi, visit, (zeros(lay.D_p), zeros(lay.Dv_p)))
+            lax.fori_loop(hi, u_hi, skip, None)
+            # Out through one 64-column float32 buffer per warpgroup, a slice at a time.
+            for acc, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
+                for j in range(acc.shape[1] // CHANNELS):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    out_smem.at[wg][...] = acc[:, j * CHANNELS:(j + 1) * CHANNELS]
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(
+                        out_smem.at[wg], ref.at[b, h, share, keys, pl.ds(j * CHANNELS, CHANNELS)])
+            return done + u_hi - u_lo
+
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        ring.stream(units, rows_in, lambda step, _: pl.ds(step * R, R))
+
+
+def _dkv_plan(rule: MaskRule, lay: Launch, offsets, n_kv: int, splits: int):
+    """int32 [B, 1, n_kv * splits, 10] in `walk_plan`'s format: per unit the share [lo, hi) of
+    the row tiles that see the CTA's keys, then per warpgroup the row tiles that see its 64 keys
+    within that share (all masked)."""
+    n_qt = lay.T_p // lay.block_q
+    key0 = jnp.arange(n_kv * COMPUTE_WGS, dtype=jnp.int32) * ROWS  # [n_kv * 2]
+    ilo, ihi = jax.vmap(lambda off: jax.vmap(lambda k0: query_range(
+        rule, k0, ROWS, off, lay.block_q, n_qt))(key0))(offsets)  # [B, n_kv * 2] each
+    ilo, ihi = (x.reshape(lay.B, n_kv, COMPUTE_WGS) for x in (ilo, ihi))
+    seen = ihi > ilo
+    u_lo = jnp.min(jnp.where(seen, ilo, n_qt), axis=-1)
+    u_hi = jnp.maximum(jnp.max(jnp.where(seen, ihi, 0), axis=-1), u_lo)  # [B, n_kv]
+    s = jnp.arange(splits, dtype=jnp.int32)
+    s_lo, s_hi = share_of(u_lo[..., None], u_hi[..., None], s, splits)  # [B, n_kv, splits]
+    lo = jnp.clip(ilo[:, :, None, :], s_lo[..., None], s_hi[..., None])
+    hi = jnp.clip(ihi[:, :, None, :], lo, s_hi[..., None])  # [B, n_kv, splits, 2]
+    per_wg = jnp.stack([lo, hi, hi, hi], axis=-1).reshape(lay.B, n_kv, splits, 4 * COMPUTE_WGS)
+    plan = jnp.concatenate([s_lo[..., None], s_hi[..., None], per_wg], axis=-1)
+    return plan.reshape(lay.B, 1, n_kv * splits, 10).astype(jnp.int32)
+
+
+def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
+                       config: MosaicFlashConfig,
+                       interpret: bool | plgpu.InterpretGPUParams = False):
+    """dK and dV of `flash_fwd.flash_forward`'s (o, lse) over a block range (no table).
+
+    Args: as `flash_backward_dq`; ``config.block_k`` must be 64 (the keys of one warpgroup).
+
+    Returns:
+      dk [B, N, H, D] and dv [B, N, H, Dv] in the dtypes of k and v.
+    """
+    if config.block_k != ROWS:
+        raise ValueError(f"the Mosaic GPU dK/dV kernel takes block_k={ROWS} (the keys of one "
+                         f"warpgroup), got MosaicFlashConfig.block_k={config.block_k}")
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        return jnp.zeros_like(k), jnp.zeros_like(v)
+    lay = launch(q, k, v, COMPUTE_WGS * ROWS)
+    dtype, stages = q.dtype, config.num_stages
+    n_kv = lay.N_p // (COMPUTE_WGS * ROWS)
+    sms = 3 if interpret else multiprocessors()
+    n_qt = lay.T_p // lay.block_q
+    splits = max(1, min(DKV_MAX_SPLITS, DKV_UNITS_PER_SM * sms // (lay.B * lay.H * n_kv),
+                        n_qt // DKV_MIN_SHARE))
+    splits = 1 << (splits.bit_length() - 1)
+    n_cta = n_kv * splits
+    num_ctas = min(n_cta * lay.H * lay.B, config.num_ctas or sms)
+
+    def smem_2d(lead, rows, width):
+        transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)),
+                      plgpu.SwizzleTransform(128))
+        return plgpu.SMEM((*lead, rows, width), dtype, transforms=transforms)
+
+    def body(off_ref, plan_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref):
+        ring_smem = (smem_2d((stages,), ROWS, lay.D_p), smem_2d((stages,), ROWS, lay.Dv_p),
+                     plgpu.SMEM((stages, ROWS), jnp.float32),
+                     plgpu.SMEM((stages, ROWS), jnp.float32))
+        smem = (smem_2d((COMPUTE_WGS,), ROWS, lay.D_p), smem_2d((COMPUTE_WGS,), ROWS, lay.Dv_p),
+                plgpu.SMEM((COMPUTE_WGS, ROWS, CHANNELS), jnp.float32),
+                smem_2d((COMPUTE_WGS, 2), ROWS, ROWS) if interpret else None, ring_smem)
+        barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2,
+                    (plgpu.Barrier(num_barriers=stages),) * 4,
+                    (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 4)
+        units = Units(lay, n_cta, False, num_ctas, plan_ref)
+        pl.run_scoped(
+            lambda smem, bars: _dkv_kernel(off_ref, units, (k_ref, v_ref),
+                                           (q_ref, do_ref, lse_ref, dl_ref), dk_ref, dv_ref, smem,
+                                           bars, rule=rule, scale=scale, lay=lay, splits=splits,
+                                           stages=stages),
+            smem, barriers, collective_axes="wg")
+
+    offsets = offsets.astype(jnp.int32)
+    rows = backward_rows(lay, q, o, lse, do, dlse)
+    part = lambda width: jax.ShapeDtypeStruct((lay.B, lay.H, splits, lay.N_p, width),
+                                              jnp.float32)
+    dk, dv = plgpu.kernel(
+        body,
+        out_type=(part(lay.D_p), part(lay.Dv_p)),
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
+        kernel_name="nsa_mosaic_flash_bwd_dkv",
+    )(offsets, _dkv_plan(rule, lay, offsets, n_kv, splits), lay.heads_major(k, lay.D_p),
+      lay.heads_major(v, lay.Dv_p), *rows)
+    return (lay.seq_major(dk.sum(axis=2), lay.D).astype(k.dtype),
+            lay.seq_major(dv.sum(axis=2), lay.Dv).astype(v.dtype))

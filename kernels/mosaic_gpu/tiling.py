@@ -36,14 +36,17 @@ class MosaicTilings:
     selected: MosaicFlashConfig | None = None
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3, pingpong=False)
     scoring: MosaicScoringConfig | None = MosaicScoringConfig()
-    # The Mosaic GPU dQ kernel of the compressed and window backward (`flash_bwd.py`); None (the
-    # default) runs the Triton one. Checked under the interpreter only: not yet run on a GPU.
+    # The Mosaic GPU dQ and dK/dV kernels of the compressed and window backward (`flash_bwd.py`;
+    # dK/dV takes block_k=64); None (the default) runs the Triton one. Checked under the
+    # interpreter only: not yet run on a GPU.
     compressed_dq: MosaicFlashConfig | None = None
     window_dq: MosaicFlashConfig | None = None
+    compressed_dkv: MosaicFlashConfig | None = None
+    window_dkv: MosaicFlashConfig | None = None
     triton: TritonTilings = SM90
 
     def __post_init__(self):
-        optional = ("selected", "compressed_dq", "window_dq")
+        optional = ("selected", "compressed_dq", "window_dq", "compressed_dkv", "window_dkv")
         for name in ("compressed", "window", *optional):
             value = getattr(self, name)
             if not isinstance(value, MosaicFlashConfig) and not (name in optional

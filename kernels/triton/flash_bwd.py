@@ -199,7 +199,7 @@ def _dkv_heavy_kernel(off_ref, walk_refs, kv, rows, bounds, dk_ref, dv_ref, *, c
 def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
                    config: FlashConfig, blocks: BlockTable | None = None,
                    reverse: ReverseTable | None = None, bounds=None, interpret: bool = False,
-                   with_dq: bool = True):
+                   with_dq: bool = True, with_dkv: bool = True):
     """Gradients of `flash_forward`'s (o, lse) with respect to q, k and v.
 
     Args:
@@ -209,14 +209,16 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
         refer to.
       reverse: with ``blocks``, `metadata.reverse_map` of it (its rows per KV block of
         ``config.block_k`` keys).
-      with_dq: False skips the dQ kernel (another kernel computes dQ) and returns None for it.
+      with_dq, with_dkv: False skips the dQ or the dK/dV kernel (another kernel computes those
+        gradients) and returns None for them.
 
     Returns:
       dq [B, T, HQ, D], dk [B, N, H, D], dv [B, N, H, Dv] in the dtypes of q, k, v.
     """
     T, N = q.shape[1], k.shape[1]
     if N == 0 or T == 0:
-        return jnp.zeros_like(q) if with_dq else None, jnp.zeros_like(k), jnp.zeros_like(v)
+        zeros = lambda x, wanted: jnp.zeros_like(x) if wanted else None
+        return zeros(q, with_dq), zeros(k, with_dkv), zeros(v, with_dkv)
     if (blocks is None) != (reverse is None):
         raise ValueError("flash_backward takes `reverse` exactly when it takes `blocks`")
     bq, bk = config.block_q, config.block_k
@@ -264,7 +266,9 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
             name="nsa_flash_bwd_dkv",
         )(offsets, walk_args, kv, rows, all_bound_args)
 
-    if blocks is None:
+    if not with_dkv:
+        dk = dv = None
+    elif blocks is None:
         # Few KV blocks (compressed tokens) each seen by many query tiles: split every block's
         # query range into `splits` shares, one program each, and add the shares in XLA.
         splits = int(min(MAX_SPLITS, max(1, -(-TARGET_PROGRAMS // (B * H * n_kb)))))
@@ -297,5 +301,6 @@ def flash_backward(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale:
             dk = dk.reshape(B, H, n_kb, bk, lay.D_p).at[at].set(hk.sum(axis=3)).reshape(dk.shape)
             dv = dv.reshape(B, H, n_kb, bk, lay.Dv_p).at[at].set(hv.sum(axis=3)).reshape(dv.shape)
 
-    return (None if dq is None else lay.ungroup(dq, lay.D),
-            lay.seq_major(dk, lay.D).astype(k.dtype), lay.seq_major(dv, lay.Dv).astype(v.dtype))
+    if dk is not None:
+        dk, dv = lay.seq_major(dk, lay.D).astype(k.dtype), lay.seq_major(dv, lay.Dv).astype(v.dtype)
+    return None if dq is None else lay.ungroup(dq, lay.D), dk, dv

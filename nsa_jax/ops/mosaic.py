@@ -53,12 +53,18 @@ def mosaic_serves(q, k, v, *, packed: bool, q_tile: int | None = None,
     return True
 
 
+def _backward_configs(serves: bool, dq, dkv):
+    """(dQ, dK/dV) Mosaic GPU configs of a branch's backward, or None: all on Triton."""
+    return (dq, dkv) if serves and (dq is not None or dkv is not None) else None
+
+
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, interpret,
                          t: MosaicTilings):
     serves = mosaic_serves(q, k_c, v_c, packed=bounds is not None)
     return tri.compressed_attention(q, k_c, v_c, cfg, S, kv_len, bounds, interpret, t.triton,
                                     fwd=t.compressed if serves else None,
-                                    dq=t.compressed_dq if serves else None)
+                                    mosaic_bwd=_backward_configs(serves, t.compressed_dq,
+                                                                 t.compressed_dkv))
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
@@ -78,7 +84,8 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: Mosa
     serves = mosaic_serves(q, k, v, packed=bounds is not None)
     return tri.sliding_window_attention(q, k, v, cfg, bounds, interpret, t.triton,
                                         fwd=t.window if serves else None, kv_len=kv_len,
-                                        dq=t.window_dq if serves else None)
+                                        mosaic_bwd=_backward_configs(serves, t.window_dq,
+                                                                     t.window_dkv))
 
 
 def scoring_config(q, k_c, cfg: NSAConfig, bounds, t: MosaicTilings):

@@ -23,6 +23,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.common import FAR, BlockTable, Launch, MaskRule, ReverseTable, pow2
 from nsa_jax.kernels.mosaic_gpu.block_scores import compressed_mass as mosaic_compressed_mass
 from nsa_jax.kernels.mosaic_gpu.block_scores import cta_queries
+from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv as mosaic_flash_backward_dkv
 from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq as mosaic_flash_backward_dq
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward as mosaic_flash_forward
@@ -149,15 +150,26 @@ def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_til
 
 
 def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, block_k,
-              bwd: FlashConfig | tuple[MosaicFlashConfig, FlashConfig], q_tile, interpret,
-              by_block):
+              bwd: FlashConfig | tuple, q_tile, interpret, by_block):
     if isinstance(bwd, tuple):
-        # The Mosaic GPU dQ kernel (range walks only), then the Triton dK/dV kernel.
-        dq_config, bwd = bwd
-        dq = mosaic_flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
-                                      config=dq_config, interpret=interpret)
-        _, dk, dv = flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale,
-                                   config=bwd, bounds=bounds, interpret=interpret, with_dq=False)
+        # (dQ config, dK/dV config, Triton tiling): the Mosaic GPU kernels where a config is
+        # given (range walks only), the Triton kernels for the rest.
+        dq_config, dkv_config, bwd = bwd
+        args = (q, k, v, o, lse, do, dlse, offsets)
+        dq = dk = dv = None
+        if dq_config is not None:
+            dq = mosaic_flash_backward_dq(*args, rule=rule, scale=scale, config=dq_config,
+                                          interpret=interpret)
+        if dkv_config is not None:
+            dk, dv = mosaic_flash_backward_dkv(*args, rule=rule, scale=scale, config=dkv_config,
+                                               interpret=interpret)
+        if dq is None or dk is None:
+            tq, tk, tv = flash_backward(*args, rule=rule, scale=scale, config=bwd, bounds=bounds,
+                                        interpret=interpret, with_dq=dq is None,
+                                        with_dkv=dk is None)
+            dq = tq if dq is None else dq
+            if dk is None:
+                dk, dv = tk, tv
         return dq, dk, dv
     if by_block:
         # The forward's block ids are the backward's: one kernel reads both.
@@ -209,11 +221,11 @@ def compressed_rule(cfg: NSAConfig, N_c: int) -> MaskRule:
 
 def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bounds=None,
                          interpret=False, tilings: TritonTilings | None = None, fwd=None,
-                         dq=None):
+                         mosaic_bwd=None):
     """``bounds``: optional `segments.CompressedBounds` (packed rows). ``fwd``: the forward's
     config instead of ``tilings``' (a `MosaicFlashConfig` runs the Mosaic GPU kernel); the same
-    for the other branches. ``dq``: a `MosaicFlashConfig` runs the backward's dQ on the Mosaic
-    GPU kernel (no ``bounds``), the same for the window branch."""
+    for the other branches. ``mosaic_bwd``: (dQ, dK/dV) `MosaicFlashConfig`s, either None, run
+    those gradients on the Mosaic GPU kernels (no ``bounds``); the same for the window branch."""
     B, T, HQ, D = q.shape
     G = HQ // k_c.shape[2]
     t = default_tilings() if tilings is None else tilings
@@ -221,7 +233,7 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
     return flash(q, k_c, v_c, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   compressed_rule(cfg, k_c.shape[1]), cfg.softmax_scale(D),
                   t.compressed.flash(G, queries=T) if fwd is None else fwd,
-                  bwd if dq is None else (dq, bwd), 1, interpret)
+                  bwd if mosaic_bwd is None else (*mosaic_bwd, bwd), 1, interpret)
 
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
@@ -259,7 +271,7 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=False,
                              tilings: TritonTilings | None = None, fwd=None, kv_len=None,
-                             dq=None):
+                             mosaic_bwd=None):
     """``bounds``: optional `segments.KeyBounds` (packed rows); ``kv_len`` as in
     `selected_attention`."""
     B, T, HQ, D = q.shape
@@ -273,7 +285,7 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
                           -(-(cfg.window + T) // fwd.block_k))
     o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), None, bounds_tuple(bounds),
                   MaskRule(num_keys=S, causal=cfg.causal, window=cfg.window), cfg.softmax_scale(D),
-                  fwd, bwd if dq is None else (dq, bwd), 1, interpret)
+                  fwd, bwd if mosaic_bwd is None else (*mosaic_bwd, bwd), 1, interpret)
     return o
 
 
