@@ -1,0 +1,108 @@
+"""The compressed and window branches' backward on one GPU: Triton's kernels against the opt-in
+Mosaic GPU dQ and dK/dV kernels (each alone and both), the gradients of each variant against
+Triton's, and the whole layer's forward+backward with every Mosaic kernel on, beside cuDNN.
+Writes mosaic_backward.json under $OUT (default: here).
+
+Usage on a Hopper GPU: python3 benchmarks/mosaic_backward.py 65536 131072
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import api
+from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
+from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
+from nsa_jax.tools import bench
+
+DQ = MosaicFlashConfig(block_k=64, num_stages=2)
+DKV = MosaicFlashConfig(block_k=64, num_stages=2)
+VARIANTS = {
+    "triton": MosaicTilings(),
+    "mosaic_dq": MosaicTilings(compressed_dq=DQ, window_dq=DQ),
+    "mosaic_dkv": MosaicTilings(compressed_dkv=DKV, window_dkv=DKV),
+    "mosaic_both": MosaicTilings(compressed_dq=DQ, window_dq=DQ, compressed_dkv=DKV,
+                                 window_dkv=DKV),
+}
+
+
+def _time(fn, *args, reps=5):
+    try:
+        return round(bench.time_ms(jax.jit(fn).lower(*args).compile(), args, reps), 3)
+    except Exception as err:  # a tiling that does not fit, or a kernel that fails to compile
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
+def _loss(out, ct):
+    return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32))
+
+
+def _max_rel_err(got, want):
+    return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))
+                     / jnp.max(jnp.abs(w.astype(jnp.float32)))) for g, w in zip(got, want))
+
+
+def measure(shape: bench.Shape, T: int) -> dict:
+    cfg = dataclasses.replace(NSAConfig(), select_q_tile=64)
+    data = bench.prepare(shape, T, config=cfg, implementation="triton")
+    q, k, v, g, k_c, v_c = (data[n] for n in ("q", "k", "v", "g", "k_c", "v_c"))
+    ct = jax.random.normal(jax.random.key(1), (1, T, shape.HQ, shape.D), q.dtype)
+    out = {}
+
+    def row(name, value):
+        out[name] = value
+        print(shape.name, T, name, value, flush=True)
+
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation="cudnn")
+    row("dense_fwd_bwd", _time(jax.grad(lambda *a: _loss(dense(*a), ct), argnums=(0, 1, 2)),
+                               q, k, v))
+    branches = {
+        "compressed": (lambda t: lambda q, kc, vc: api.compressed_attention(
+            q, kc, vc, config=cfg, implementation="mosaic", tilings=t)[0], (q, k_c, v_c)),
+        "window": (lambda t: lambda q, k, v: api.sliding_window_attention(
+            q, k, v, config=cfg, implementation="mosaic", tilings=t), (q, k, v)),
+    }
+    for branch, (make, args) in branches.items():
+        want = None
+        for variant, tilings in VARIANTS.items():
+            fn = make(tilings)
+            _, f_vjp = jax.vjp(fn, *args)
+            row(f"{branch}_bwd_{variant}", _time(lambda f_vjp, ct: f_vjp(ct), f_vjp, ct))
+            try:
+                grads = jax.jit(lambda f_vjp, ct: f_vjp(ct))(f_vjp, ct)
+            except Exception as err:
+                row(f"{branch}_bwd_{variant}_check", f"{type(err).__name__}")
+                continue
+            if want is None:
+                want = grads
+            row(f"{branch}_bwd_{variant}_check", dict(
+                max_rel_err_vs_triton=_max_rel_err(grads, want),
+                any_nan=any(bool(jnp.isnan(x).any()) for x in grads)))
+    for variant in ("triton", "mosaic_both"):
+        layer = lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=cfg,
+                                                     implementation="mosaic",
+                                                     tilings=VARIANTS[variant])
+        grad = jax.grad(lambda *a: _loss(layer(*a), ct), argnums=(0, 1, 2, 3))
+        row(f"nsa_qt64_fwd_bwd_{variant}", _time(grad, q, k, v, g))
+    return out
+
+
+def main(lengths):
+    record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M"), results={})
+    for T in lengths:
+        for shape in (bench.Shape(64, 4), bench.Shape(32, 8)):
+            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T)
+            with open(os.path.join(os.environ.get("OUT", "."), "mosaic_backward.json"), "w") as f:
+                json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]])
