@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, bounded_ranges, pow2
-from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, multiprocessors, round_up,
-                                                  visible)
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, multiprocessors,
+                                                  persistent_kernel, round_up, swizzled, visible)
 
 BLOCK_K = 64  # compressed tokens per block: wgmma's M
 
@@ -254,10 +254,7 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
     stages = config.num_stages
     dtype = q.dtype
 
-    def smem_2d(lead, rows):
-        transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)),
-                      plgpu.SwizzleTransform(128))
-        return plgpu.SMEM((lead, rows, lay.D_p), dtype, transforms=transforms)
+    smem_2d = lambda lead, rows: swizzled((lead, rows, lay.D_p), dtype)
 
     def body(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref):
         smem = (smem_2d(2, R), plgpu.SMEM((2, R), jnp.float32), smem_2d(stages, BLOCK_K),
@@ -273,17 +270,9 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
 
     offsets = offsets.astype(jnp.int32)
     plan = _plan(rule, offsets, T, n_cta, queries)
-    parts = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((B, H, n_cta, lay.N_p), jnp.float32),
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
-        kernel_name="nsa_mosaic_compressed_mass",
+    parts = persistent_kernel(
+        body, out_type=jax.ShapeDtypeStruct((B, H, n_cta, lay.N_p), jnp.float32),
+        num_ctas=num_ctas, interpret=interpret, name="nsa_mosaic_compressed_mass",
     )(offsets, plan, lay.group(q, lay.D_p), lay.group_lse(lse), lay.heads_major(k_c, lay.D_p))
     # Blocks outside a CTA's range were never written.
     blk = jnp.arange(lay.N_p, dtype=jnp.int32) // BLOCK_K

@@ -24,7 +24,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, query_range, share_of
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
-                                                  Ring, Units, launch, multiprocessors, visible,
+                                                  Ring, Units, launch, multiprocessors,
+                                                  persistent_kernel, swizzled, visible,
                                                   walk_plan)
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
 
@@ -146,10 +147,7 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
     num_ctas = min(n_cta * lay.H * lay.B,
                    config.num_ctas or (3 if interpret else multiprocessors()))
 
-    def smem_2d(lead, rows, width):
-        transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)),
-                      plgpu.SwizzleTransform(128))
-        return plgpu.SMEM((lead, rows, width), dtype, transforms=transforms)
+    smem_2d = lambda lead, rows, width: swizzled((lead, rows, width), dtype)
 
     def body(off_ref, plan_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref):
         smem = (smem_2d(COMPUTE_WGS, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
@@ -170,17 +168,9 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
 
     offsets = offsets.astype(jnp.int32)
     q_g, do_g, lse_g, delta = backward_rows(lay, q, o, lse, do, dlse)
-    dq = plgpu.kernel(
-        body,
-        out_type=lay.rows_shape(dtype, lay.D_p),
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
-        kernel_name="nsa_mosaic_flash_bwd_dq",
+    dq = persistent_kernel(
+        body, out_type=lay.rows_shape(dtype, lay.D_p), num_ctas=num_ctas, interpret=interpret,
+        name="nsa_mosaic_flash_bwd_dq",
     )(offsets, walk_plan(rule, lay, offsets, None), q_g, do_g, lse_g, delta,
       lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
     return lay.ungroup(dq, q.shape[3])
@@ -349,10 +339,7 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
     n_cta = n_kv * splits
     num_ctas = min(n_cta * lay.H * lay.B, config.num_ctas or sms)
 
-    def smem_2d(lead, rows, width):
-        transforms = (plgpu.TilingTransform((8, 128 // dtype.itemsize)),
-                      plgpu.SwizzleTransform(128))
-        return plgpu.SMEM((*lead, rows, width), dtype, transforms=transforms)
+    smem_2d = lambda lead, rows, width: swizzled((*lead, rows, width), dtype)
 
     def body(off_ref, plan_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref):
         ring_smem = (smem_2d((stages,), ROWS, lay.D_p), smem_2d((stages,), ROWS, lay.Dv_p),
@@ -376,17 +363,9 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
     rows = backward_rows(lay, q, o, lse, do, dlse)
     part = lambda width: jax.ShapeDtypeStruct((lay.B, lay.H, splits, lay.N_p, width),
                                               jnp.float32)
-    dk, dv = plgpu.kernel(
-        body,
-        out_type=(part(lay.D_p), part(lay.Dv_p)),
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
-        kernel_name="nsa_mosaic_flash_bwd_dkv",
+    dk, dv = persistent_kernel(
+        body, out_type=(part(lay.D_p), part(lay.Dv_p)), num_ctas=num_ctas, interpret=interpret,
+        name="nsa_mosaic_flash_bwd_dkv",
     )(offsets, _dkv_plan(rule, lay, offsets, n_kv, splits), lay.heads_major(k, lay.D_p),
       lay.heads_major(v, lay.Dv_p), *rows)
     return (lay.seq_major(dk.sum(axis=2), lay.D).astype(k.dtype),

@@ -77,6 +77,32 @@ def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def swizzled(shape: tuple[int, ...], dtype) -> plgpu.SMEM:
+    """An SMEM buffer of 16-bit rows in wgmma's operand layout: tiles of 8 rows, 128-byte
+    swizzle (its last dimension a multiple of 64)."""
+    transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+                  plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def persistent_kernel(body, *, out_type, num_ctas: int, interpret, name: str):
+    """`plgpu.kernel` of ``num_ctas`` persistent CTAs ("cta") of two compute warpgroups and a
+    memory warpgroup ("wg"), lowered with warpgroup semantics; ``interpret``: False, True or
+    `plgpu.InterpretGPUParams`."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        grid=(num_ctas,),
+        grid_names=("cta",),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
+        kernel_name=name,
+    )
+
+
 def launch(q, k, v, block_k: int) -> Launch:
     """The grouped layout of one call: 64 rows per warpgroup, CTAs of two warpgroups."""
     G_p = pow2(q.shape[2] // k.shape[2])
@@ -375,10 +401,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     dtype = q.dtype
     stages, bk = config.num_stages, config.block_k
 
-    def smem_2d(lead, rows, width):
-        swizzle = plgpu.SwizzleTransform(128)
-        tiling = plgpu.TilingTransform((8, 128 // dtype.itemsize))
-        return plgpu.SMEM((lead, rows, width), dtype, transforms=(tiling, swizzle))
+    smem_2d = lambda lead, rows, width: swizzled((lead, rows, width), dtype)
 
     n_units = n_cta * lay.H * lay.B
     # Under the interpreter a few CTAs, so that each runs several units as on a GPU.
@@ -413,17 +436,9 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     else:
         entry = body
         table_args = (blocks.table.astype(jnp.int32),)
-    o, lse = plgpu.kernel(
-        entry,
-        out_type=(lay.rows_shape(dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
-        grid=(num_ctas,),
-        grid_names=("cta",),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
-        kernel_name="nsa_mosaic_flash_fwd",
+    o, lse = persistent_kernel(
+        entry, out_type=(lay.rows_shape(dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
+        num_ctas=num_ctas, interpret=interpret, name="nsa_mosaic_flash_fwd",
     )(offsets.astype(jnp.int32), walk_plan(rule, lay, offsets, blocks), *table_args,
       lay.group(q, lay.D_p), lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
     return lay.ungroup(o, v.shape[3]), lay.ungroup_vector(lse)
