@@ -348,13 +348,16 @@ def test_scoring_config_validation(kwargs, match):
     with pytest.raises(TypeError, match="MosaicTilings.window_dq must be a MosaicFlashConfig or "
                                         "None"):
         nsa_jax.MosaicTilings(window_dq=nsa_jax.MosaicScoringConfig())
+    with pytest.raises(ValueError, match="MosaicTilings.window_dkv.block_k=128 must be 64"):
+        nsa_jax.MosaicTilings(window_dkv=MosaicFlashConfig(block_k=128))
     assert nsa_jax.MosaicTilings(scoring=None).scoring is None
 
 
 def test_kernels_lower_for_an_h200():
-    """Each Mosaic GPU kernel at the benchmark's head width and group (D = 128, G = 16) and its
-    default tiling lowers for CUDA under an abstract H200: layouts, shared memory and barriers
-    are checked before any GPU sees them."""
+    """Each Mosaic GPU kernel at the benchmark's head width and group (D = 128, G = 16) lowers
+    for CUDA under an abstract H200 at its default tiling (the backward kernels at the tilings
+    they are meant to run with): layouts, shared memory and barriers are checked before any GPU
+    sees them."""
     from jax.sharding import AbstractDevice, AbstractMesh
     from nsa_jax.kernels.common import MaskRule
     from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
@@ -373,13 +376,17 @@ def test_kernels_lower_for_an_h200():
         "scoring": (lambda q, k_c, lse, off: compressed_mass(
             q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
             config=MosaicScoringConfig()), (q, k_c, lse, offsets)),
-        "dq": (lambda q, k, lse, off: flash_backward_dq(
-            q, k, k, q, lse, q, None, off, rule=window, scale=0.1,
-            config=MosaicFlashConfig(num_stages=2)), (q, k, lse, offsets)),
-        "dkv": (lambda q, k, lse, off: flash_backward_dkv(
-            q, k, k, q, lse, q, None, off, rule=window, scale=0.1,
-            config=MosaicFlashConfig(num_stages=2)), (q, k, lse, offsets)),
     }
+    for block_k, stages in ((64, 2), (128, 2)):
+        calls[f"dq-{block_k}/{stages}"] = (lambda q, k, lse, off, c=MosaicFlashConfig(
+            block_k=block_k, num_stages=stages): flash_backward_dq(
+                q, k, k, q, lse, q, None, off, rule=window, scale=0.1, config=c),
+            (q, k, lse, offsets))
+    for stages in (2, 4):
+        calls[f"dkv-{stages}"] = (lambda q, k, lse, off, c=MosaicFlashConfig(
+            num_stages=stages): flash_backward_dkv(
+                q, k, k, q, lse, q, None, off, rule=window, scale=0.1, config=c),
+            (q, k, lse, offsets))
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         for name, (fn, args) in calls.items():
@@ -395,3 +402,38 @@ def test_dkv_kernel_refuses_other_blocks():
         flash_backward_dkv(q, k, v, q, jnp.zeros((1, 8, 2)), q, None, jnp.zeros((1,), jnp.int32),
                            rule=MaskRule(num_keys=8), scale=0.25,
                            config=MosaicFlashConfig(block_k=128), interpret=True)
+
+
+def test_backward_kernels_with_rows_offsets_and_shares(monkeypatch):
+    """Both backward kernels against the Triton ones on what the branch tests leave out: two
+    batch rows at different offsets, G = 3, D != Dv, three stages, a nonzero lse cotangent, rows
+    without a visible key (lse = -inf), and the dK/dV rows cut into four shares of two tiles
+    or fewer."""
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.mosaic_gpu import flash_bwd
+    from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
+    from nsa_jax.kernels.triton.flash_bwd import flash_backward
+    from nsa_jax.kernels.triton.flash_fwd import FlashConfig
+    monkeypatch.setattr(flash_bwd, "DKV_UNITS_PER_SM", 1000)
+    monkeypatch.setattr(flash_bwd, "DKV_MIN_SHARE", 1)
+    ks = jax.random.split(jax.random.key(14), 5)
+    T, N, HQ, H, D, Dv = 70, 260, 6, 2, 24, 40
+    q, do = normal(ks[0], (2, T, HQ, D), BF16), normal(ks[3], (2, T, HQ, Dv), BF16)
+    k, v = normal(ks[1], (2, N, H, D), BF16), normal(ks[2], (2, N, H, Dv), BF16)
+    dlse = normal(ks[4], (2, T, HQ))
+    # Compressed-token positions: row 1 starts before the first token, so early rows see none.
+    rule = MaskRule(num_keys=N, key_stride=2, key_offset=31, window=200)
+    offsets = jnp.array([300, 10], jnp.int32)
+    cfg = MosaicFlashConfig(num_stages=3)
+    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=0.2, config=cfg,
+                           interpret=not ON_GPU)
+    assert bool(jnp.any(jnp.isneginf(lse)))
+    args = (q, k, v, o, lse, do, dlse, offsets)
+    want = flash_backward(*args, rule=rule, scale=0.2, config=FlashConfig(block_q=16, block_k=32),
+                          interpret=not ON_GPU)
+    got = (flash_bwd.flash_backward_dq(*args, rule=rule, scale=0.2, config=cfg,
+                                       interpret=not ON_GPU),
+           *flash_bwd.flash_backward_dkv(*args, rule=rule, scale=0.2, config=cfg,
+                                         interpret=not ON_GPU))
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, 1e-2, name)

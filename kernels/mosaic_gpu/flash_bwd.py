@@ -115,8 +115,10 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, h, rows])
             # The next unit loads its rows into these buffers.
-            plgpu.wait_smem_to_gmem(0)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             return done + u_hi - u_lo
+
+        plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
@@ -215,6 +217,7 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
             for bar in kv_ready:
                 plgpu.barrier_wait(bar.at[wg])
             k, v = k_smem.at[wg], v_smem.at[wg]
+            offset = off_ref[b]
             lo, hi = plan_row[2 + 4 * wg], plan_row[5 + 4 * wg]
             slot_at = lambda step: ring.slot(done + step - u_lo)
 
@@ -239,7 +242,7 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
                 lse2 = plgpu.load(lse_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
                 delta = plgpu.load(dl_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-                ok = visible(rule, off_ref[b] + step * lay.block_q, key0,
+                ok = visible(rule, offset + step * lay.block_q, key0,
                              lay.G_p.bit_length() - 1, (ROWS, R), key_axis=0)
                 pt = jnp.where(ok, pt, 0.0)
                 dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
@@ -333,8 +336,14 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
     n_kv = lay.N_p // (COMPUTE_WGS * ROWS)
     sms = 3 if interpret else multiprocessors()
     n_qt = lay.T_p // lay.block_q
+    # Row tiles that can see one CTA's keys: all of them without a window, else about the
+    # window on either side of the keys' positions.
+    span = n_qt
+    if rule.window:
+        span = min(n_qt, (COMPUTE_WGS * ROWS * rule.key_stride + 2 * rule.window)
+                   // lay.block_q + 2)
     splits = max(1, min(DKV_MAX_SPLITS, DKV_UNITS_PER_SM * sms // (lay.B * lay.H * n_kv),
-                        n_qt // DKV_MIN_SHARE))
+                        span // DKV_MIN_SHARE))
     splits = 1 << (splits.bit_length() - 1)
     n_cta = n_kv * splits
     num_ctas = min(n_cta * lay.H * lay.B, config.num_ctas or sms)

@@ -54,6 +54,11 @@ class MosaicTilings:
                 allowed = " or None" if name in optional else ""
                 raise TypeError(f"MosaicTilings.{name} must be a MosaicFlashConfig{allowed}, got "
                                 f"{type(value).__name__}")
+        for name in ("compressed_dkv", "window_dkv"):
+            value = getattr(self, name)
+            if value is not None and value.block_k != 64:
+                raise ValueError(f"MosaicTilings.{name}.block_k={value.block_k} must be 64 (the "
+                                 "keys of one warpgroup of the dK/dV kernel)")
         if self.scoring is not None and not isinstance(self.scoring, MosaicScoringConfig):
             raise TypeError(f"MosaicTilings.scoring must be a MosaicScoringConfig or None, got "
                             f"{type(self.scoring).__name__}")
