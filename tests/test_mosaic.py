@@ -4,6 +4,7 @@ or under the Mosaic GPU interpreter (small shapes: seconds per kernel call)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 
 import jax
@@ -437,3 +438,22 @@ def test_backward_kernels_with_rows_offsets_and_shares(monkeypatch):
                                          interpret=not ON_GPU))
     for name, g, w in zip(("dq", "dk", "dv"), got, want):
         assert_close(g, w, 1e-2, name)
+
+
+@pytest.mark.parametrize("rule_args", [
+    dict(num_keys=300), dict(num_keys=300, window=150), dict(num_keys=300, causal=False),
+    dict(num_keys=300, causal=False, window=150), dict(num_keys=100, key_stride=4, key_offset=7),
+    dict(num_keys=130, key_stride=2, key_offset=31, window=200)],
+    ids=["causal", "window", "noncausal", "noncausal-window", "strided", "strided-window"])
+def test_dkv_unmasked_tiles_are_exactly_those_that_see_every_key(rule_args):
+    """The dK/dV kernel skips the mask on the row tiles `_full_tiles` names: each of them must
+    see all 64 keys of its block, and (for speed) every such tile should be named."""
+    from nsa_jax.kernels.common import MaskRule, visible
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import _full_tiles
+    rule = MaskRule(**rule_args)
+    for key0, offset in itertools.product((0, 64, 128, 256), (0, 37, 300)):
+        f_lo, f_hi = (int(x) for x in _full_tiles(rule, jnp.int32(key0), jnp.int32(offset), 16))
+        for t in range(60):
+            q_pos = offset + t * 16 + jnp.arange(16)
+            every = bool(visible(rule, q_pos, key0, 64).all())
+            assert (f_lo <= t < f_hi) == every, (key0, offset, t, f_lo, f_hi)

@@ -218,14 +218,14 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
                 plgpu.barrier_wait(bar.at[wg])
             k, v = k_smem.at[wg], v_smem.at[wg]
             offset = off_ref[b]
-            lo, hi = plan_row[2 + 4 * wg], plan_row[5 + 4 * wg]
+            lo, flo, fhi, hi = (plan_row[2 + 4 * wg + i] for i in range(4))
             slot_at = lambda step: ring.slot(done + step - u_lo)
 
             def skip(step, carry):
                 ring.skip(slot_at(step))
                 return carry
 
-            def visit(step, carry):
+            def visit(step, carry, masked: bool):
                 dk, dv = carry  # [BK, D_p], [BK, Dv_p] float32
                 slot = slot_at(step)
                 for ready in ring.ready:
@@ -242,9 +242,10 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
                 lse2 = plgpu.load(lse_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
                 delta = plgpu.load(dl_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-                ok = visible(rule, offset + step * lay.block_q, key0,
-                             lay.G_p.bit_length() - 1, (ROWS, R), key_axis=0)
-                pt = jnp.where(ok, pt, 0.0)
+                if masked:
+                    ok = visible(rule, offset + step * lay.block_q, key0,
+                                 lay.G_p.bit_length() - 1, (ROWS, R), key_axis=0)
+                    pt = jnp.where(ok, pt, 0.0)
                 dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
                 pt, dst = pt.astype(q_ring.dtype), dst.astype(q_ring.dtype)
                 if p_smem is None:
@@ -275,7 +276,10 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
             zeros = lambda width: plgpu.layout_cast(jnp.zeros((ROWS, width), jnp.float32),
                                                     plgpu.Layout.WGMMA)
             lax.fori_loop(u_lo, lo, skip, None)
-            dk, dv = lax.fori_loop(lo, hi, visit, (zeros(lay.D_p), zeros(lay.Dv_p)))
+            carry = (zeros(lay.D_p), zeros(lay.Dv_p))
+            carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
+            carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
+            dk, dv = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
             lax.fori_loop(hi, u_hi, skip, None)
             # Out through one 64-column float32 buffer per warpgroup, a slice at a time.
             for acc, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
@@ -295,23 +299,49 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
         ring.stream(units, rows_in, lambda step, _: pl.ds(step * R, R))
 
 
+def _full_tiles(rule: MaskRule, key0, offset, block_q: int):
+    """[f_lo, f_hi): the row tiles (of ``block_q`` queries, query 0 at position ``offset``) whose
+    every row sees every key of the 64 from index ``key0``; unbounded ends are +-2**30."""
+    far = jnp.int32(2 ** 30)
+    first_pos = key0 * rule.key_stride + rule.key_offset
+    last_pos = (key0 + ROWS - 1) * rule.key_stride + rule.key_offset
+    ceil_div = lambda a: -((-a) // block_q)
+    w = rule.window
+    if rule.causal:  # first query >= last key; last query - first key < w
+        f_lo = ceil_div(last_pos - offset)
+        f_hi = (first_pos + w - block_q - offset) // block_q + 1 if w else far
+    elif w:  # |query - key| < w for every pair
+        f_lo = ceil_div(last_pos - w + 1 - offset)
+        f_hi = (first_pos + w - block_q - offset) // block_q + 1
+    else:
+        f_lo, f_hi = -far, far
+    whole = key0 + ROWS <= rule.num_keys
+    return jnp.where(whole, f_lo, far), jnp.where(whole, f_hi, far)
+
+
 def _dkv_plan(rule: MaskRule, lay: Launch, offsets, n_kv: int, splits: int):
     """int32 [B, 1, n_kv * splits, 10] in `walk_plan`'s format: per unit the share [lo, hi) of
     the row tiles that see the CTA's keys, then per warpgroup the row tiles that see its 64 keys
-    within that share (all masked)."""
+    within that share, and among them those that see all 64 (no mask)."""
     n_qt = lay.T_p // lay.block_q
     key0 = jnp.arange(n_kv * COMPUTE_WGS, dtype=jnp.int32) * ROWS  # [n_kv * 2]
     ilo, ihi = jax.vmap(lambda off: jax.vmap(lambda k0: query_range(
         rule, k0, ROWS, off, lay.block_q, n_qt))(key0))(offsets)  # [B, n_kv * 2] each
-    ilo, ihi = (x.reshape(lay.B, n_kv, COMPUTE_WGS) for x in (ilo, ihi))
+    f_lo, f_hi = jax.vmap(lambda off: jax.vmap(lambda k0: _full_tiles(
+        rule, k0, off, lay.block_q))(key0))(offsets)
+    ilo, ihi, f_lo, f_hi = (x.reshape(lay.B, n_kv, 1, COMPUTE_WGS)
+                            for x in (ilo, ihi, f_lo, f_hi))
     seen = ihi > ilo
     u_lo = jnp.min(jnp.where(seen, ilo, n_qt), axis=-1)
-    u_hi = jnp.maximum(jnp.max(jnp.where(seen, ihi, 0), axis=-1), u_lo)  # [B, n_kv]
+    u_hi = jnp.maximum(jnp.max(jnp.where(seen, ihi, 0), axis=-1), u_lo)  # [B, n_kv, 1]
     s = jnp.arange(splits, dtype=jnp.int32)
-    s_lo, s_hi = share_of(u_lo[..., None], u_hi[..., None], s, splits)  # [B, n_kv, splits]
-    lo = jnp.clip(ilo[:, :, None, :], s_lo[..., None], s_hi[..., None])
-    hi = jnp.clip(ihi[:, :, None, :], lo, s_hi[..., None])  # [B, n_kv, splits, 2]
-    per_wg = jnp.stack([lo, hi, hi, hi], axis=-1).reshape(lay.B, n_kv, splits, 4 * COMPUTE_WGS)
+    s_lo, s_hi = share_of(u_lo, u_hi, s, splits)  # [B, n_kv, splits]
+    lo = jnp.clip(ilo, s_lo[..., None], s_hi[..., None])
+    hi = jnp.clip(ihi, lo, s_hi[..., None])  # [B, n_kv, splits, 2]
+    flo = jnp.clip(f_lo, lo, hi)
+    fhi = jnp.clip(f_hi, flo, hi)
+    per_wg = jnp.stack([lo, flo, fhi, hi], axis=-1).reshape(lay.B, n_kv, splits,
+                                                            4 * COMPUTE_WGS)
     plan = jnp.concatenate([s_lo[..., None], s_hi[..., None], per_wg], axis=-1)
     return plan.reshape(lay.B, 1, n_kv * splits, 10).astype(jnp.int32)
 
