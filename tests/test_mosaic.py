@@ -158,12 +158,14 @@ def _gradient_kernels(fn, *args):
 
 # The compressed branch at G = 16 with queries after earlier keys (the dK/dV kernel splits its
 # rows into shares); the window at G = 4 with D != Dv and 128-key dQ blocks, causal or not.
-@pytest.mark.parametrize("branch,T,HQ,H,D,Dv,S,block_k,causal", [
-    ("compressed", 131, 16, 1, 16, 16, 203, 64, True),
-    ("window", 150, 8, 2, 24, 72, None, 128, True),
-    ("window", 133, 4, 1, 16, 16, None, 64, False)],
-    ids=["compressed-G16-S>T", "window-G4-D24-Dv72", "window-noncausal"])
-@pytest.mark.parametrize("kernels", ["dq", "dkv", "dq+dkv"])
+@pytest.mark.parametrize("kernels,branch,T,HQ,H,D,Dv,S,block_k,causal", [
+    ("dq+dkv", "compressed", 131, 16, 1, 16, 16, 203, 64, True),
+    ("dq+dkv", "window", 150, 8, 2, 24, 72, None, 128, True),
+    ("dq+dkv", "window", 133, 4, 1, 16, 16, None, 64, False),
+    ("dq", "compressed", 131, 16, 1, 16, 16, 203, 64, True),
+    ("dkv", "window", 150, 8, 2, 24, 72, None, 128, True)],
+    ids=["both-compressed-G16-S>T", "both-window-G4-D24-Dv72", "both-window-noncausal",
+         "dq-compressed", "dkv-window"])
 def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
     """The Mosaic GPU dQ and dK/dV kernels, alone (Triton for the other gradients) or together,
     against the float32 reference."""
