@@ -3,7 +3,8 @@ Mosaic GPU dQ and dK/dV kernels (each alone and both), the gradients of each var
 Triton's, and the whole layer's forward+backward with every Mosaic kernel on, beside cuDNN.
 Writes mosaic_backward.json under $OUT (default: here).
 
-Usage on a Hopper GPU: python3 benchmarks/mosaic_backward.py 65536 131072
+Usage on a Hopper GPU: python3 benchmarks/mosaic_backward.py [--layer-only] 65536 131072
+(--layer-only: cuDNN and the layer's two rows, without the branches' variants)
 """
 
 import dataclasses
@@ -24,11 +25,11 @@ from nsa_jax.tools import bench
 DQ = MosaicFlashConfig(block_k=64, num_stages=2)
 DKV = MosaicFlashConfig(block_k=64, num_stages=2)
 VARIANTS = {
-    "triton": MosaicTilings(),
+    "triton": MosaicTilings(compressed_dq=None, window_dq=None, compressed_dkv=None,
+                            window_dkv=None),
     "mosaic_dq": MosaicTilings(compressed_dq=DQ, window_dq=DQ),
     "mosaic_dkv": MosaicTilings(compressed_dkv=DKV, window_dkv=DKV),
-    "mosaic_both": MosaicTilings(compressed_dq=DQ, window_dq=DQ, compressed_dkv=DKV,
-                                 window_dkv=DKV),
+    "mosaic_both": MosaicTilings(),
 }
 
 
@@ -48,7 +49,7 @@ def _max_rel_err(got, want):
                      / jnp.max(jnp.abs(w.astype(jnp.float32)))) for g, w in zip(got, want))
 
 
-def measure(shape: bench.Shape, T: int) -> dict:
+def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
     cfg = dataclasses.replace(NSAConfig(), select_q_tile=64)
     data = bench.prepare(shape, T, config=cfg, implementation="triton")
     q, k, v, g, k_c, v_c = (data[n] for n in ("q", "k", "v", "g", "k_c", "v_c"))
@@ -69,7 +70,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
         "window": (lambda t: lambda q, k, v: api.sliding_window_attention(
             q, k, v, config=cfg, implementation="mosaic", tilings=t), (q, k, v)),
     }
-    for branch, (make, args) in branches.items():
+    for branch, (make, args) in ({} if layer_only else branches).items():
         want = None
         for variant, tilings in VARIANTS.items():
             fn = make(tilings)
@@ -94,15 +95,17 @@ def measure(shape: bench.Shape, T: int) -> dict:
     return out
 
 
-def main(lengths):
+def main(args):
+    layer_only = "--layer-only" in args
+    lengths = [int(a) for a in args if a != "--layer-only"]
     record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M"), results={})
     for T in lengths:
         for shape in (bench.Shape(64, 4), bench.Shape(32, 8)):
-            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T)
+            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T, layer_only)
             with open(os.path.join(os.environ.get("OUT", "."), "mosaic_backward.json"), "w") as f:
                 json.dump(record, f, indent=1)
 
 
 if __name__ == "__main__":
-    main([int(a) for a in sys.argv[1:]])
+    main(sys.argv[1:])
