@@ -73,14 +73,16 @@ def test_fewer_rows_than_a_cta_run_triton():
     assert _kernels(fn, q, k_c, v_c) == {"nsa_flash_fwd"}
 
 
-@pytest.mark.parametrize("causal,pingpong", [(True, True), (False, False)])
-def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong):
+@pytest.mark.parametrize("causal,pingpong,prefetch_q,Dv", [(True, True, False, 16),
+                                                           (False, False, True, 40)])
+def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong, prefetch_q, Dv):
     """A window of 48 keys and 64-key blocks: the two warpgroups of a CTA start at different
     blocks, so each skips blocks the other needs."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64, num_selected=4,
                             window=48, causal=causal)
-    q, k, v = _inputs(203, 8, 2, 16, 16, 2)
-    tilings = nsa_jax.MosaicTilings(window=MosaicFlashConfig(pingpong=pingpong))
+    q, k, v = _inputs(203, 8, 2, 16, Dv, 2)
+    tilings = nsa_jax.MosaicTilings(window=MosaicFlashConfig(pingpong=pingpong,
+                                                             prefetch_q=prefetch_q))
     fn = jax.jit(lambda q, k, v: nsa_jax.sliding_window_attention(q, k, v, config=cfg,
                                                                   tilings=tilings, **MOSAIC))
     assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
@@ -88,8 +90,9 @@ def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong):
            ("q", "k", "v"))
 
 
-@pytest.mark.parametrize("select_block,block_k", [(64, 64), (128, 64), (64, 128)])
-def test_selected_branch_walks_the_table(select_block, block_k):
+@pytest.mark.parametrize("select_block,block_k,prefetch_q", [(64, 64, False), (128, 64, True),
+                                                             (64, 128, False)])
+def test_selected_branch_walks_the_table(select_block, block_k, prefetch_q):
     """Blocks of 128 keys walk as two tiles of 64; a 128-key tiling of 64-key blocks runs at 64."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
                             num_selected=3, select_q_tile=64)
@@ -105,7 +108,8 @@ def test_selected_branch_walks_the_table(select_block, block_k):
         ids[0, h, i, :c] = np.sort(rng.choice(n_blocks, c, replace=False))
     sel = nsa_jax.BlockSparseIndices(jnp.asarray(ids), jnp.asarray(counts), q_tile=64,
                                      block_size=select_block)
-    tilings = nsa_jax.MosaicTilings(selected=MosaicFlashConfig(block_k=block_k))
+    tilings = nsa_jax.MosaicTilings(selected=MosaicFlashConfig(block_k=block_k,
+                                                               prefetch_q=prefetch_q))
     fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg,
                                                             tilings=tilings, **MOSAIC))
     assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
@@ -307,11 +311,13 @@ def test_scoring_kernel_has_no_shared_memory_races():
 
 
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
-@pytest.mark.parametrize("table", [False, True])
-def test_no_shared_memory_races(table):
+@pytest.mark.parametrize("table,prefetch_q", [(False, False), (True, False), (False, True),
+                                              (True, True)])
+def test_no_shared_memory_races(table, prefetch_q):
     """The interpreter's happens-before race detector on a window walk (warpgroups with
-    different ranges, Q and O in one buffer, ping-pong meetings) and a table walk, three CTAs
-    taking several units each."""
+    different ranges, ping-pong meetings) and a table walk, three CTAs taking several units
+    each; Q and O in one buffer, or (``prefetch_q``) two Q buffers per warpgroup that wrap
+    around and an output buffer reused while its last store may be in flight."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from nsa_jax.kernels.common import BlockTable, MaskRule
@@ -323,16 +329,18 @@ def test_no_shared_memory_races(table):
         blocks = BlockTable(ids, jnp.array([[[2, 1, 2]] * 2], jnp.int32), q_tile=64)
     o, _ = flash_forward(q, k, v, jnp.zeros((1,), jnp.int32),
                          rule=MaskRule(num_keys=150, window=0 if table else 40), scale=0.125,
-                         config=MosaicFlashConfig(), blocks=blocks,
+                         config=MosaicFlashConfig(prefetch_q=prefetch_q), blocks=blocks,
                          interpret=plgpu.InterpretGPUParams(detect_races=True))
     o.block_until_ready()
     assert not interpret_pallas_call.get_races().races_found
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("block_k", 32, "block_k=32 must be 64 or 128"), ("num_stages", 1, "num_stages=1 must be")])
-def test_config_validation(field, value, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("field,value,match,error", [
+    ("block_k", 32, "block_k=32 must be 64 or 128", ValueError),
+    ("num_stages", 1, "num_stages=1 must be", ValueError),
+    ("prefetch_q", 1, "prefetch_q=1 must be a bool", TypeError)])
+def test_config_validation(field, value, match, error):
+    with pytest.raises(error, match=match):
         MosaicFlashConfig(**{field: value})
     with pytest.raises(TypeError, match="MosaicTilings.window must be a MosaicFlashConfig"):
         nsa_jax.MosaicTilings(window=nsa_jax.Tiling())
@@ -376,6 +384,9 @@ def test_kernels_lower_for_an_h200():
     calls = {
         "forward": (lambda q, k, off: flash_forward(q, k, k, off, rule=window, scale=0.1,
                                                     config=tilings.window), (q, k, offsets)),
+        "forward-prefetch": (lambda q, k, off: flash_forward(
+            q, k, k, off, rule=window, scale=0.1,
+            config=dataclasses.replace(tilings.window, prefetch_q=True)), (q, k, offsets)),
         "scoring": (lambda q, k_c, lse, off: compressed_mass(
             q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
             config=MosaicScoringConfig()), (q, k_c, lse, offsets)),

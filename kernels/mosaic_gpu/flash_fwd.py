@@ -49,12 +49,18 @@ class MosaicFlashConfig:
       num_ctas: persistent CTAs; None: one per multiprocessor.
       pingpong: keep the two compute warpgroups half a step apart, so that one's softmax runs
         while the other's products do (FA3's schedule).
+      prefetch_q: (forward only) the memory warpgroup loads the next unit's Q rows into a
+        second buffer during the current unit, and the output leaves through a buffer of its
+        own whose store is awaited only before its next use; without it each unit waits for
+        its Q copy at the start and for its output's store at the end. Short walks (the window
+        and selected branches: a few KV blocks per unit) are where that wait weighs.
     """
 
     block_k: int = 64
     num_stages: int = 2
     num_ctas: int | None = None
     pingpong: bool = True
+    prefetch_q: bool = False
 
     def __post_init__(self):
         if self.block_k not in (64, 128):
@@ -66,6 +72,9 @@ class MosaicFlashConfig:
                                           or self.num_ctas < 1):
             raise ValueError(
                 f"MosaicFlashConfig.num_ctas={self.num_ctas!r} must be a positive int or None")
+        for name in ("pingpong", "prefetch_q"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"MosaicFlashConfig.{name}={getattr(self, name)!r} must be a bool")
 
 
 def multiprocessors() -> int:
@@ -158,9 +167,21 @@ class Units:
 
     def loop(self, init_carry):
         """`pl.loop` over this CTA's units, carrying ``init_carry``."""
-        n_units = self.n_cta * self.lay.H * self.lay.B
-        return pl.loop(lax.axis_index("cta"), n_units, step=self.num_ctas,
+        return pl.loop(lax.axis_index("cta"), self.total, step=self.num_ctas,
                        init_carry=init_carry)
+
+    @property
+    def total(self) -> int:
+        return self.n_cta * self.lay.H * self.lay.B
+
+    def ordinal(self, u):
+        """How many units this CTA took before unit u."""
+        return lax.div(u - lax.axis_index("cta"), jnp.int32(self.num_ctas))
+
+    def count(self):
+        """How many units this CTA takes."""
+        return lax.div(self.total - lax.axis_index("cta") + self.num_ctas - 1,
+                       jnp.int32(self.num_ctas))
 
     def unit(self, u):
         """(b, h, c, plan ref, step -> KV block) of work unit u."""
@@ -200,15 +221,18 @@ class Ring:
             plgpu.barrier_wait(ready.at[slot])
             plgpu.barrier_arrive(free.at[slot])
 
-    def stream(self, units: Units, srcs, rows_of):
+    def stream(self, units: Units, srcs, rows_of, on_unit=None):
         """The memory warpgroup: copies each unit's steps into the ring, a buffer's slot once
         both compute warpgroups have released it. ``srcs``: one [B, H, n, ...] GMEM ref per
-        buffer; ``rows_of(step, block_of)``: the `pl.ds` of a step's rows in them."""
+        buffer; ``rows_of(step, block_of)``: the `pl.ds` of a step's rows in them;
+        ``on_unit(u, b, h, c)``: issued before each unit's steps."""
 
         @units.loop(init_carry=jnp.int32(0))
         def issued(u, done):
-            b, h, _, plan, block_of = units.unit(u)
+            b, h, c, plan, block_of = units.unit(u)
             u_lo, u_hi = plan[0], plan[1]
+            if on_unit is not None:
+                on_unit(u, b, h, c)
 
             @pl.loop(u_lo, u_hi)
             def _(step):
@@ -238,7 +262,7 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
     (lo, flo, fhi, hi) (`common.bounded_ranges`); in table mode (one plan per head) it holds
     (0, count) and (0, 0, 0, count)."""
     q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
-    q_bar, k_ready, v_ready, k_free, v_free, sched = barriers
+    q_bar, k_ready, v_ready, k_free, v_free, sched, q_free = barriers
     bk = cfg.block_k
     ring = Ring((k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), cfg.num_stages)
     wg = lax.axis_index("wg")
@@ -262,10 +286,14 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             tile = c * COMPUTE_WGS + wg
             row0 = tile * ROWS
             first = off_ref[b] + tile * lay.block_q
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg],
-                                    q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[wg])
-            q = q_smem.at[wg]
+            if cfg.prefetch_q:
+                qi = _q_buffer(units.ordinal(u), wg)
+            else:
+                qi = wg
+                plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg],
+                                        q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[qi])
+            q = q_smem.at[qi]
             pl.when(wg == 1)(rendezvous)
             lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
             slot_at = lambda step: ring.slot(done + step - u_lo)
@@ -333,25 +361,56 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
             lax.fori_loop(hi, u_hi, skip, None)
             pl.when(wg == 0)(rendezvous)
+            if cfg.prefetch_q:
+                plgpu.barrier_arrive(q_free.at[qi])
+                # The previous unit's stores must have read the output buffers.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             has_key = l > 0.0
             l_safe = jnp.where(has_key, l, 1.0)
-            # With D == Dv the output reuses Q's buffer: every product reading Q has completed.
+            # Without prefetch and with D == Dv the output reuses Q's buffer: every product
+            # reading Q has completed.
             o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(
                 o_smem.dtype)
             lse_smem.at[wg][...] = jnp.where(has_key, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, pl.ds(row0, ROWS)])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
-            # The next unit overwrites these buffers.
-            plgpu.wait_smem_to_gmem(0)
+            if not cfg.prefetch_q:
+                # The next unit overwrites these buffers.
+                plgpu.wait_smem_to_gmem(0)
             return done + u_hi - u_lo
+
+        if cfg.prefetch_q:
+            plgpu.wait_smem_to_gmem(0)
+
+    def load_q(u, b, h, c):
+        n = units.ordinal(u)
+        for w in range(COMPUTE_WGS):
+            qi = _q_buffer(n, w)
+            pl.when(n >= 2)(lambda: plgpu.barrier_wait(q_free.at[qi]))
+            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds((c * COMPUTE_WGS + w) * ROWS, ROWS)],
+                                    q_smem.at[qi], q_bar.at[qi])
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         ring.stream(units, (k_ref, v_ref),
-                    lambda step, block_of: pl.ds(block_of(step) * bk, bk))
+                    lambda step, block_of: pl.ds(block_of(step) * bk, bk),
+                    on_unit=load_q if cfg.prefetch_q else None)
+        if cfg.prefetch_q:
+            # Observe the last releases of the Q buffers (see `Ring.stream`).
+            count = units.count()
+
+            @pl.loop(jnp.maximum(0, count - 2), count)
+            def _(n):
+                for w in range(COMPUTE_WGS):
+                    plgpu.barrier_wait(q_free.at[_q_buffer(n, w)])
+
+
+def _q_buffer(n, wg):
+    """With ``prefetch_q``: the Q buffer of warpgroup ``wg`` in this CTA's unit number n."""
+    return lax.rem(n, jnp.int32(2)) * COMPUTE_WGS + wg
 
 
 def walk_plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
@@ -406,29 +465,32 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     n_units = n_cta * lay.H * lay.B
     # Under the interpreter a few CTAs, so that each runs several units as on a GPU.
     num_ctas = min(n_units, config.num_ctas or (3 if interpret else multiprocessors()))
-    shared_qo = lay.D_p == lay.Dv_p
+    shared_qo = lay.D_p == lay.Dv_p and not config.prefetch_q
+    q_buffers = COMPUTE_WGS * (2 if config.prefetch_q else 1)
 
     def body(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        qo = smem_2d(COMPUTE_WGS, ROWS, lay.D_p)
-        smem = (qo, None if shared_qo else smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
+        smem = (smem_2d(q_buffers, ROWS, lay.D_p),
+                None if shared_qo else smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
                 smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
                 plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
                 smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
-        barriers = (plgpu.Barrier(num_barriers=COMPUTE_WGS),
+        barriers = (plgpu.Barrier(num_barriers=q_buffers),
                     plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
-                    plgpu.Barrier(num_arrivals=COMPUTE_WGS))
+                    plgpu.Barrier(num_arrivals=COMPUTE_WGS),
+                    plgpu.Barrier(num_barriers=q_buffers) if config.prefetch_q else None)
 
         units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref, tab_ref,
                       0 if blocks is None else blocks.q_tile)
 
-        def run(q_smem, o_smem, *rest):
+        def run(smem, bars):
+            q_smem, o_smem, *rest = smem
             _kernel(off_ref, units, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                    (q_smem, q_smem if o_smem is None else o_smem, *rest[:-6]), rest[-6:],
+                    (q_smem, q_smem if o_smem is None else o_smem, *rest), bars,
                     rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config)
 
-        pl.run_scoped(lambda smem, bars: run(*smem, *bars), smem, barriers, collective_axes="wg")
+        pl.run_scoped(run, smem, barriers, collective_axes="wg")
 
     if blocks is None:
         entry = lambda off, plan, *refs: body(off, plan, None, *refs)

@@ -1,0 +1,89 @@
+"""The short-walk forward branches (window, and selected with select_q_tile=64) on one GPU at
+several Mosaic GPU tilings (ring stages, ping-pong, `prefetch_q`), beside Triton's forward and
+cuDNN, each output checked against Triton's. Writes mosaic_forward_tilings.json under $OUT
+(default: here).
+
+Usage on a Hopper GPU: python3 benchmarks/mosaic_forward_tilings.py 65536 131072
+"""
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from nsa_jax import api
+from nsa_jax.config import NSAConfig
+from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
+from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
+from nsa_jax.tools import bench
+
+# (block_k, num_stages, pingpong, prefetch_q); the first of each list is the shipped default.
+WINDOW = ((64, 3, False, False), (64, 3, False, True), (64, 2, False, True), (64, 3, True, True))
+SELECTED = ((64, 2, True, False), (64, 2, True, True), (64, 3, True, True),
+            (64, 3, False, True))
+
+
+def _time(fn, *args, reps=5):
+    try:
+        return round(bench.time_ms(jax.jit(fn).lower(*args).compile(), args, reps), 3)
+    except Exception as err:  # a tiling over this GPU's shared memory fails to compile
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
+def measure(shape: bench.Shape, T: int) -> dict:
+    cfg = dataclasses.replace(NSAConfig(), select_q_tile=64)
+    data = bench.prepare(shape, T, config=cfg, implementation="triton")
+    q, k, v, sel = (data[n] for n in ("q", "k", "v", "sel_64"))
+    flops = dict(selected=4 * shape.HQ * T * cfg.num_selected * cfg.select_block * shape.D,
+                 window=4 * shape.HQ * T * cfg.window * shape.D)
+    out = {}
+
+    def row(name, value):
+        out[name] = value
+        print(shape.name, T, name, value, flush=True)
+
+    row("dense", _time(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn"), q, k, v))
+    make = dict(
+        window=lambda impl, t: lambda q, k, v: api.sliding_window_attention(
+            q, k, v, config=cfg, implementation=impl, tilings=t),
+        selected=lambda impl, t: lambda q, k, v: api.selected_attention(
+            q, k, v, sel, config=cfg, implementation=impl, tilings=t))
+    for branch, variants in (("window", WINDOW), ("selected", SELECTED)):
+        want = jax.jit(make[branch]("triton", None))(q, k, v)
+        ms = _time(make[branch]("triton", None), q, k, v)
+        row(f"{branch}_triton", dict(ms=ms, tflops=round(flops[branch] / ms / 1e9, 1)))
+        for bk, stages, pingpong, prefetch in variants:
+            c = MosaicFlashConfig(block_k=bk, num_stages=stages, pingpong=pingpong,
+                                  prefetch_q=prefetch)
+            tilings = MosaicTilings(**{branch: c})
+            fn = make[branch]("mosaic", tilings)
+            name = f"{branch}_mosaic_bk{bk}_st{stages}_pp{int(pingpong)}_pf{int(prefetch)}"
+            ms = _time(fn, q, k, v)
+            if not isinstance(ms, float):
+                row(name, ms)
+                continue
+            got = jax.jit(fn)(q, k, v)
+            err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
+            row(name, dict(ms=ms, tflops=round(flops[branch] / ms / 1e9, 1),
+                           max_abs_diff_vs_triton=err, any_nan=bool(jnp.isnan(got).any())))
+    return out
+
+
+def main(lengths):
+    record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M"), results={})
+    for T in lengths:
+        for shape in (bench.Shape(64, 4), bench.Shape(32, 8)):
+            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T)
+            path = os.path.join(os.environ.get("OUT", "."), "mosaic_forward_tilings.json")
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]])
