@@ -1,10 +1,12 @@
-"""The compressed and window branches' backward on one GPU: Triton's kernels against the opt-in
-Mosaic GPU dQ and dK/dV kernels (each alone and both), the gradients of each variant against
-Triton's, and the whole layer's forward+backward with every Mosaic kernel on, beside cuDNN.
+"""The branches' backward on one GPU: for the compressed and window branches Triton's kernels
+against the Mosaic GPU dQ and dK/dV kernels (each alone and both), for the selected branch
+(select_q_tile=64) Triton's against the opt-in Mosaic dQ (`MosaicTilings.selected_dq`); the
+gradients of each variant against Triton's, and the whole layer's forward+backward with the
+Triton and the Mosaic backward, beside cuDNN.
 Writes mosaic_backward.json under $OUT (default: here).
 
 Usage on a Hopper GPU: python3 benchmarks/mosaic_backward.py [--layer-only] 65536 131072
-(--layer-only: cuDNN and the layer's two rows, without the branches' variants)
+(--layer-only: cuDNN and the layer's rows, without the branches' variants)
 """
 
 import dataclasses
@@ -31,6 +33,11 @@ VARIANTS = {
     "mosaic_dkv": MosaicTilings(compressed_dkv=DKV, window_dkv=DKV),
     "mosaic_both": MosaicTilings(),
 }
+SELECTED_VARIANTS = {
+    "triton": MosaicTilings(),
+    "mosaic_dq": MosaicTilings(selected_dq=DQ),
+    "mosaic_dq_3stages": MosaicTilings(selected_dq=MosaicFlashConfig(block_k=64, num_stages=3)),
+}
 
 
 def _time(fn, *args, reps=5):
@@ -52,7 +59,7 @@ def _max_rel_err(got, want):
 def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
     cfg = dataclasses.replace(NSAConfig(), select_q_tile=64)
     data = bench.prepare(shape, T, config=cfg, implementation="triton")
-    q, k, v, g, k_c, v_c = (data[n] for n in ("q", "k", "v", "g", "k_c", "v_c"))
+    q, k, v, g, k_c, v_c, sel = (data[n] for n in ("q", "k", "v", "g", "k_c", "v_c", "sel_64"))
     ct = jax.random.normal(jax.random.key(1), (1, T, shape.HQ, shape.D), q.dtype)
     out = {}
 
@@ -66,13 +73,17 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
                                q, k, v))
     branches = {
         "compressed": (lambda t: lambda q, kc, vc: api.compressed_attention(
-            q, kc, vc, config=cfg, implementation="mosaic", tilings=t)[0], (q, k_c, v_c)),
+            q, kc, vc, config=cfg, implementation="mosaic", tilings=t)[0], (q, k_c, v_c),
+            VARIANTS),
         "window": (lambda t: lambda q, k, v: api.sliding_window_attention(
-            q, k, v, config=cfg, implementation="mosaic", tilings=t), (q, k, v)),
+            q, k, v, config=cfg, implementation="mosaic", tilings=t), (q, k, v), VARIANTS),
+        "selected": (lambda t: lambda q, k, v: api.selected_attention(
+            q, k, v, sel, config=cfg, implementation="mosaic", tilings=t), (q, k, v),
+            SELECTED_VARIANTS),
     }
-    for branch, (make, args) in ({} if layer_only else branches).items():
+    for branch, (make, args, variants) in ({} if layer_only else branches).items():
         want = None
-        for variant, tilings in VARIANTS.items():
+        for variant, tilings in variants.items():
             fn = make(tilings)
             _, f_vjp = jax.vjp(fn, *args)
             row(f"{branch}_bwd_{variant}", _time(lambda f_vjp, ct: f_vjp(ct), f_vjp, ct))
@@ -86,10 +97,12 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
             row(f"{branch}_bwd_{variant}_check", dict(
                 max_rel_err_vs_triton=_max_rel_err(grads, want),
                 any_nan=any(bool(jnp.isnan(x).any()) for x in grads)))
-    for variant in ("triton", "mosaic_both"):
-        layer = lambda q, k, v, g: api.nsa_attention(q, k, v, g, config=cfg,
-                                                     implementation="mosaic",
-                                                     tilings=VARIANTS[variant])
+    layer_variants = dict(triton=VARIANTS["triton"], mosaic_both=VARIANTS["mosaic_both"],
+                          mosaic_with_selected_dq=SELECTED_VARIANTS["mosaic_dq"])
+    for variant, tilings in layer_variants.items():
+        layer = lambda q, k, v, g, t=tilings: api.nsa_attention(q, k, v, g, config=cfg,
+                                                                implementation="mosaic",
+                                                                tilings=t)
         grad = jax.grad(lambda *a: _loss(layer(*a), ct), argnums=(0, 1, 2, 3))
         row(f"nsa_qt64_fwd_bwd_{variant}", _time(grad, q, k, v, g))
     return out

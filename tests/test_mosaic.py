@@ -93,7 +93,8 @@ def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong, p
 @pytest.mark.parametrize("select_block,block_k,prefetch_q", [(64, 64, False), (128, 64, True),
                                                              (64, 128, False)])
 def test_selected_branch_walks_the_table(select_block, block_k, prefetch_q):
-    """Blocks of 128 keys walk as two tiles of 64; a 128-key tiling of 64-key blocks runs at 64."""
+    """Blocks of 128 keys walk as two tiles of 64; a 128-key tiling of 64-key blocks runs at 64.
+    The forward and (``selected_dq``) dQ walk the table on Mosaic GPU, dK/dV on Triton."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
                             num_selected=3, select_q_tile=64)
     q, k, v = _inputs(200, 8, 2, 16, 16, 3)
@@ -109,10 +110,14 @@ def test_selected_branch_walks_the_table(select_block, block_k, prefetch_q):
     sel = nsa_jax.BlockSparseIndices(jnp.asarray(ids), jnp.asarray(counts), q_tile=64,
                                      block_size=select_block)
     tilings = nsa_jax.MosaicTilings(selected=MosaicFlashConfig(block_k=block_k,
-                                                               prefetch_q=prefetch_q))
+                                                               prefetch_q=prefetch_q),
+                                    selected_dq=MosaicFlashConfig(block_k=block_k))
     fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg,
                                                             tilings=tilings, **MOSAIC))
     assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
+    names = _gradient_kernels(fn, q, k, v)
+    assert {"nsa_mosaic_flash_bwd_dq", "nsa_flash_bwd_dkv"} <= names
+    assert "nsa_flash_bwd_dq" not in names
     _check(fn, lambda *a: reference.selected_attention(*a, sel, config=cfg), (q, k, v), 3,
            ("q", "k", "v"))
 

@@ -1,10 +1,10 @@
-"""The grouped flash-attention dQ kernel on Hopper, in Pallas Mosaic GPU.
+"""The grouped flash-attention dQ and dK/dV kernels on Hopper, in Pallas Mosaic GPU.
 
-Same contract as the dQ half of `kernels/triton/flash_bwd.flash_backward` for block ranges (the
-compressed and window branches; no block table, no packed bounds), and the same CTA as
-`flash_fwd`: two compute warpgroups of 64 rows each and a memory warpgroup streaming the K and V
-blocks of the CTA's range through the ring (`flash_fwd.Ring`), persistent over work units
-(`flash_fwd.Units`).
+dQ has the contract of the dQ half of `kernels/triton/flash_bwd.flash_backward` without packed
+bounds: over block ranges (the compressed and window branches) or a block table (the selected
+branch), with the same CTA as `flash_fwd`: two compute warpgroups of 64 rows each and a memory
+warpgroup streaming the K and V blocks of the CTA's range or table row through the ring
+(`flash_fwd.Ring`), persistent over work units (`flash_fwd.Units`). dK/dV serves block ranges.
 
 Per KV block a compute warpgroup issues the two products that need only the block, S = Q Kᵀ and
 dP = dO Vᵀ, together (one wait for both); recomputes P from the forward's log-sum-exp (no running
@@ -22,11 +22,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from nsa_jax.kernels.common import LOG2E, Launch, MaskRule, query_range, share_of
+from nsa_jax.kernels.common import BlockTable, LOG2E, Launch, MaskRule, query_range, share_of
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
-                                                  Ring, Units, launch, multiprocessors,
-                                                  persistent_kernel, swizzled, visible,
-                                                  walk_plan)
+                                                  Ring, Units, check_table, launch,
+                                                  multiprocessors, persistent_kernel, swizzled,
+                                                  visible, walk_plan)
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
 
 
@@ -48,7 +48,7 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
 
         @units.loop(init_carry=jnp.int32(0))
         def _(u, done):  # done: KV steps of this CTA's earlier units
-            b, h, c, plan_row, _ = units.unit(u)
+            b, h, c, plan_row, block_of = units.unit(u)
             u_lo, u_hi = plan_row[0], plan_row[1]
             tile = c * COMPUTE_WGS + wg
             rows = pl.ds(tile * ROWS, ROWS)
@@ -84,7 +84,8 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
                 plgpu.barrier_arrive(v_free.at[slot])
                 p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
                 if masked:
-                    ok = visible(rule, first, step * bk, lay.G_p.bit_length() - 1, (ROWS, bk))
+                    ok = visible(rule, first, block_of(step) * bk, lay.G_p.bit_length() - 1,
+                                 (ROWS, bk))
                     p = jnp.where(ok, p, 0.0)
                 ds = (p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))).astype(q_smem.dtype)
                 if ds_smem is None:
@@ -123,18 +124,22 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        ring.stream(units, (k_ref, v_ref), lambda step, _: pl.ds(step * bk, bk))
+        ring.stream(units, (k_ref, v_ref),
+                    lambda step, block_of: pl.ds(block_of(step) * bk, bk))
 
 
 def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
-                      config: MosaicFlashConfig,
+                      config: MosaicFlashConfig, blocks: BlockTable | None = None,
                       interpret: bool | plgpu.InterpretGPUParams = False):
-    """dQ of `flash_fwd.flash_forward`'s (o, lse) over a block range (no table).
+    """dQ of `flash_fwd.flash_forward`'s (o, lse) over a block range, or over the KV blocks of
+    ``blocks``.
 
     Args:
-      q, k, v, offsets, rule, scale: as given to the forward; bfloat16 or float16.
+      q, k, v, offsets, rule, scale, blocks: as given to the forward; bfloat16 or float16.
+        ``blocks`` refers to blocks of ``config.block_k`` keys.
       o, lse: its outputs. do: cotangent of o [B, T, HQ, Dv]; dlse: of lse [B, T, HQ] (or None).
-      config: tiling (``block_k``, ``num_stages``, ``num_ctas``; ``pingpong`` is not used).
+      config: tiling (``block_k``, ``num_stages``, ``num_ctas``; ``pingpong`` and
+        ``prefetch_q`` are not used).
       interpret: run under the Mosaic GPU interpreter (CPU); True, or its parameters.
 
     Returns:
@@ -143,6 +148,7 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
     if k.shape[1] == 0 or q.shape[1] == 0:
         return jnp.zeros_like(q)
     lay = launch(q, k, v, config.block_k)
+    check_table(blocks, lay)
     dtype = q.dtype
     stages, bk = config.num_stages, config.block_k
     n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
@@ -151,7 +157,7 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
 
     smem_2d = lambda lead, rows, width: swizzled((lead, rows, width), dtype)
 
-    def body(off_ref, plan_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref):
+    def body(off_ref, plan_ref, tab_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref):
         smem = (smem_2d(COMPUTE_WGS, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
                 plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
                 plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
@@ -161,7 +167,8 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
         barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4, *ring_bars)
-        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref)
+        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref, tab_ref,
+                      0 if blocks is None else blocks.q_tile)
         pl.run_scoped(
             lambda smem, bars: _dq_kernel(off_ref, units, (q_ref, do_ref, lse_ref, dl_ref), k_ref,
                                           v_ref, dq_ref, smem, bars, rule=rule, scale=scale,
@@ -170,10 +177,16 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
 
     offsets = offsets.astype(jnp.int32)
     q_g, do_g, lse_g, delta = backward_rows(lay, q, o, lse, do, dlse)
+    if blocks is None:
+        entry = lambda off, plan, *refs: body(off, plan, None, *refs)
+        table_args = ()
+    else:
+        entry = body
+        table_args = (blocks.table.astype(jnp.int32),)
     dq = persistent_kernel(
-        body, out_type=lay.rows_shape(dtype, lay.D_p), num_ctas=num_ctas, interpret=interpret,
+        entry, out_type=lay.rows_shape(dtype, lay.D_p), num_ctas=num_ctas, interpret=interpret,
         name="nsa_mosaic_flash_bwd_dq",
-    )(offsets, walk_plan(rule, lay, offsets, None), q_g, do_g, lse_g, delta,
+    )(offsets, walk_plan(rule, lay, offsets, blocks), *table_args, q_g, do_g, lse_g, delta,
       lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p))
     return lay.ungroup(dq, q.shape[3])
 
@@ -207,7 +220,7 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
 
         @units.loop(init_carry=jnp.int32(0))
         def _(u, done):  # done: row tiles of this CTA's earlier units
-            b, h, c, plan_row, _ = units.unit(u)
+            b, h, c, plan_row, block_of = units.unit(u)
             u_lo, u_hi = plan_row[0], plan_row[1]
             share = lax.rem(c, jnp.int32(splits))
             key0 = lax.div(c, jnp.int32(splits)) * (COMPUTE_WGS * ROWS) + wg * ROWS

@@ -124,6 +124,13 @@ def launch(q, k, v, block_k: int) -> Launch:
                                Dv_p=round_up(lay.Dv, CHANNELS))
 
 
+def check_table(blocks: BlockTable | None, lay: Launch):
+    cta_q = COMPUTE_WGS * lay.block_q
+    if blocks is not None and blocks.q_tile % cta_q:
+        raise ValueError(f"the table's q_tile={blocks.q_tile} must be a multiple of {cta_q}, "
+                         "the queries of one Mosaic GPU CTA")
+
+
 def visible(rule: MaskRule, first, start, group_shift: int, shape: tuple[int, int],
             key_axis: int = 1):
     """bool ``shape`` in the wgmma layout: `common.visible` of rows (queries from position
@@ -452,11 +459,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     if k.shape[1] == 0 or q.shape[1] == 0:
         return no_keys(q, v)
     lay = launch(q, k, v, config.block_k)
-    cta_q = COMPUTE_WGS * lay.block_q
-    if blocks is not None and blocks.q_tile % cta_q:
-        raise ValueError(f"the table's q_tile={blocks.q_tile} must be a multiple of {cta_q}, "
-                         "the queries of one Mosaic GPU CTA")
-    n_cta = lay.T_p // cta_q
+    check_table(blocks, lay)
+    n_cta = lay.T_p // (COMPUTE_WGS * lay.block_q)
     dtype = q.dtype
     stages, bk = config.num_stages, config.block_k
 

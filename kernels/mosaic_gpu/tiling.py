@@ -2,8 +2,9 @@
 
 Its forward branches run the Mosaic GPU flash kernel (`MosaicFlashConfig` each), tiled block
 scoring the Mosaic GPU compressed-mass kernel (`MosaicScoringConfig`), and the compressed and
-window backward the Mosaic GPU dQ and dK/dV kernels; the selected branch's backward and the calls
-those kernels do not serve run the Triton-lowered kernels, tiled by ``triton``.
+window backward the Mosaic GPU dQ and dK/dV kernels; the selected branch's backward (its dQ can
+opt in: ``selected_dq``) and the calls those kernels do not serve run the Triton-lowered kernels,
+tiled by ``triton``.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ class MosaicTilings:
     window_dq: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
     compressed_dkv: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
     window_dkv: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
+    # The selected branch's dQ on the Mosaic GPU kernel (its table walk; dK/dV stays on Triton).
+    # Off until measured on a GPU.
+    selected_dq: MosaicFlashConfig | None = None
     triton: TritonTilings = SM90
 
     def __post_init__(self):
-        optional = ("selected", "compressed_dq", "window_dq", "compressed_dkv", "window_dkv")
+        optional = ("selected", "compressed_dq", "window_dq", "compressed_dkv", "window_dkv",
+                    "selected_dq")
         for name in ("compressed", "window", *optional):
             value = getattr(self, name)
             if not isinstance(value, MosaicFlashConfig) and not (name in optional

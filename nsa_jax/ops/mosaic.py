@@ -1,5 +1,5 @@
-"""The "mosaic" backend: the three branches' forward and tiled block scoring on Pallas Mosaic
-GPU kernels (Hopper).
+"""The "mosaic" backend: the three branches' forward, the compressed and window backward and
+tiled block scoring on Pallas Mosaic GPU kernels (Hopper).
 
 A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when its tiling is set and the call is
 one it serves (`mosaic_serves`):
@@ -15,9 +15,13 @@ Block scoring runs `kernels/mosaic_gpu/block_scores.py` (`scoring_config`) when 
 first three conditions hold, selection is per tile (``select_q_tile > 1``), a CTA gets 64 to 256
 rows (`block_scores.serves`) and `MosaicTilings.scoring` is set.
 
-Other calls and every backward pass run the Triton-lowered kernels of the "triton" backend. Both
-forwards feed the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs,
-o and lse, so results agree with "triton" up to float rounding whichever kernel ran.
+The compressed and window branches' backward runs the Mosaic GPU dQ and dK/dV kernels of
+`kernels/mosaic_gpu/flash_bwd.py` where the forward's conditions hold and
+`MosaicTilings.*_dq` / `*_dkv` are set (the default); the selected branch's dQ runs there when
+`MosaicTilings.selected_dq` is set (opt-in). Other calls and the rest of the backward run the
+Triton-lowered kernels of the "triton" backend. Every forward feeds the same `custom_vjp`
+(`ops.triton.flash`), whose backward needs only the inputs, o and lse, so results agree with
+"triton" up to float rounding whichever kernel ran.
 """
 
 from __future__ import annotations
@@ -69,14 +73,14 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len, bounds, in
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds,
                        interpret, t: MosaicTilings, kv_len=None):
-    fwd = t.selected
-    if fwd is not None and not mosaic_serves(q, k, v, packed=bounds is not None,
-                                             q_tile=sel.q_tile, select_block=sel.block_size):
-        fwd = None
-    if fwd is not None and sel.block_size % fwd.block_k:  # a tile may not straddle two blocks
-        fwd = dataclasses.replace(fwd, block_k=64)
+    serves = mosaic_serves(q, k, v, packed=bounds is not None, q_tile=sel.q_tile,
+                           select_block=sel.block_size)
+    # A tile may not straddle two blocks.
+    fits = lambda c: c if sel.block_size % c.block_k == 0 else dataclasses.replace(c, block_k=64)
+    fwd = fits(t.selected) if serves and t.selected is not None else None
+    dq = fits(t.selected_dq) if serves and t.selected_dq is not None else None
     return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton, fwd=fwd,
-                                  kv_len=kv_len)
+                                  kv_len=kv_len, mosaic_bwd=None if dq is None else (dq, None))
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings,

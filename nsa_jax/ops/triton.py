@@ -98,8 +98,9 @@ def _per_batch_shard(fn, *args):
 def flash(q, k, v, offsets, sel, bounds, *static, by_block=(False, False)):
     """(o, lse) of the flash core, differentiable (`_flash_vjp`), per batch shard. The forward
     runs the Mosaic GPU kernel when its tiling ``static[2]`` is a `MosaicFlashConfig` (the
-    "mosaic" backend), the Triton kernels otherwise; the backward always runs the Triton kernels,
-    which read only the residuals (inputs, o, lse), whichever kernel made them."""
+    "mosaic" backend), the Triton kernels otherwise; the backward runs the kernels its tiling
+    ``static[3]`` names (`_backward`), which read only the residuals (inputs, o, lse), whichever
+    kernel made them."""
     return _per_batch_shard(lambda *a: _flash_vjp(*a, *static, by_block), q, k, v, offsets, sel,
                             bounds)
 
@@ -151,42 +152,46 @@ def _forward(q, k, v, offsets, sel, bounds, rule, scale, fwd: FlashConfig, q_til
 
 def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, block_k,
               bwd: FlashConfig | tuple, q_tile, interpret, by_block):
+    args = (q, k, v, o, lse, do, dlse, offsets)
+    dq = dk = dv = None
     if isinstance(bwd, tuple):
         # (dQ config, dK/dV config, Triton tiling): the Mosaic GPU kernels where a config is
-        # given (range walks only), the Triton kernels for the rest.
+        # given (dK/dV for range walks only), the Triton kernels for the rest.
         dq_config, dkv_config, bwd = bwd
-        args = (q, k, v, o, lse, do, dlse, offsets)
-        dq = dk = dv = None
         if dq_config is not None:
+            table = None
+            if sel is not None:
+                table = _table(sel, q_tile, block_k, dq_config.block_k, k.shape[1])
+                table = BlockTable(table.indices, table.counts, q_tile=q_tile)
             dq = mosaic_flash_backward_dq(*args, rule=rule, scale=scale, config=dq_config,
-                                          interpret=interpret)
+                                          blocks=table, interpret=interpret)
         if dkv_config is not None:
             dk, dv = mosaic_flash_backward_dkv(*args, rule=rule, scale=scale, config=dkv_config,
                                                interpret=interpret)
-        if dq is None or dk is None:
-            tq, tk, tv = flash_backward(*args, rule=rule, scale=scale, config=bwd, bounds=bounds,
-                                        interpret=interpret, with_dq=dq is None,
-                                        with_dkv=dk is None)
-            dq = tq if dq is None else dq
-            if dk is None:
-                dk, dv = tk, tv
-        return dq, dk, dv
+        if dq is not None and dk is not None:
+            return dq, dk, dv
     if by_block:
         # The forward's block ids are the backward's: one kernel reads both.
         bwd = dataclasses.replace(bwd, block_k=block_k)
-        return selected_by_block_backward(q, k, v, o, lse, do, dlse, offsets, *sel, rule=rule,
-                                          scale=scale, config=bwd, bounds=bounds,
-                                          interpret=interpret)
+        return selected_by_block_backward(*args, *sel, rule=rule, scale=scale, config=bwd,
+                                          bounds=bounds, interpret=interpret)
     blocks = reverse = None
     if sel is not None:
         n_kb = -(-k.shape[1] // bwd.block_k)
-        table = metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile,
-                                                             block_size=block_k), bwd.block_k, n_kb)
+        table = _table(sel, q_tile, block_k, bwd.block_k, k.shape[1])
         rev = metadata.reverse_map(table, n_kb)
         blocks = BlockTable(table.indices, table.counts, q_tile=q_tile)
         reverse = ReverseTable(rev.tiles, rev.offsets)
-    return flash_backward(q, k, v, o, lse, do, dlse, offsets, rule=rule, scale=scale, config=bwd,
-                          blocks=blocks, reverse=reverse, bounds=bounds, interpret=interpret)
+    tq, tk, tv = flash_backward(*args, rule=rule, scale=scale, config=bwd, blocks=blocks,
+                                reverse=reverse, bounds=bounds, interpret=interpret,
+                                with_dq=dq is None, with_dkv=dk is None)
+    return (tq if dq is None else dq), *((tk, tv) if dk is None else (dk, dv))
+
+
+def _table(sel, q_tile: int, block_k: int, new_block_k: int, S: int) -> metadata.BlockSparseIndices:
+    """The forward's table ``sel`` (blocks of ``block_k`` keys) in blocks of ``new_block_k``."""
+    return metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile, block_size=block_k),
+                            new_block_k, -(-S // new_block_k))
 
 
 def _no_second_order(*args):
@@ -238,10 +243,11 @@ def compressed_attention(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, bound
 
 def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig, bounds=None,
                        interpret=False, tilings: TritonTilings | None = None, fwd=None,
-                       kv_len=None):
+                       kv_len=None, mosaic_bwd=None):
     """``sel``: normalised indices (`metadata.normalize`); ``bounds``: `segments.KeyBounds`; a
     ``fwd`` given runs query-major (never the block-major forward). ``kv_len`` (int32[B], causal
-    only): the causal rule hides each row's keys past it."""
+    only): the causal rule hides each row's keys past it. ``mosaic_bwd``: (dQ, None) Mosaic GPU
+    configs for a query-major backward (tiles of whole Mosaic CTAs), as in `_backward`."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
@@ -264,7 +270,8 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     blocks = metadata.reblock(sel, fwd.block_k, -(-S // fwd.block_k))
     o, _ = flash(q, k, v, key_offsets(B, T, S, kv_len), (blocks.indices, blocks.counts),
                   bounds_tuple(bounds),
-                  MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd, bwd,
+                  MaskRule(num_keys=S, causal=cfg.causal), cfg.softmax_scale(D), fwd,
+                  bwd if mosaic_bwd is None or by_block[1] else (*mosaic_bwd, bwd),
                   sel.q_tile, interpret, by_block=by_block)
     return o
 
