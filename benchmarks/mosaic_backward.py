@@ -26,17 +26,20 @@ from nsa_jax.tools import bench
 
 DQ = MosaicFlashConfig(block_k=64, num_stages=2)
 DKV = MosaicFlashConfig(block_k=64, num_stages=2)
+DQ_PREFETCH = MosaicFlashConfig(block_k=64, num_stages=2, prefetch_q=True)
 VARIANTS = {
     "triton": MosaicTilings(compressed_dq=None, window_dq=None, compressed_dkv=None,
                             window_dkv=None),
     "mosaic_dq": MosaicTilings(compressed_dq=DQ, window_dq=DQ),
     "mosaic_dkv": MosaicTilings(compressed_dkv=DKV, window_dkv=DKV),
     "mosaic_both": MosaicTilings(),
+    "mosaic_both_dq_prefetch": MosaicTilings(compressed_dq=DQ_PREFETCH, window_dq=DQ_PREFETCH),
 }
 SELECTED_VARIANTS = {
     "triton": MosaicTilings(),
     "mosaic_dq": MosaicTilings(selected_dq=DQ),
     "mosaic_dq_3stages": MosaicTilings(selected_dq=MosaicFlashConfig(block_k=64, num_stages=3)),
+    "mosaic_dq_prefetch": MosaicTilings(selected_dq=DQ_PREFETCH),
 }
 
 

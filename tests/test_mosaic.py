@@ -166,22 +166,25 @@ def _gradient_kernels(fn, *args):
 
 
 # The compressed branch at G = 16 with queries after earlier keys (the dK/dV kernel splits its
-# rows into shares); the window at G = 4 with D != Dv and 128-key dQ blocks, causal or not.
+# rows into shares); the window at G = 4 with D != Dv and 128-key dQ blocks, causal or not;
+# dQ's rows loaded a unit ahead (prefetch) in two of them.
 @pytest.mark.parametrize("kernels,branch,T,HQ,H,D,Dv,S,block_k,causal", [
     ("dq+dkv", "compressed", 131, 16, 1, 16, 16, 203, 64, True),
     ("dq+dkv", "window", 150, 8, 2, 24, 72, None, 128, True),
     ("dq+dkv", "window", 133, 4, 1, 16, 16, None, 64, False),
-    ("dq", "compressed", 131, 16, 1, 16, 16, 203, 64, True),
-    ("dkv", "window", 150, 8, 2, 24, 72, None, 128, True)],
+    ("dq-prefetch", "compressed", 131, 16, 1, 16, 16, 203, 64, True),
+    ("dq-prefetch+dkv", "window", 150, 8, 2, 24, 72, None, 64, True),
+    ("dkv", "window", 133, 4, 1, 16, 16, None, 64, True)],
     ids=["both-compressed-G16-S>T", "both-window-G4-D24-Dv72", "both-window-noncausal",
-         "dq-compressed", "dkv-window"])
+         "dq-prefetch-compressed", "both-prefetch-window-D24-Dv72", "dkv-window"])
 def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
     """The Mosaic GPU dQ and dK/dV kernels, alone (Triton for the other gradients) or together,
     against the float32 reference."""
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64,
                             num_selected=4, window=40, causal=causal)
     q, k, v = _inputs(T, HQ, H, D, Dv, 11, S=S)
-    dq = MosaicFlashConfig(block_k=block_k, num_stages=2) if "dq" in kernels else None
+    dq = MosaicFlashConfig(block_k=block_k, num_stages=2,
+                           prefetch_q="prefetch" in kernels) if "dq" in kernels else None
     dkv = MosaicFlashConfig(num_stages=2) if "dkv" in kernels else None
     tilings = nsa_jax.MosaicTilings(compressed_dq=dq, window_dq=dq, compressed_dkv=dkv,
                                     window_dkv=dkv)
@@ -198,7 +201,7 @@ def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
     fn = jax.jit(fn)
     names = _gradient_kernels(fn, q, k, v)
     for part in ("dq", "dkv"):
-        mosaic = part in kernels.split("+")
+        mosaic = part in kernels.replace("-prefetch", "").split("+")
         assert (f"nsa_mosaic_flash_bwd_{part}" in names) == mosaic
         assert (f"nsa_flash_bwd_{part}" in names) != mosaic
     _check(fn, ref, (q, k, v), 11, ("q", "k", "v"))
@@ -207,7 +210,8 @@ def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
 def test_backward_kernels_have_no_shared_memory_races():
     """Three CTAs taking several units each, warpgroups with different ranges (a 40-key window
-    over 64-key blocks): dQ written out through the Q buffers; dK/dV's row ring, split rows and
+    over 64-key blocks): dQ written out through the Q buffers, or (``prefetch_q``) rows loaded a
+    unit ahead into two sets and dQ through its own buffer; dK/dV's row ring, split rows and
     output slices."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -218,12 +222,13 @@ def test_backward_kernels_have_no_shared_memory_races():
     rule, offsets = MaskRule(num_keys=150, window=40), jnp.zeros((1,), jnp.int32)
     o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=0.125, config=MosaicFlashConfig(),
                            interpret=True)
-    for kernel in (flash_backward_dq, flash_backward_dkv):
+    for kernel, prefetch_q in ((flash_backward_dq, False), (flash_backward_dq, True),
+                               (flash_backward_dkv, False)):
         grads = kernel(q, k, v, o, lse, o, None, offsets, rule=rule, scale=0.125,
-                       config=MosaicFlashConfig(num_stages=2),
+                       config=MosaicFlashConfig(num_stages=2, prefetch_q=prefetch_q),
                        interpret=plgpu.InterpretGPUParams(detect_races=True))
         jax.block_until_ready(grads)
-        assert not interpret_pallas_call.get_races().races_found, kernel.__name__
+        assert not interpret_pallas_call.get_races().races_found, (kernel.__name__, prefetch_q)
 
 
 def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
@@ -396,9 +401,9 @@ def test_kernels_lower_for_an_h200():
             q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
             config=MosaicScoringConfig()), (q, k_c, lse, offsets)),
     }
-    for block_k, stages in ((64, 2), (128, 2)):
-        calls[f"dq-{block_k}/{stages}"] = (lambda q, k, lse, off, c=MosaicFlashConfig(
-            block_k=block_k, num_stages=stages): flash_backward_dq(
+    for block_k, stages, prefetch_q in ((64, 2, False), (128, 2, False), (64, 2, True)):
+        calls[f"dq-{block_k}/{stages}/{prefetch_q}"] = (lambda q, k, lse, off, c=MosaicFlashConfig(
+            block_k=block_k, num_stages=stages, prefetch_q=prefetch_q): flash_backward_dq(
                 q, k, k, q, lse, q, None, off, rule=window, scale=0.1, config=c),
             (q, k, lse, offsets))
     for stages in (2, 4):

@@ -24,7 +24,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from nsa_jax.kernels.common import BlockTable, LOG2E, Launch, MaskRule, query_range, share_of
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
-                                                  Ring, Units, check_table, launch,
+                                                  Ring, RowBuffers, Units, check_table, launch,
                                                   multiprocessors, persistent_kernel, swizzled,
                                                   visible, walk_plan)
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
@@ -32,12 +32,15 @@ from nsa_jax.kernels.triton.flash_bwd import backward_rows
 
 def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barriers, *,
                rule: MaskRule, scale: float, lay: Launch, cfg: MosaicFlashConfig):
-    """A persistent CTA: per unit, each compute warpgroup loads its rows' Q, dO, lse and δ, walks
-    its KV blocks (waiting on and releasing those of the CTA's range outside its own) and writes
-    its rows of dQ."""
-    q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, ds_smem = smem
-    rows_ready, k_ready, v_ready, k_free, v_free = barriers
+    """A persistent CTA: per unit, each compute warpgroup loads its rows' Q, dO, lse and δ (or,
+    with ``prefetch_q``, finds them loaded by the memory warpgroup: `RowBuffers`), walks its KV
+    blocks (waiting on and releasing those of the CTA's range outside its own) and writes its
+    rows of dQ."""
+    q_smem, do_smem, lse_smem, dl_smem, k_smem, v_smem, ds_smem, dq_smem = smem
+    rows_ready, k_ready, v_ready, k_free, v_free, rows_free = barriers
     ring = Ring((k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), cfg.num_stages)
+    buffers = (q_smem, do_smem, lse_smem, dl_smem)
+    prefetched = RowBuffers(buffers, rows_ready, rows_free) if cfg.prefetch_q else None
     bk = cfg.block_k
     scale2 = scale * LOG2E
     wg = lax.axis_index("wg")
@@ -53,15 +56,18 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
             tile = c * COMPUTE_WGS + wg
             rows = pl.ds(tile * ROWS, ROWS)
             first = off_ref[b] + tile * lay.block_q
-            buffers = (q_smem, do_smem, lse_smem, dl_smem)
-            for src, dst, bar in zip(rows_in, buffers, rows_ready):
-                plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst.at[wg], bar.at[wg])
-            for bar in rows_ready:
-                plgpu.barrier_wait(bar.at[wg])
-            q, do = q_smem.at[wg], do_smem.at[wg]
+            if prefetched is not None:
+                i = prefetched.wait(units, u, wg)
+            else:
+                i = wg
+                for src, dst, bar in zip(rows_in, buffers, rows_ready):
+                    plgpu.copy_gmem_to_smem(src.at[b, h, rows], dst.at[wg], bar.at[wg])
+                for bar in rows_ready:
+                    plgpu.barrier_wait(bar.at[wg])
+            q, do = q_smem.at[i], do_smem.at[i]
             # lse is +inf for rows without a visible key and for padded rows: their P is 0.
-            lse2 = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
-            delta = plgpu.load(dl_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            lse2 = plgpu.load(lse_smem.at[i], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
+            delta = plgpu.load(dl_smem.at[i], layout=plgpu.Layout.WGMMA.reduce(1))
             lo, flo, fhi, hi = (plan_row[2 + 4 * wg + i] for i in range(4))
             slot_at = lambda step: ring.slot(done + step - u_lo)
 
@@ -111,12 +117,20 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
             dq = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), dq)
             dq = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), dq)
             lax.fori_loop(hi, u_hi, skip, None)
-            # Every product reading this warpgroup's Q has completed: dQ goes out through it.
-            q_smem.at[wg][...] = (dq * scale).astype(q_smem.dtype)
+            # Every product reading this warpgroup's rows has completed.
+            if prefetched is None:
+                out = q_smem.at[wg]  # dQ goes out through Q's buffer
+            else:
+                plgpu.barrier_arrive(rows_free.at[i])
+                out = dq_smem.at[wg]
+                # The previous unit's store must have read it.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            out[...] = (dq * scale).astype(q_smem.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_smem.at[wg], dq_ref.at[b, h, rows])
-            # The next unit loads its rows into these buffers.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.copy_smem_to_gmem(out, dq_ref.at[b, h, rows])
+            if prefetched is None:
+                # The next unit loads its rows into these buffers.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             return done + u_hi - u_lo
 
         plgpu.wait_smem_to_gmem(0)
@@ -125,7 +139,10 @@ def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barri
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         ring.stream(units, (k_ref, v_ref),
-                    lambda step, block_of: pl.ds(block_of(step) * bk, bk))
+                    lambda step, block_of: pl.ds(block_of(step) * bk, bk),
+                    on_unit=None if prefetched is None else prefetched.load(units, rows_in))
+        if prefetched is not None:
+            prefetched.drain(units)
 
 
 def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
@@ -138,8 +155,8 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
       q, k, v, offsets, rule, scale, blocks: as given to the forward; bfloat16 or float16.
         ``blocks`` refers to blocks of ``config.block_k`` keys.
       o, lse: its outputs. do: cotangent of o [B, T, HQ, Dv]; dlse: of lse [B, T, HQ] (or None).
-      config: tiling (``block_k``, ``num_stages``, ``num_ctas``; ``pingpong`` and
-        ``prefetch_q`` are not used).
+      config: tiling (``block_k``, ``num_stages``, ``num_ctas``, ``prefetch_q``: all of a unit's
+        rows; ``pingpong`` is not used).
       interpret: run under the Mosaic GPU interpreter (CPU); True, or its parameters.
 
     Returns:
@@ -156,17 +173,19 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
                    config.num_ctas or (3 if interpret else multiprocessors()))
 
     smem_2d = lambda lead, rows, width: swizzled((lead, rows, width), dtype)
+    sets = COMPUTE_WGS * (2 if config.prefetch_q else 1)  # row buffers: `RowBuffers`
 
     def body(off_ref, plan_ref, tab_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref):
-        smem = (smem_2d(COMPUTE_WGS, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
-                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
-                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
+        smem = (smem_2d(sets, ROWS, lay.D_p), smem_2d(sets, ROWS, lay.Dv_p),
+                plgpu.SMEM((sets, ROWS), jnp.float32), plgpu.SMEM((sets, ROWS), jnp.float32),
                 smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
-                smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
+                smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None,
+                smem_2d(COMPUTE_WGS, ROWS, lay.D_p) if config.prefetch_q else None)
         ring_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
-        barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 4, *ring_bars)
+        barriers = ((plgpu.Barrier(num_barriers=sets),) * 4, *ring_bars,
+                    plgpu.Barrier(num_barriers=sets) if config.prefetch_q else None)
         units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref, tab_ref,
                       0 if blocks is None else blocks.q_tile)
         pl.run_scoped(

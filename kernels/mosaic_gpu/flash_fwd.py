@@ -49,11 +49,12 @@ class MosaicFlashConfig:
       num_ctas: persistent CTAs; None: one per multiprocessor.
       pingpong: keep the two compute warpgroups half a step apart, so that one's softmax runs
         while the other's products do (FA3's schedule).
-      prefetch_q: (forward only) the memory warpgroup loads the next unit's Q rows into a
-        second buffer during the current unit, and the output leaves through a buffer of its
-        own whose store is awaited only before its next use; without it each unit waits for
-        its Q copy at the start and for its output's store at the end. Short walks (the window
-        and selected branches: a few KV blocks per unit) are where that wait weighs.
+      prefetch_q: (forward and dQ) the memory warpgroup loads the next unit's rows (Q; for dQ
+        also dO, lse and δ) into a second set of buffers during the current unit, and the
+        output leaves through a buffer of its own whose store is awaited only before its next
+        use; without it each unit waits for its rows' copies at the start and for its output's
+        store at the end. Short walks (the window and selected branches: a few KV blocks per
+        unit) are where that wait weighs.
     """
 
     block_k: int = 64
@@ -260,6 +261,55 @@ class Ring:
                 plgpu.barrier_wait(free.at[self.slot(i)])
 
 
+@dataclasses.dataclass(frozen=True)
+class RowBuffers:
+    """Two sets per compute warpgroup of the buffers a unit's rows need (Q; or Q, dO, lse, δ),
+    which the memory warpgroup fills a unit ahead. Each buffer [2 * COMPUTE_WGS, ...] has a ready
+    barrier per set (its copy landed, one per buffer: each TMA copy needs its own), and each set
+    one free barrier that its warpgroup arrives at once it no longer reads the set."""
+
+    buffers: tuple
+    ready: tuple
+    free: object
+
+    @staticmethod
+    def index(n, wg):
+        """The set of warpgroup ``wg`` in this CTA's unit number n."""
+        return lax.rem(n, jnp.int32(2)) * COMPUTE_WGS + wg
+
+    def load(self, units: Units, srcs):
+        """The memory warpgroup's `Ring.stream` hook: copies unit u's rows of ``srcs`` (one
+        [B, H, rows, ...] GMEM ref per buffer) into its sets, once the unit two before released
+        them."""
+        def on_unit(u, b, h, c):
+            n = units.ordinal(u)
+            for w in range(COMPUTE_WGS):
+                i = self.index(n, w)
+                pl.when(n >= 2)(lambda: plgpu.barrier_wait(self.free.at[i]))
+                rows = pl.ds((c * COMPUTE_WGS + w) * ROWS, ROWS)
+                for src, buf, ready in zip(srcs, self.buffers, self.ready):
+                    plgpu.copy_gmem_to_smem(src.at[b, h, rows], buf.at[i], ready.at[i])
+
+        return on_unit
+
+    def wait(self, units: Units, u, wg):
+        """A compute warpgroup's set for unit u, once its copies landed."""
+        i = self.index(units.ordinal(u), wg)
+        for ready in self.ready:
+            plgpu.barrier_wait(ready.at[i])
+        return i
+
+    def drain(self, units: Units):
+        """The memory warpgroup, at the end: observe the last releases, so that every phase has
+        been waited on before the barriers go out of scope (as in `Ring.stream`)."""
+        count = units.count()
+
+        @pl.loop(jnp.maximum(0, count - 2), count)
+        def _(n):
+            for w in range(COMPUTE_WGS):
+                plgpu.barrier_wait(self.free.at[self.index(n, w)])
+
+
 def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
             rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig):
     """A persistent CTA of the forward (see `Units` and `Ring`): the memory warpgroup prefetches
@@ -270,6 +320,7 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
     (0, count) and (0, 0, 0, count)."""
     q_smem, o_smem, k_smem, v_smem, lse_smem, p_smem = smem
     q_bar, k_ready, v_ready, k_free, v_free, sched, q_free = barriers
+    prefetched = RowBuffers((q_smem,), (q_bar,), q_free) if cfg.prefetch_q else None
     bk = cfg.block_k
     ring = Ring((k_smem, v_smem), (k_ready, v_ready), (k_free, v_free), cfg.num_stages)
     wg = lax.axis_index("wg")
@@ -293,13 +344,13 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             tile = c * COMPUTE_WGS + wg
             row0 = tile * ROWS
             first = off_ref[b] + tile * lay.block_q
-            if cfg.prefetch_q:
-                qi = _q_buffer(units.ordinal(u), wg)
+            if prefetched is not None:
+                qi = prefetched.wait(units, u, wg)
             else:
                 qi = wg
                 plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg],
                                         q_bar.at[wg])
-            plgpu.barrier_wait(q_bar.at[qi])
+                plgpu.barrier_wait(q_bar.at[qi])
             q = q_smem.at[qi]
             pl.when(wg == 1)(rendezvous)
             lo, flo, fhi, hi = (plan[2 + 4 * wg + i] for i in range(4))
@@ -391,33 +442,14 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
         if cfg.prefetch_q:
             plgpu.wait_smem_to_gmem(0)
 
-    def load_q(u, b, h, c):
-        n = units.ordinal(u)
-        for w in range(COMPUTE_WGS):
-            qi = _q_buffer(n, w)
-            pl.when(n >= 2)(lambda: plgpu.barrier_wait(q_free.at[qi]))
-            plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds((c * COMPUTE_WGS + w) * ROWS, ROWS)],
-                                    q_smem.at[qi], q_bar.at[qi])
-
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         ring.stream(units, (k_ref, v_ref),
                     lambda step, block_of: pl.ds(block_of(step) * bk, bk),
-                    on_unit=load_q if cfg.prefetch_q else None)
-        if cfg.prefetch_q:
-            # Observe the last releases of the Q buffers (see `Ring.stream`).
-            count = units.count()
-
-            @pl.loop(jnp.maximum(0, count - 2), count)
-            def _(n):
-                for w in range(COMPUTE_WGS):
-                    plgpu.barrier_wait(q_free.at[_q_buffer(n, w)])
-
-
-def _q_buffer(n, wg):
-    """With ``prefetch_q``: the Q buffer of warpgroup ``wg`` in this CTA's unit number n."""
-    return lax.rem(n, jnp.int32(2)) * COMPUTE_WGS + wg
+                    on_unit=None if prefetched is None else prefetched.load(units, (q_ref,)))
+        if prefetched is not None:
+            prefetched.drain(units)
 
 
 def walk_plan(rule: MaskRule, lay: Launch, offsets, blocks: BlockTable | None):
