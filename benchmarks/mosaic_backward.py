@@ -10,10 +10,8 @@ Usage on a Hopper GPU: python3 benchmarks/mosaic_backward.py [--layer-only] 6553
 """
 
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
 from nsa_jax.tools import bench
+from nsa_jax.tools.bench import ms_or_error
 
 DQ = MosaicFlashConfig(block_k=64, num_stages=2)
 DKV = MosaicFlashConfig(block_k=64, num_stages=2)
@@ -41,13 +40,6 @@ SELECTED_VARIANTS = {
     "mosaic_dq_3stages": MosaicTilings(selected_dq=MosaicFlashConfig(block_k=64, num_stages=3)),
     "mosaic_dq_prefetch": MosaicTilings(selected_dq=DQ_PREFETCH),
 }
-
-
-def _time(fn, *args, reps=5):
-    try:
-        return round(bench.time_ms(jax.jit(fn).lower(*args).compile(), args, reps), 3)
-    except Exception as err:  # a tiling that does not fit, or a kernel that fails to compile
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
 
 
 def _loss(out, ct):
@@ -72,7 +64,7 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
 
     dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
                                                          implementation="cudnn")
-    row("dense_fwd_bwd", _time(jax.grad(lambda *a: _loss(dense(*a), ct), argnums=(0, 1, 2)),
+    row("dense_fwd_bwd", ms_or_error(jax.grad(lambda *a: _loss(dense(*a), ct), argnums=(0, 1, 2)),
                                q, k, v))
     branches = {
         "compressed": (lambda t: lambda q, kc, vc: api.compressed_attention(
@@ -89,7 +81,7 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
         for variant, tilings in variants.items():
             fn = make(tilings)
             _, f_vjp = jax.vjp(fn, *args)
-            row(f"{branch}_bwd_{variant}", _time(lambda f_vjp, ct: f_vjp(ct), f_vjp, ct))
+            row(f"{branch}_bwd_{variant}", ms_or_error(lambda f_vjp, ct: f_vjp(ct), f_vjp, ct))
             try:
                 grads = jax.jit(lambda f_vjp, ct: f_vjp(ct))(f_vjp, ct)
             except Exception as err:
@@ -107,20 +99,15 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
                                                                 implementation="mosaic",
                                                                 tilings=t)
         grad = jax.grad(lambda *a: _loss(layer(*a), ct), argnums=(0, 1, 2, 3))
-        row(f"nsa_qt64_fwd_bwd_{variant}", _time(grad, q, k, v, g))
+        row(f"nsa_qt64_fwd_bwd_{variant}", ms_or_error(grad, q, k, v, g))
     return out
 
 
 def main(args):
     layer_only = "--layer-only" in args
     lengths = [int(a) for a in args if a != "--layer-only"]
-    record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=time.strftime("%Y-%m-%d %H:%M"), results={})
-    for T in lengths:
-        for shape in (bench.Shape(64, 4), bench.Shape(32, 8)):
-            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T, layer_only)
-            with open(os.path.join(os.environ.get("OUT", "."), "mosaic_backward.json"), "w") as f:
-                json.dump(record, f, indent=1)
+    bench.sweep(lengths, lambda shape, T: measure(shape, T, layer_only),
+                os.path.join(os.environ.get("OUT", "."), "mosaic_backward.json"))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,8 @@ Usage on a Hopper GPU: python3 benchmarks/mosaic_forward_tilings.py 65536 131072
 """
 
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +18,12 @@ from nsa_jax.config import NSAConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.mosaic_gpu.tiling import MosaicTilings
 from nsa_jax.tools import bench
+from nsa_jax.tools.bench import ms_or_error
 
 # (block_k, num_stages, pingpong, prefetch_q); the first of each list is the shipped default.
 WINDOW = ((64, 3, False, False), (64, 3, False, True), (64, 2, False, True), (64, 3, True, True))
 SELECTED = ((64, 2, True, False), (64, 2, True, True), (64, 3, True, True),
             (64, 3, False, True))
-
-
-def _time(fn, *args, reps=5):
-    try:
-        return round(bench.time_ms(jax.jit(fn).lower(*args).compile(), args, reps), 3)
-    except Exception as err:  # a tiling over this GPU's shared memory fails to compile
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
 
 
 def measure(shape: bench.Shape, T: int) -> dict:
@@ -46,7 +38,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
         out[name] = value
         print(shape.name, T, name, value, flush=True)
 
-    row("dense", _time(lambda q, k, v: jax.nn.dot_product_attention(
+    row("dense", ms_or_error(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn"), q, k, v))
     make = dict(
         window=lambda impl, t: lambda q, k, v: api.sliding_window_attention(
@@ -55,7 +47,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
             q, k, v, sel, config=cfg, implementation=impl, tilings=t))
     for branch, variants in (("window", WINDOW), ("selected", SELECTED)):
         want = jax.jit(make[branch]("triton", None))(q, k, v)
-        ms = _time(make[branch]("triton", None), q, k, v)
+        ms = ms_or_error(make[branch]("triton", None), q, k, v)
         row(f"{branch}_triton", dict(ms=ms, tflops=round(flops[branch] / ms / 1e9, 1)))
         for bk, stages, pingpong, prefetch in variants:
             c = MosaicFlashConfig(block_k=bk, num_stages=stages, pingpong=pingpong,
@@ -63,7 +55,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
             tilings = MosaicTilings(**{branch: c})
             fn = make[branch]("mosaic", tilings)
             name = f"{branch}_mosaic_bk{bk}_st{stages}_pp{int(pingpong)}_pf{int(prefetch)}"
-            ms = _time(fn, q, k, v)
+            ms = ms_or_error(fn, q, k, v)
             if not isinstance(ms, float):
                 row(name, ms)
                 continue
@@ -75,14 +67,8 @@ def measure(shape: bench.Shape, T: int) -> dict:
 
 
 def main(lengths):
-    record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=time.strftime("%Y-%m-%d %H:%M"), results={})
-    for T in lengths:
-        for shape in (bench.Shape(64, 4), bench.Shape(32, 8)):
-            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T)
-            path = os.path.join(os.environ.get("OUT", "."), "mosaic_forward_tilings.json")
-            with open(path, "w") as f:
-                json.dump(record, f, indent=1)
+    bench.sweep(lengths, measure,
+                os.path.join(os.environ.get("OUT", "."), "mosaic_forward_tilings.json"))
 
 
 if __name__ == "__main__":

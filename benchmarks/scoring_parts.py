@@ -7,10 +7,8 @@ Usage on a Hopper GPU: python3 benchmarks/scoring_parts.py 65536 131072
 """
 
 import dataclasses
-import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +22,11 @@ from nsa_jax.kernels.triton.top_blocks import tile_top_blocks
 from nsa_jax.ops import selection
 from nsa_jax.ops import triton as tri
 from nsa_jax.tools import bench
+from nsa_jax.tools.bench import ms_or_error
 
 MOSAIC_TILINGS = (mosaic_scores.MosaicScoringConfig(),
                   mosaic_scores.MosaicScoringConfig(num_stages=2),
                   mosaic_scores.MosaicScoringConfig(rows=128))
-
-
-def _time(fn, *args, reps=5):
-    try:
-        return round(bench.time_ms(jax.jit(fn).lower(*args).compile(), args, reps), 3)
-    except Exception as err:  # a tiling over this GPU's shared memory fails to compile
-        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
 def measure(shape: bench.Shape, T: int) -> dict:
@@ -49,7 +41,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
     out = {}
 
     def row(name, fn, *a):
-        out[name] = _time(fn, *a)
+        out[name] = ms_or_error(fn, *a)
         print(shape.name, T, name, out[name], flush=True)
 
     row("dense", lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
@@ -92,13 +84,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
 
 
 def main(lengths):
-    record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=time.strftime("%Y-%m-%d %H:%M"), results={})
-    for T in lengths:
-        for shape in (bench.Shape(64, 4), bench.Shape(32, 8)):
-            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T)
-            with open(os.path.join(os.environ.get("OUT", "."), "scoring_parts.json"), "w") as f:
-                json.dump(record, f, indent=1)
+    bench.sweep(lengths, measure, os.path.join(os.environ.get("OUT", "."), "scoring_parts.json"))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from nsa_jax.kernels.common import BlockTable, LOG2E, Launch, MaskRule, query_ra
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
                                                   Ring, RowBuffers, Units, check_table, launch,
                                                   multiprocessors, persistent_kernel, swizzled,
-                                                  visible, walk_plan)
+                                                  visible, walk_plan, with_table)
 from nsa_jax.kernels.triton.flash_bwd import backward_rows
 
 
@@ -196,12 +196,7 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
 
     offsets = offsets.astype(jnp.int32)
     q_g, do_g, lse_g, delta = backward_rows(lay, q, o, lse, do, dlse)
-    if blocks is None:
-        entry = lambda off, plan, *refs: body(off, plan, None, *refs)
-        table_args = ()
-    else:
-        entry = body
-        table_args = (blocks.table.astype(jnp.int32),)
+    entry, table_args = with_table(body, blocks)
     dq = persistent_kernel(
         entry, out_type=lay.rows_shape(dtype, lay.D_p), num_ctas=num_ctas, interpret=interpret,
         name="nsa_mosaic_flash_bwd_dq",

@@ -113,6 +113,14 @@ def persistent_kernel(body, *, out_type, num_ctas: int, interpret, name: str):
     )
 
 
+def with_table(body, blocks: BlockTable | None):
+    """(kernel entry, its table operands): ``body(off, plan, tab_ref, *refs)`` takes the table
+    ref after the plan, or None without a table."""
+    if blocks is None:
+        return (lambda off, plan, *refs: body(off, plan, None, *refs)), ()
+    return body, (blocks.table.astype(jnp.int32),)
+
+
 def launch(q, k, v, block_k: int) -> Launch:
     """The grouped layout of one call: 64 rows per warpgroup, CTAs of two warpgroups."""
     G_p = pow2(q.shape[2] // k.shape[2])
@@ -528,12 +536,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
 
         pl.run_scoped(run, smem, barriers, collective_axes="wg")
 
-    if blocks is None:
-        entry = lambda off, plan, *refs: body(off, plan, None, *refs)
-        table_args = ()
-    else:
-        entry = body
-        table_args = (blocks.table.astype(jnp.int32),)
+    entry, table_args = with_table(body, blocks)
     o, lse = persistent_kernel(
         entry, out_type=(lay.rows_shape(dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
         num_ctas=num_ctas, interpret=interpret, name="nsa_mosaic_flash_fwd",

@@ -102,6 +102,28 @@ def time_ms(compiled, args, reps: int) -> float:
     return float(np.median(times)) * 1e3
 
 
+def ms_or_error(fn: Callable, *args, reps: int = 5) -> float | str:
+    """Median ms of jitted ``fn`` on ``args``, or the error that stopped it compiling or running
+    (a tiling over the GPU's shared memory, say), so that a sweep records it and goes on."""
+    try:
+        return round(time_ms(jax.jit(fn).lower(*args).compile(), args, reps), 3)
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
+def sweep(lengths: Sequence[int], measure: Callable[[Shape, int], dict], path: str) -> None:
+    """``measure(shape, T)`` at every length, for HQ64/H4 and HQ32/H8, into JSON at ``path``
+    with the device, jax version and date, rewritten after each shape so that a run cut off by a
+    time limit keeps what it measured."""
+    record = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=time.strftime("%Y-%m-%d %H:%M"), results={})
+    for T in lengths:
+        for shape in (Shape(64, 4), Shape(32, 8)):
+            record["results"].setdefault(shape.name, {})[str(T)] = measure(shape, T)
+            with open(path, "w") as f:
+                json.dump(record, f, indent=1)
+
+
 def _peak_bytes(compiled) -> int | None:
     mem = compiled.memory_analysis()
     if mem is None:
