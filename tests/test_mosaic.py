@@ -210,9 +210,10 @@ def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
 def test_backward_kernels_have_no_shared_memory_races():
     """Three CTAs taking several units each, warpgroups with different ranges (a 40-key window
-    over 64-key blocks): dQ written out through the Q buffers, or (``prefetch_q``) rows loaded a
-    unit ahead into two sets and dQ through its own buffer; dK/dV's row ring, split rows and
-    output slices."""
+    over 64-key blocks): dQ written out through the Q buffers, or (``prefetch_q``) through its
+    own buffer while its last store may be in flight; dK/dV's row ring, split rows and output
+    slices. (wgmma's reads are not tracked: early reuse of a row buffer shows in values, which
+    `test_backward_kernels` checks.)"""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from nsa_jax.kernels.common import MaskRule
@@ -326,29 +327,39 @@ def test_scoring_kernel_has_no_shared_memory_races():
 def test_no_shared_memory_races(table, prefetch_q):
     """The interpreter's happens-before race detector on a window walk (warpgroups with
     different ranges, ping-pong meetings) and a table walk, three CTAs taking several units
-    each; Q and O in one buffer, or (``prefetch_q``) two Q buffers per warpgroup that wrap
-    around and an output buffer reused while its last store may be in flight."""
+    each; Q and O in one buffer, or (``prefetch_q``) an output buffer reused while its last
+    store may be in flight. The detector does not see wgmma's reads, so a Q buffer overwritten
+    too early is caught by values instead: with ``prefetch_q`` the table walk has units of zero
+    or one KV block (little time between a buffer's last read and its reload), and the output
+    must equal the one without prefetch bit for bit."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from nsa_jax.kernels.common import BlockTable, MaskRule
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
     q, k, v = _inputs(150, 8, 2, 64, 64, 6)
     blocks = None
-    if table:
+    if table and prefetch_q:
+        ids = jnp.array([[[[0], [1], [2]], [[2], [0], [1]]]], jnp.int32)  # [1, 2, 3, 1]
+        blocks = BlockTable(ids, jnp.array([[[1, 0, 1], [0, 1, 1]]], jnp.int32), q_tile=64)
+    elif table:
         ids = jnp.array([[[[0, 2], [1, -1], [0, 1]]] * 2], jnp.int32)  # [1, 2, 3, 2]
         blocks = BlockTable(ids, jnp.array([[[2, 1, 2]] * 2], jnp.int32), q_tile=64)
-    o, _ = flash_forward(q, k, v, jnp.zeros((1,), jnp.int32),
-                         rule=MaskRule(num_keys=150, window=0 if table else 40), scale=0.125,
-                         config=MosaicFlashConfig(prefetch_q=prefetch_q), blocks=blocks,
-                         interpret=plgpu.InterpretGPUParams(detect_races=True))
+    run = lambda prefetch_q, interpret: flash_forward(
+        q, k, v, jnp.zeros((1,), jnp.int32), rule=MaskRule(num_keys=150, window=0 if table else 40),
+        scale=0.125, config=MosaicFlashConfig(prefetch_q=prefetch_q), blocks=blocks,
+        interpret=interpret)
+    o, _ = run(prefetch_q, plgpu.InterpretGPUParams(detect_races=True))
     o.block_until_ready()
     assert not interpret_pallas_call.get_races().races_found
+    if prefetch_q:
+        assert_bit_identical(o, run(False, True)[0])
 
 
 @pytest.mark.parametrize("field,value,match,error", [
     ("block_k", 32, "block_k=32 must be 64 or 128", ValueError),
     ("num_stages", 1, "num_stages=1 must be", ValueError),
-    ("prefetch_q", 1, "prefetch_q=1 must be a bool", TypeError)])
+    ("prefetch_q", 1, "prefetch_q=1 must be a bool", TypeError),
+    ("pingpong", "yes", "pingpong='yes' must be a bool", TypeError)])
 def test_config_validation(field, value, match, error):
     with pytest.raises(error, match=match):
         MosaicFlashConfig(**{field: value})
@@ -422,10 +433,15 @@ def test_dkv_kernel_refuses_other_blocks():
     from nsa_jax.kernels.common import MaskRule
     from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv
     q, k, v = _inputs(8, 2, 1, 16, 16, 13)
-    with pytest.raises(ValueError, match="takes block_k=64 .* got MosaicFlashConfig.block_k=128"):
-        flash_backward_dkv(q, k, v, q, jnp.zeros((1, 8, 2)), q, None, jnp.zeros((1,), jnp.int32),
-                           rule=MaskRule(num_keys=8), scale=0.25,
-                           config=MosaicFlashConfig(block_k=128), interpret=True)
+    for config, match in ((MosaicFlashConfig(block_k=128),
+                           "takes block_k=64 .* got MosaicFlashConfig.block_k=128"),
+                          (MosaicFlashConfig(prefetch_q=True), "has no prefetch_q")):
+        with pytest.raises(ValueError, match=match):
+            flash_backward_dkv(q, k, v, q, jnp.zeros((1, 8, 2)), q, None,
+                               jnp.zeros((1,), jnp.int32), rule=MaskRule(num_keys=8), scale=0.25,
+                               config=config, interpret=True)
+    with pytest.raises(ValueError, match="window_dkv.prefetch_q=True: the dK/dV kernel has no"):
+        nsa_jax.MosaicTilings(window_dkv=MosaicFlashConfig(prefetch_q=True))
 
 
 def test_backward_kernels_with_rows_offsets_and_shares(monkeypatch):

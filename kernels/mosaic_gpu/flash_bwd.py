@@ -378,7 +378,8 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
                        interpret: bool | plgpu.InterpretGPUParams = False):
     """dK and dV of `flash_fwd.flash_forward`'s (o, lse) over a block range (no table).
 
-    Args: as `flash_backward_dq`; ``config.block_k`` must be 64 (the keys of one warpgroup).
+    Args: as `flash_backward_dq`; ``config.block_k`` must be 64 (the keys of one warpgroup) and
+      ``config.prefetch_q`` False.
 
     Returns:
       dk [B, N, H, D] and dv [B, N, H, Dv] in the dtypes of k and v.
@@ -386,6 +387,9 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
     if config.block_k != ROWS:
         raise ValueError(f"the Mosaic GPU dK/dV kernel takes block_k={ROWS} (the keys of one "
                          f"warpgroup), got MosaicFlashConfig.block_k={config.block_k}")
+    if config.prefetch_q:
+        raise ValueError("the Mosaic GPU dK/dV kernel streams its rows through its ring already "
+                         "and has no prefetch_q; got MosaicFlashConfig.prefetch_q=True")
     if k.shape[1] == 0 or q.shape[1] == 0:
         return jnp.zeros_like(k), jnp.zeros_like(v)
     lay = launch(q, k, v, COMPUTE_WGS * ROWS)

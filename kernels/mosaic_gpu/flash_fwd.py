@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -74,7 +75,7 @@ class MosaicFlashConfig:
             raise ValueError(
                 f"MosaicFlashConfig.num_ctas={self.num_ctas!r} must be a positive int or None")
         for name in ("pingpong", "prefetch_q"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"MosaicFlashConfig.{name}={getattr(self, name)!r} must be a bool")
 
 

@@ -68,6 +68,9 @@ class MosaicTilings:
             if value is not None and value.block_k != 64:
                 raise ValueError(f"MosaicTilings.{name}.block_k={value.block_k} must be 64 (the "
                                  "keys of one warpgroup of the dK/dV kernel)")
+            if value is not None and value.prefetch_q:
+                raise ValueError(f"MosaicTilings.{name}.prefetch_q=True: the dK/dV kernel has no "
+                                 "such option (its rows stream through its ring)")
         if self.scoring is not None and not isinstance(self.scoring, MosaicScoringConfig):
             raise TypeError(f"MosaicTilings.scoring must be a MosaicScoringConfig or None, got "
                             f"{type(self.scoring).__name__}")
