@@ -1,6 +1,7 @@
 """The branches' backward on one GPU: for the compressed and window branches Triton's kernels
 against the Mosaic GPU dQ and dK/dV kernels (each alone and both), for the selected branch
-(select_q_tile=64) Triton's against the opt-in Mosaic dQ (`MosaicTilings.selected_dq`); the
+(select_q_tile=64) Triton's against the opt-in Mosaic dQ and dK/dV (`MosaicTilings.selected_dq`,
+`selected_dkv`); the
 gradients of each variant against Triton's, and the whole layer's forward+backward with the
 Triton and the Mosaic backward, beside cuDNN.
 Writes mosaic_backward.json under $OUT (default: here).
@@ -39,6 +40,8 @@ SELECTED_VARIANTS = {
     "mosaic_dq": MosaicTilings(selected_dq=DQ),
     "mosaic_dq_3stages": MosaicTilings(selected_dq=MosaicFlashConfig(block_k=64, num_stages=3)),
     "mosaic_dq_prefetch": MosaicTilings(selected_dq=DQ_PREFETCH),
+    "mosaic_dkv": MosaicTilings(selected_dkv=DKV),
+    "mosaic_both": MosaicTilings(selected_dq=DQ, selected_dkv=DKV),
 }
 
 
@@ -93,7 +96,7 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
                 max_rel_err_vs_triton=_max_rel_err(grads, want),
                 any_nan=any(bool(jnp.isnan(x).any()) for x in grads)))
     layer_variants = dict(triton=VARIANTS["triton"], mosaic_both=VARIANTS["mosaic_both"],
-                          mosaic_with_selected_dq=SELECTED_VARIANTS["mosaic_dq"])
+                          mosaic_with_selected=SELECTED_VARIANTS["mosaic_both"])
     for variant, tilings in layer_variants.items():
         layer = lambda q, k, v, g, t=tilings: api.nsa_attention(q, k, v, g, config=cfg,
                                                                 implementation="mosaic",

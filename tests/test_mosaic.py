@@ -90,11 +90,15 @@ def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong, p
            ("q", "k", "v"))
 
 
-@pytest.mark.parametrize("select_block,block_k,prefetch_q", [(64, 64, False), (128, 64, True),
-                                                             (64, 128, False)])
-def test_selected_branch_walks_the_table(select_block, block_k, prefetch_q):
+@pytest.mark.parametrize("select_block,block_k,prefetch_q,heavy", [
+    (64, 64, False, 1), (128, 64, True, 8), (64, 128, False, 0)])
+def test_selected_branch_walks_the_table(monkeypatch, select_block, block_k, prefetch_q, heavy):
     """Blocks of 128 keys walk as two tiles of 64; a 128-key tiling of 64-key blocks runs at 64.
-    The forward and (``selected_dq``) dQ walk the table on Mosaic GPU, dK/dV on Triton."""
+    The forward, dQ and dK/dV (``selected_dq``, ``selected_dkv``) walk the table on Mosaic
+    GPU; dK/dV with ``heavy`` of the 4 KV blocks of 64 keys cut into shares (all, some or
+    none)."""
+    from nsa_jax.kernels.mosaic_gpu import flash_bwd
+    monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", heavy)
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
                             num_selected=3, select_q_tile=64)
     q, k, v = _inputs(200, 8, 2, 16, 16, 3)
@@ -111,13 +115,14 @@ def test_selected_branch_walks_the_table(select_block, block_k, prefetch_q):
                                      block_size=select_block)
     tilings = nsa_jax.MosaicTilings(selected=MosaicFlashConfig(block_k=block_k,
                                                                prefetch_q=prefetch_q),
-                                    selected_dq=MosaicFlashConfig(block_k=block_k))
+                                    selected_dq=MosaicFlashConfig(block_k=block_k),
+                                    selected_dkv=MosaicFlashConfig())
     fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg,
                                                             tilings=tilings, **MOSAIC))
     assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
     names = _gradient_kernels(fn, q, k, v)
-    assert {"nsa_mosaic_flash_bwd_dq", "nsa_flash_bwd_dkv"} <= names
-    assert "nsa_flash_bwd_dq" not in names
+    assert {"nsa_mosaic_flash_bwd_dq", "nsa_mosaic_flash_bwd_dkv"} <= names
+    assert not {"nsa_flash_bwd_dq", "nsa_flash_bwd_dkv"} & names
     _check(fn, lambda *a: reference.selected_attention(*a, sel, config=cfg), (q, k, v), 3,
            ("q", "k", "v"))
 
@@ -208,7 +213,7 @@ def test_backward_kernels(kernels, branch, T, HQ, H, D, Dv, S, block_k, causal):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
-def test_backward_kernels_have_no_shared_memory_races():
+def test_backward_kernels_have_no_shared_memory_races(monkeypatch):
     """Three CTAs taking several units each, warpgroups with different ranges (a 40-key window
     over 64-key blocks): dQ written out through the Q buffers, or (``prefetch_q``) through its
     own buffer while its last store may be in flight; dK/dV's row ring, split rows and output
@@ -216,7 +221,9 @@ def test_backward_kernels_have_no_shared_memory_races():
     `test_backward_kernels` checks.)"""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax import metadata
+    from nsa_jax.kernels.common import BlockTable, MaskRule, ReverseTable
+    from nsa_jax.kernels.mosaic_gpu import flash_bwd
     from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv, flash_backward_dq
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
     q, k, v = _inputs(150, 8, 2, 64, 64, 12)
@@ -230,6 +237,23 @@ def test_backward_kernels_have_no_shared_memory_races():
                        interpret=plgpu.InterpretGPUParams(detect_races=True))
         jax.block_until_ready(grads)
         assert not interpret_pallas_call.get_races().races_found, (kernel.__name__, prefetch_q)
+    # dK/dV walking a table: both warpgroups on one block, ring slots owned in turn, the most
+    # listed block in shares.
+    monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", 1)
+    sel = nsa_jax.BlockSparseIndices(jnp.array([[[[0, 2], [1, -1], [0, 1]]] * 2], jnp.int32),
+                                     jnp.array([[[2, 1, 2]] * 2], jnp.int32), q_tile=64,
+                                     block_size=64)
+    rev = metadata.reverse_map(sel, 3)
+    rule = MaskRule(num_keys=150)
+    blocks = BlockTable(sel.indices, sel.counts, q_tile=64)
+    o, lse = flash_forward(q, k, v, offsets, rule=rule, scale=0.125, config=MosaicFlashConfig(),
+                           blocks=blocks, interpret=True)
+    grads = flash_backward_dkv(q, k, v, o, lse, o, None, offsets, rule=rule, scale=0.125,
+                               config=MosaicFlashConfig(num_stages=2), blocks=blocks,
+                               reverse=ReverseTable(rev.tiles, rev.offsets),
+                               interpret=plgpu.InterpretGPUParams(detect_races=True))
+    jax.block_until_ready(grads)
+    assert not interpret_pallas_call.get_races().races_found, "dkv table"
 
 
 def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
@@ -391,7 +415,7 @@ def test_kernels_lower_for_an_h200():
     they are meant to run with): layouts, shared memory and barriers are checked before any GPU
     sees them."""
     from jax.sharding import AbstractDevice, AbstractMesh
-    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.common import BlockTable, MaskRule, ReverseTable
     from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig, compressed_mass
     from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dkv, flash_backward_dq
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
@@ -422,6 +446,17 @@ def test_kernels_lower_for_an_h200():
             num_stages=stages): flash_backward_dkv(
                 q, k, k, q, lse, q, None, off, rule=window, scale=0.1, config=c),
             (q, k, lse, offsets))
+    n_tiles, n_sel, n_kb = T // 64, 16, T // 64
+    table_args = (arr((1, H, n_tiles, n_sel), jnp.int32), arr((1, H, n_tiles), jnp.int32),
+                  arr((1, H, n_tiles * n_sel), jnp.int32), arr((1, H, n_kb + 1), jnp.int32))
+    calls["dkv-table"] = (lambda q, k, lse, off, ids, counts, tiles, starts: flash_backward_dkv(
+        q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
+        config=MosaicFlashConfig(), blocks=BlockTable(ids, counts, q_tile=64),
+        reverse=ReverseTable(tiles, starts)), (q, k, lse, offsets, *table_args))
+    calls["dq-table"] = (lambda q, k, lse, off, ids, counts: flash_backward_dq(
+        q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
+        config=MosaicFlashConfig(), blocks=BlockTable(ids, counts, q_tile=64)),
+        (q, k, lse, offsets, *table_args[:2]))
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         for name, (fn, args) in calls.items():
@@ -442,6 +477,8 @@ def test_dkv_kernel_refuses_other_blocks():
                                config=config, interpret=True)
     with pytest.raises(ValueError, match="window_dkv.prefetch_q=True: the dK/dV kernel has no"):
         nsa_jax.MosaicTilings(window_dkv=MosaicFlashConfig(prefetch_q=True))
+    with pytest.raises(ValueError, match="selected_dkv.num_stages=3 must be even"):
+        nsa_jax.MosaicTilings(selected_dkv=MosaicFlashConfig(num_stages=3))
 
 
 def test_backward_kernels_with_rows_offsets_and_shares(monkeypatch):

@@ -1,15 +1,16 @@
 """The grouped flash-attention dQ and dK/dV kernels on Hopper, in Pallas Mosaic GPU.
 
-dQ has the contract of the dQ half of `kernels/triton/flash_bwd.flash_backward` without packed
+Both have the contract of their half of `kernels/triton/flash_bwd.flash_backward` without packed
 bounds: over block ranges (the compressed and window branches) or a block table (the selected
-branch), with the same CTA as `flash_fwd`: two compute warpgroups of 64 rows each and a memory
-warpgroup streaming the K and V blocks of the CTA's range or table row through the ring
-(`flash_fwd.Ring`), persistent over work units (`flash_fwd.Units`). dK/dV serves block ranges.
+branch; dK/dV through its reverse map). dQ has the same CTA as `flash_fwd`: two compute
+warpgroups of 64 rows each and a memory warpgroup streaming the K and V blocks of the CTA's
+range or table row through the ring (`flash_fwd.Ring`), persistent over work units
+(`flash_fwd.Units`). dK/dV swaps the roles: keys stay, row tiles stream.
 
-Per KV block a compute warpgroup issues the two products that need only the block, S = Q Kᵀ and
-dP = dO Vᵀ, together (one wait for both); recomputes P from the forward's log-sum-exp (no running
-maximum); forms dS = P ∘ (dP − δ) with δ = rowsum(O ∘ dO) − dlse; and accumulates dQ += dS K in
-registers. dQ is scaled by the softmax scale once, at the end.
+Per KV block a dQ warpgroup issues the two products that need only the block, S = Q Kᵀ and
+dP = dO Vᵀ, together (one wait for both); recomputes P from the forward's log-sum-exp (no
+running maximum); forms dS = P ∘ (dP − δ) with δ = rowsum(O ∘ dO) − dlse; and accumulates
+dQ += dS K in registers. dQ is scaled by the softmax scale once, at the end.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from nsa_jax.kernels.common import BlockTable, LOG2E, Launch, MaskRule, query_range, share_of
+from nsa_jax.kernels.common import (LOG2E, BlockTable, Launch, MaskRule, ReverseTable,
+                                    query_range, share_of)
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
                                                   Ring, RowBuffers, Units, check_table, launch,
                                                   multiprocessors, persistent_kernel, swizzled,
                                                   visible, walk_plan, with_table)
-from nsa_jax.kernels.triton.flash_bwd import backward_rows
+from nsa_jax.kernels.triton.flash_bwd import HEAVY_BLOCKS, HEAVY_SPLITS, backward_rows
 
 
 def _dq_kernel(off_ref, units: Units, rows_in, k_ref, v_ref, dq_ref, smem, barriers, *,
@@ -214,12 +216,18 @@ DKV_MIN_SHARE = 8
 
 
 def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, barriers, *,
-                rule: MaskRule, scale: float, lay: Launch, splits: int, stages: int):
+                rule: MaskRule, scale: float, lay: Launch, splits: int, stages: int,
+                table: bool):
     """A persistent CTA of dK/dV: per unit (b, h, c), CTA tile c // splits owns 2 x 64 keys, one
     block per compute warpgroup, and share c % splits of the query row tiles that see them; the
     memory warpgroup streams those tiles' Q, dO, lse and δ through the ring. Each warpgroup takes
     S^T = K Q^T and dP^T = V dO^T per tile (keys on wgmma's M, rows on its N), then
-    dV += P^T dO and dK += dS^T Q, and writes its float32 partial sums at the unit's end."""
+    dV += P^T dO and dK += dS^T Q, and writes its float32 partial sums at the unit's end.
+
+    With ``table`` (the selected branch) both warpgroups own the same 64 keys, block
+    ``plan[2]``, and take the unit's row tiles in turn (tile i to warpgroup i % 2; the ring has
+    an even number of slots, so each slot has one owner, which alone releases it); each writes
+    its own partial sums, slot (c, wg)."""
     k_smem, v_smem, out_smem, p_smem, ring_smem = smem
     kv_ready, ring_ready, ring_free = barriers
     ring = Ring(ring_smem, ring_ready, ring_free, stages)
@@ -236,8 +244,13 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
         def _(u, done):  # done: row tiles of this CTA's earlier units
             b, h, c, plan_row, block_of = units.unit(u)
             u_lo, u_hi = plan_row[0], plan_row[1]
-            share = lax.rem(c, jnp.int32(splits))
-            key0 = lax.div(c, jnp.int32(splits)) * (COMPUTE_WGS * ROWS) + wg * ROWS
+            if table:
+                key0 = plan_row[2] * ROWS
+                out_at = lambda ref, cols: ref.at[b, h, c, wg, pl.ds(0, ROWS), cols]
+            else:
+                share = lax.rem(c, jnp.int32(splits))
+                key0 = lax.div(c, jnp.int32(splits)) * (COMPUTE_WGS * ROWS) + wg * ROWS
+                out_at = lambda ref, cols: ref.at[b, h, share, pl.ds(key0, ROWS), cols]
             keys = pl.ds(key0, ROWS)
             for src, dst, bar in zip(kv_in, (k_smem, v_smem), kv_ready):
                 plgpu.copy_gmem_to_smem(src.at[b, h, keys], dst.at[wg], bar.at[wg])
@@ -270,7 +283,7 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
                 delta = plgpu.load(dl_ring.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 pt = jnp.exp2(st * scale2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
                 if masked:
-                    ok = visible(rule, offset + step * lay.block_q, key0,
+                    ok = visible(rule, offset + block_of(step) * lay.block_q, key0,
                                  lay.G_p.bit_length() - 1, (ROWS, R), key_axis=0)
                     pt = jnp.where(ok, pt, 0.0)
                 dst = pt * (dpt - lax.broadcast_in_dim(delta, dpt.shape, [1]))
@@ -302,20 +315,25 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
 
             zeros = lambda width: plgpu.layout_cast(jnp.zeros((ROWS, width), jnp.float32),
                                                     plgpu.Layout.WGMMA)
-            lax.fori_loop(u_lo, lo, skip, None)
             carry = (zeros(lay.D_p), zeros(lay.Dv_p))
-            carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
-            carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
-            dk, dv = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
-            lax.fori_loop(hi, u_hi, skip, None)
+            if table:
+                # Units have an even number of steps, so a warpgroup's steps keep their parity.
+                dk, dv = lax.fori_loop(0, lax.div(u_hi - u_lo, 2), lambda i, carry: visit(
+                    u_lo + 2 * i + wg, carry, masked=True), carry)
+            else:
+                lax.fori_loop(u_lo, lo, skip, None)
+                carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
+                carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
+                dk, dv = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
+                lax.fori_loop(hi, u_hi, skip, None)
             # Out through one 64-column float32 buffer per warpgroup, a slice at a time.
             for acc, ref in ((dk * scale, dk_ref), (dv, dv_ref)):
                 for j in range(acc.shape[1] // CHANNELS):
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     out_smem.at[wg][...] = acc[:, j * CHANNELS:(j + 1) * CHANNELS]
                     plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[wg], ref.at[b, h, share, keys, pl.ds(j * CHANNELS, CHANNELS)])
+                    plgpu.copy_smem_to_gmem(out_smem.at[wg],
+                                            out_at(ref, pl.ds(j * CHANNELS, CHANNELS)))
             return done + u_hi - u_lo
 
         plgpu.wait_smem_to_gmem(0)
@@ -323,7 +341,7 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        ring.stream(units, rows_in, lambda step, _: pl.ds(step * R, R))
+        ring.stream(units, rows_in, lambda step, block_of: pl.ds(block_of(step) * R, R))
 
 
 def _full_tiles(rule: MaskRule, key0, offset, block_q: int):
@@ -373,13 +391,40 @@ def _dkv_plan(rule: MaskRule, lay: Launch, offsets, n_kv: int, splits: int):
     return plan.reshape(lay.B, 1, n_kv * splits, 10).astype(jnp.int32)
 
 
+def _dkv_table_plan(reverse: ReverseTable, n_kb: int, per: int):
+    """int32 [B, H, n_kb + n_heavy * HEAVY_SPLITS, 10] in `walk_plan`'s format, and the heavy
+    blocks int32 [B, H, n_heavy]. Unit j < n_kb walks all the row tiles of the table rows that
+    list KV block j (``per`` row tiles each), unless j is one of the n_heavy most listed blocks
+    of its head, which are cut into HEAVY_SPLITS shares (units n_kb + i * HEAVY_SPLITS + s) so
+    that no block serialises on one CTA. A plan row holds (0, steps, block, first entry)."""
+    ro = reverse.offsets.astype(jnp.int32)
+    first, last = ro[..., :-1], ro[..., 1:]  # [B, H, n_kb]
+    n_heavy = min(HEAVY_BLOCKS, n_kb)
+    _, heavy = lax.top_k(last - first, n_heavy)  # [B, H, n_heavy]
+    heavy = heavy.astype(jnp.int32)
+    is_heavy = jnp.any(heavy[..., None, :] == jnp.arange(n_kb)[:, None], axis=-1)
+    s_lo, s_hi = share_of(jnp.take_along_axis(first, heavy, -1)[..., None],
+                          jnp.take_along_axis(last, heavy, -1)[..., None],
+                          jnp.arange(HEAVY_SPLITS, dtype=jnp.int32), HEAVY_SPLITS)
+    B, H = first.shape[:2]
+    block = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_kb, dtype=jnp.int32), (B, H, n_kb)),
+                             jnp.repeat(heavy, HEAVY_SPLITS, axis=-1)], axis=-1)
+    e_lo = jnp.concatenate([first, s_lo.reshape(B, H, -1)], axis=-1)
+    e_hi = jnp.concatenate([jnp.where(is_heavy, first, last), s_hi.reshape(B, H, -1)], axis=-1)
+    z = jnp.zeros_like(block)
+    plan = jnp.stack([z, (e_hi - e_lo) * per, block, e_lo, z, z, z, z, z, z], axis=-1)
+    return plan, heavy
+
+
 def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, scale: float,
-                       config: MosaicFlashConfig,
+                       config: MosaicFlashConfig, blocks: BlockTable | None = None,
+                       reverse: ReverseTable | None = None,
                        interpret: bool | plgpu.InterpretGPUParams = False):
-    """dK and dV of `flash_fwd.flash_forward`'s (o, lse) over a block range (no table).
+    """dK and dV of `flash_fwd.flash_forward`'s (o, lse) over a block range, or over the KV
+    blocks of ``blocks`` (blocks of 64 keys) with ``reverse`` its `metadata.reverse_map`.
 
     Args: as `flash_backward_dq`; ``config.block_k`` must be 64 (the keys of one warpgroup) and
-      ``config.prefetch_q`` False.
+      ``config.prefetch_q`` False; with a table, ``config.num_stages`` even.
 
     Returns:
       dk [B, N, H, D] and dv [B, N, H, Dv] in the dtypes of k and v.
@@ -390,53 +435,99 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
     if config.prefetch_q:
         raise ValueError("the Mosaic GPU dK/dV kernel streams its rows through its ring already "
                          "and has no prefetch_q; got MosaicFlashConfig.prefetch_q=True")
+    if (blocks is None) != (reverse is None):
+        raise ValueError("flash_backward_dkv takes `reverse` exactly when it takes `blocks`")
+    table = blocks is not None
+    if table and config.num_stages % 2:
+        raise ValueError("the Mosaic GPU dK/dV kernel walks a table with an even number of "
+                         f"ring slots, got MosaicFlashConfig.num_stages={config.num_stages}")
     if k.shape[1] == 0 or q.shape[1] == 0:
         return jnp.zeros_like(k), jnp.zeros_like(v)
-    lay = launch(q, k, v, COMPUTE_WGS * ROWS)
+    if table:
+        check_table(blocks, launch(q, k, v, ROWS))
+        # Whole selection tiles (the reverse map's unit) exist as rows.
+        lay = launch(q, k, v, ROWS, q_unit=blocks.q_tile)
+    else:
+        lay = launch(q, k, v, COMPUTE_WGS * ROWS)
     dtype, stages = q.dtype, config.num_stages
-    n_kv = lay.N_p // (COMPUTE_WGS * ROWS)
     sms = 3 if interpret else multiprocessors()
-    n_qt = lay.T_p // lay.block_q
-    # Row tiles that can see one CTA's keys: all of them without a window, else about the
-    # window on either side of the keys' positions.
-    span = n_qt
-    if rule.window:
-        span = min(n_qt, (COMPUTE_WGS * ROWS * rule.key_stride + 2 * rule.window)
-                   // lay.block_q + 2)
-    splits = max(1, min(DKV_MAX_SPLITS, DKV_UNITS_PER_SM * sms // (lay.B * lay.H * n_kv),
-                        span // DKV_MIN_SHARE))
-    splits = 1 << (splits.bit_length() - 1)
-    n_cta = n_kv * splits
+    offsets = offsets.astype(jnp.int32)
+    if table:
+        n_kb = lay.N_p // ROWS
+        per = blocks.q_tile * lay.G_p // ROWS  # row tiles per table row; even
+        plan, heavy = _dkv_table_plan(reverse, n_kb, per)
+        splits, n_cta = 1, plan.shape[2]
+        slots = (n_cta, COMPUTE_WGS, ROWS)
+    else:
+        n_kv = lay.N_p // (COMPUTE_WGS * ROWS)
+        n_qt = lay.T_p // lay.block_q
+        # Row tiles that can see one CTA's keys: all of them without a window, else about the
+        # window on either side of the keys' positions.
+        span = n_qt
+        if rule.window:
+            span = min(n_qt, (COMPUTE_WGS * ROWS * rule.key_stride + 2 * rule.window)
+                       // lay.block_q + 2)
+        splits = max(1, min(DKV_MAX_SPLITS, DKV_UNITS_PER_SM * sms // (lay.B * lay.H * n_kv),
+                            span // DKV_MIN_SHARE))
+        splits = 1 << (splits.bit_length() - 1)
+        n_cta = n_kv * splits
+        plan = _dkv_plan(rule, lay, offsets, n_kv, splits)
+        slots = (splits, lay.N_p)
     num_ctas = min(n_cta * lay.H * lay.B, config.num_ctas or sms)
 
     smem_2d = lambda lead, rows, width: swizzled((*lead, rows, width), dtype)
 
-    def body(off_ref, plan_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref):
+    def body(off_ref, plan_ref, tab_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref,
+             dv_ref):
         ring_smem = (smem_2d((stages,), ROWS, lay.D_p), smem_2d((stages,), ROWS, lay.Dv_p),
                      plgpu.SMEM((stages, ROWS), jnp.float32),
                      plgpu.SMEM((stages, ROWS), jnp.float32))
         smem = (smem_2d((COMPUTE_WGS,), ROWS, lay.D_p), smem_2d((COMPUTE_WGS,), ROWS, lay.Dv_p),
                 plgpu.SMEM((COMPUTE_WGS, ROWS, CHANNELS), jnp.float32),
                 smem_2d((COMPUTE_WGS, 2), ROWS, ROWS) if interpret else None, ring_smem)
+        # With a table each ring slot has one owner (see `_dkv_kernel`).
+        owners = 1 if table else COMPUTE_WGS
         barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2,
                     (plgpu.Barrier(num_barriers=stages),) * 4,
-                    (plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),) * 4)
-        units = Units(lay, n_cta, False, num_ctas, plan_ref)
+                    (plgpu.Barrier(num_arrivals=owners, num_barriers=stages),) * 4)
+        step_map = None
+        if table:
+            # Step s of a unit: row tile s % per of the table row in its entry s // per.
+            step_map = lambda b, h, plan: lambda step: (
+                tab_ref[b, h, plan[3] + lax.div(step, jnp.int32(per))] * per
+                + lax.rem(step, jnp.int32(per)))
+        units = Units(lay, n_cta, table, num_ctas, plan_ref, step_map=step_map)
         pl.run_scoped(
             lambda smem, bars: _dkv_kernel(off_ref, units, (k_ref, v_ref),
                                            (q_ref, do_ref, lse_ref, dl_ref), dk_ref, dv_ref, smem,
                                            bars, rule=rule, scale=scale, lay=lay, splits=splits,
-                                           stages=stages),
+                                           stages=stages, table=table),
             smem, barriers, collective_axes="wg")
 
-    offsets = offsets.astype(jnp.int32)
     rows = backward_rows(lay, q, o, lse, do, dlse)
-    part = lambda width: jax.ShapeDtypeStruct((lay.B, lay.H, splits, lay.N_p, width),
-                                              jnp.float32)
+    part = lambda width: jax.ShapeDtypeStruct((lay.B, lay.H, *slots, width), jnp.float32)
+    if table:
+        entry, table_args = body, (reverse.tiles.astype(jnp.int32),)
+    else:
+        entry, table_args = (lambda off, plan, *refs: body(off, plan, None, *refs)), ()
     dk, dv = persistent_kernel(
-        body, out_type=(part(lay.D_p), part(lay.Dv_p)), num_ctas=num_ctas, interpret=interpret,
+        entry, out_type=(part(lay.D_p), part(lay.Dv_p)), num_ctas=num_ctas, interpret=interpret,
         name="nsa_mosaic_flash_bwd_dkv",
-    )(offsets, _dkv_plan(rule, lay, offsets, n_kv, splits), lay.heads_major(k, lay.D_p),
-      lay.heads_major(v, lay.Dv_p), *rows)
-    return (lay.seq_major(dk.sum(axis=2), lay.D).astype(k.dtype),
-            lay.seq_major(dv.sum(axis=2), lay.Dv).astype(v.dtype))
+    )(offsets, plan, *table_args, lay.heads_major(k, lay.D_p), lay.heads_major(v, lay.Dv_p),
+      *rows)
+    if table:
+        dk, dv = (_table_sums(x, heavy, n_kb) for x in (dk, dv))
+    else:
+        dk, dv = dk.sum(axis=2), dv.sum(axis=2)
+    return lay.seq_major(dk, lay.D).astype(k.dtype), lay.seq_major(dv, lay.Dv).astype(v.dtype)
+
+
+def _table_sums(parts, heavy, n_kb: int):
+    """[B, H, N_p, width] from the table walk's partial sums [B, H, units, 2, 64, width]: both
+    warpgroups' sums, and each heavy block's sum over its shares in place of its own unit's."""
+    B, H = parts.shape[:2]
+    parts = parts.sum(axis=3)
+    sums = parts[:, :, n_kb:].reshape(B, H, heavy.shape[-1], HEAVY_SPLITS, *parts.shape[3:])
+    at = (jnp.arange(B)[:, None, None], jnp.arange(H)[None, :, None], heavy)
+    out = parts[:, :, :n_kb].at[at].set(sums.sum(axis=3))
+    return out.reshape(B, H, n_kb * ROWS, parts.shape[-1])

@@ -122,14 +122,16 @@ def with_table(body, blocks: BlockTable | None):
     return body, (blocks.table.astype(jnp.int32),)
 
 
-def launch(q, k, v, block_k: int) -> Launch:
-    """The grouped layout of one call: 64 rows per warpgroup, CTAs of two warpgroups."""
+def launch(q, k, v, block_k: int, q_unit: int | None = None) -> Launch:
+    """The grouped layout of one call: 64 rows per warpgroup, CTAs of two warpgroups; T padded
+    to a multiple of ``q_unit`` queries (default: one CTA's)."""
     G_p = pow2(q.shape[2] // k.shape[2])
     if G_p > ROWS:
         raise ValueError(f"the Mosaic GPU kernels take at most {ROWS} query heads per KV head, "
                          f"got {q.shape[2] // k.shape[2]}")
     block_q = ROWS // G_p
-    lay = Launch.of(q, k, v, block_q=block_q, block_k=block_k, q_unit=COMPUTE_WGS * block_q)
+    lay = Launch.of(q, k, v, block_q=block_q, block_k=block_k,
+                    q_unit=q_unit or COMPUTE_WGS * block_q)
     return dataclasses.replace(lay, D_p=round_up(lay.D, CHANNELS),
                                Dv_p=round_up(lay.Dv, CHANNELS))
 
@@ -172,7 +174,7 @@ class Units:
     ``reverse`` (so that under a causal rule the tiles that walk most come first).
     ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds each unit's steps (`walk_plan`); in table
     mode step e is entry e of the head's table row ``tab_ref``, whose rows are ``q_tile``
-    queries."""
+    queries; ``step_map(b, h, plan)``, if given, maps the steps instead."""
 
     lay: Launch
     n_cta: int
@@ -181,6 +183,7 @@ class Units:
     plan_ref: object
     tab_ref: object = None
     q_tile: int = 0
+    step_map: object = None
 
     def loop(self, init_carry):
         """`pl.loop` over this CTA's units, carrying ``init_carry``."""
@@ -207,8 +210,10 @@ class Units:
         h, b = lax.div(hb, jnp.int32(lay.B)), lax.rem(hb, jnp.int32(lay.B))
         if self.reverse:
             c = self.n_cta - 1 - c
-        plan = self.plan_ref.at[b, 0 if self.tab_ref is None else h, c]
-        if self.tab_ref is None:
+        plan = self.plan_ref.at[b, h if self.plan_ref.shape[1] > 1 else 0, c]
+        if self.step_map is not None:
+            block_of = self.step_map(b, h, plan)
+        elif self.tab_ref is None:
             block_of = lambda step: step
         else:
             row = (c * COMPUTE_WGS * lay.block_q) // self.q_tile

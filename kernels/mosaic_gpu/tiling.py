@@ -2,9 +2,9 @@
 
 Its forward branches run the Mosaic GPU flash kernel (`MosaicFlashConfig` each), tiled block
 scoring the Mosaic GPU compressed-mass kernel (`MosaicScoringConfig`), and the compressed and
-window backward the Mosaic GPU dQ and dK/dV kernels; the selected branch's backward (its dQ can
-opt in: ``selected_dq``) and the calls those kernels do not serve run the Triton-lowered kernels,
-tiled by ``triton``.
+window backward the Mosaic GPU dQ and dK/dV kernels; the selected branch's backward (unless its
+Mosaic kernels are opted into: ``selected_dq``, ``selected_dkv``) and the calls those kernels do
+not serve run the Triton-lowered kernels, tiled by ``triton``.
 """
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ class MosaicTilings:
     window_dq: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
     compressed_dkv: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
     window_dkv: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
-    # The selected branch's dQ on the Mosaic GPU kernel (its table walk; dK/dV stays on Triton).
-    # Off until measured on a GPU.
+    # The selected branch's dQ and dK/dV on the Mosaic GPU kernels (their table walks; dK/dV
+    # takes block_k=64 and an even num_stages). Off until measured on a GPU.
     selected_dq: MosaicFlashConfig | None = None
+    selected_dkv: MosaicFlashConfig | None = None
     triton: TritonTilings = SM90
 
     def __post_init__(self):
         optional = ("selected", "compressed_dq", "window_dq", "compressed_dkv", "window_dkv",
-                    "selected_dq")
+                    "selected_dq", "selected_dkv")
         for name in ("compressed", "window", *optional):
             value = getattr(self, name)
             if not isinstance(value, MosaicFlashConfig) and not (name in optional
@@ -63,7 +64,7 @@ class MosaicTilings:
                 allowed = " or None" if name in optional else ""
                 raise TypeError(f"MosaicTilings.{name} must be a MosaicFlashConfig{allowed}, got "
                                 f"{type(value).__name__}")
-        for name in ("compressed_dkv", "window_dkv"):
+        for name in ("compressed_dkv", "window_dkv", "selected_dkv"):
             value = getattr(self, name)
             if value is not None and value.block_k != 64:
                 raise ValueError(f"MosaicTilings.{name}.block_k={value.block_k} must be 64 (the "
@@ -71,6 +72,10 @@ class MosaicTilings:
             if value is not None and value.prefetch_q:
                 raise ValueError(f"MosaicTilings.{name}.prefetch_q=True: the dK/dV kernel has no "
                                  "such option (its rows stream through its ring)")
+        if self.selected_dkv is not None and self.selected_dkv.num_stages % 2:
+            raise ValueError(f"MosaicTilings.selected_dkv.num_stages="
+                             f"{self.selected_dkv.num_stages} must be even (a table walk gives "
+                             "each ring slot one warpgroup)")
         if self.scoring is not None and not isinstance(self.scoring, MosaicScoringConfig):
             raise TypeError(f"MosaicTilings.scoring must be a MosaicScoringConfig or None, got "
                             f"{type(self.scoring).__name__}")

@@ -17,11 +17,11 @@ rows (`block_scores.serves`) and `MosaicTilings.scoring` is set.
 
 The compressed and window branches' backward runs the Mosaic GPU dQ and dK/dV kernels of
 `kernels/mosaic_gpu/flash_bwd.py` where the forward's conditions hold and
-`MosaicTilings.*_dq` / `*_dkv` are set (the default); the selected branch's dQ runs there when
-`MosaicTilings.selected_dq` is set (opt-in). Other calls and the rest of the backward run the
-Triton-lowered kernels of the "triton" backend. Every forward feeds the same `custom_vjp`
-(`ops.triton.flash`), whose backward needs only the inputs, o and lse, so results agree with
-"triton" up to float rounding whichever kernel ran.
+`MosaicTilings.*_dq` / `*_dkv` are set (the default); the selected branch's dQ and dK/dV run
+there when `MosaicTilings.selected_dq` / `selected_dkv` are set (opt-in). Other calls and the
+rest of the backward run the Triton-lowered kernels of the "triton" backend. Every forward feeds
+the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs, o and lse, so
+results agree with "triton" up to float rounding whichever kernel ran.
 """
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
     fits = lambda c: c if sel.block_size % c.block_k == 0 else dataclasses.replace(c, block_k=64)
     fwd = fits(t.selected) if serves and t.selected is not None else None
     dq = fits(t.selected_dq) if serves and t.selected_dq is not None else None
+    dkv = t.selected_dkv if serves else None
     return tri.selected_attention(q, k, v, sel, cfg, bounds, interpret, t.triton, fwd=fwd,
-                                  kv_len=kv_len, mosaic_bwd=None if dq is None else (dq, None))
+                                  kv_len=kv_len,
+                                  mosaic_bwd=None if dq is None and dkv is None else (dq, dkv))
 
 
 def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: MosaicTilings,

@@ -156,7 +156,7 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
     dq = dk = dv = None
     if isinstance(bwd, tuple):
         # (dQ config, dK/dV config, Triton tiling): the Mosaic GPU kernels where a config is
-        # given (dK/dV for range walks only), the Triton kernels for the rest.
+        # given, the Triton kernels for the rest.
         dq_config, dkv_config, bwd = bwd
         if dq_config is not None:
             table = None
@@ -166,8 +166,14 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
             dq = mosaic_flash_backward_dq(*args, rule=rule, scale=scale, config=dq_config,
                                           blocks=table, interpret=interpret)
         if dkv_config is not None:
+            table = rev = None
+            if sel is not None:
+                table = _table(sel, q_tile, block_k, dkv_config.block_k, k.shape[1])
+                rev = metadata.reverse_map(table, -(-k.shape[1] // dkv_config.block_k))
+                table = BlockTable(table.indices, table.counts, q_tile=q_tile)
+                rev = ReverseTable(rev.tiles, rev.offsets)
             dk, dv = mosaic_flash_backward_dkv(*args, rule=rule, scale=scale, config=dkv_config,
-                                               interpret=interpret)
+                                               blocks=table, reverse=rev, interpret=interpret)
         if dq is not None and dk is not None:
             return dq, dk, dv
     if by_block:
@@ -246,8 +252,9 @@ def selected_attention(q, k, v, sel: metadata.BlockSparseIndices, cfg: NSAConfig
                        kv_len=None, mosaic_bwd=None):
     """``sel``: normalised indices (`metadata.normalize`); ``bounds``: `segments.KeyBounds`; a
     ``fwd`` given runs query-major (never the block-major forward). ``kv_len`` (int32[B], causal
-    only): the causal rule hides each row's keys past it. ``mosaic_bwd``: (dQ, None) Mosaic GPU
-    configs for a query-major backward (tiles of whole Mosaic CTAs), as in `_backward`."""
+    only): the causal rule hides each row's keys past it. ``mosaic_bwd``: (dQ, dK/dV) Mosaic GPU
+    configs (or None) for a query-major backward (tiles of whole Mosaic CTAs), as in
+    `_backward`."""
     B, T, HQ, D = q.shape
     S, H = k.shape[1], k.shape[2]
     G = HQ // H
