@@ -90,13 +90,14 @@ def test_window_branch_where_warpgroups_see_different_blocks(causal, pingpong, p
            ("q", "k", "v"))
 
 
-@pytest.mark.parametrize("select_block,block_k,prefetch_q,heavy", [
-    (64, 64, False, 1), (128, 64, True, 8), (64, 128, False, 0)])
-def test_selected_branch_walks_the_table(monkeypatch, select_block, block_k, prefetch_q, heavy):
-    """Blocks of 128 keys walk as two tiles of 64; a 128-key tiling of 64-key blocks runs at 64.
-    The forward, dQ and dK/dV (``selected_dq``, ``selected_dkv``) walk the table on Mosaic
-    GPU; dK/dV with ``heavy`` of the 4 KV blocks of 64 keys cut into shares (all, some or
-    none)."""
+@pytest.mark.parametrize("select_block,block_k,dq_block_k,prefetch_q,heavy", [
+    (64, 64, 64, False, 1), (128, 128, 64, True, 8), (64, 128, 128, False, 0)])
+def test_selected_branch_walks_the_table(monkeypatch, select_block, block_k, dq_block_k,
+                                         prefetch_q, heavy):
+    """The forward, dQ and dK/dV (``selected_dq``, ``selected_dkv``) walk the table on Mosaic
+    GPU: blocks of 128 keys whole or as two tiles of 64 (the forward's table reblocked for dQ);
+    a 128-key tiling of 64-key blocks runs at 64; dK/dV with ``heavy`` of the 4 KV blocks of 64
+    keys cut into shares (all, some or none)."""
     from nsa_jax.kernels.mosaic_gpu import flash_bwd
     monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", heavy)
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
@@ -115,7 +116,8 @@ def test_selected_branch_walks_the_table(monkeypatch, select_block, block_k, pre
                                      block_size=select_block)
     tilings = nsa_jax.MosaicTilings(selected=MosaicFlashConfig(block_k=block_k,
                                                                prefetch_q=prefetch_q),
-                                    selected_dq=MosaicFlashConfig(block_k=block_k),
+                                    selected_dq=MosaicFlashConfig(block_k=dq_block_k,
+                                                                  prefetch_q=prefetch_q),
                                     selected_dkv=MosaicFlashConfig())
     fn = jax.jit(lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg,
                                                             tilings=tilings, **MOSAIC))
@@ -237,8 +239,8 @@ def test_backward_kernels_have_no_shared_memory_races(monkeypatch):
                        interpret=plgpu.InterpretGPUParams(detect_races=True))
         jax.block_until_ready(grads)
         assert not interpret_pallas_call.get_races().races_found, (kernel.__name__, prefetch_q)
-    # dK/dV walking a table: both warpgroups on one block, ring slots owned in turn, the most
-    # listed block in shares.
+    # Walking a table: dK/dV with both warpgroups on one block, ring slots owned in turn and the
+    # most listed block in shares; dQ with its rows a unit ahead.
     monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", 1)
     sel = nsa_jax.BlockSparseIndices(jnp.array([[[[0, 2], [1, -1], [0, 1]]] * 2], jnp.int32),
                                      jnp.array([[[2, 1, 2]] * 2], jnp.int32), q_tile=64,
@@ -254,6 +256,11 @@ def test_backward_kernels_have_no_shared_memory_races(monkeypatch):
                                interpret=plgpu.InterpretGPUParams(detect_races=True))
     jax.block_until_ready(grads)
     assert not interpret_pallas_call.get_races().races_found, "dkv table"
+    dq = flash_backward_dq(q, k, v, o, lse, o, None, offsets, rule=rule, scale=0.125,
+                           config=MosaicFlashConfig(prefetch_q=True), blocks=blocks,
+                           interpret=plgpu.InterpretGPUParams(detect_races=True))
+    jax.block_until_ready(dq)
+    assert not interpret_pallas_call.get_races().races_found, "dq table"
 
 
 def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
@@ -453,15 +460,32 @@ def test_kernels_lower_for_an_h200():
         q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
         config=MosaicFlashConfig(), blocks=BlockTable(ids, counts, q_tile=64),
         reverse=ReverseTable(tiles, starts)), (q, k, lse, offsets, *table_args))
-    calls["dq-table"] = (lambda q, k, lse, off, ids, counts: flash_backward_dq(
+    calls["dq-table-prefetch"] = (lambda q, k, lse, off, ids, counts: flash_backward_dq(
         q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
-        config=MosaicFlashConfig(), blocks=BlockTable(ids, counts, q_tile=64)),
+        config=MosaicFlashConfig(prefetch_q=True), blocks=BlockTable(ids, counts, q_tile=64)),
         (q, k, lse, offsets, *table_args[:2]))
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         for name, (fn, args) in calls.items():
             text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             assert "mosaic_gpu" in text, name
+
+
+def test_configs_over_shared_memory_are_refused():
+    """A tiling whose buffers exceed a multiprocessor's shared memory at these widths is refused
+    before lowering, naming the config."""
+    from nsa_jax.kernels.common import MaskRule
+    from nsa_jax.kernels.mosaic_gpu.flash_bwd import flash_backward_dq
+    from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
+    q, k, v = _inputs(128, 2, 1, 128, 128, 14)
+    args = (q, k, v, jnp.zeros((1,), jnp.int32))
+    kw = dict(rule=MaskRule(num_keys=128), scale=0.1, interpret=True)
+    with pytest.raises(ValueError, match=r"MosaicFlashConfig\(block_k=128, num_stages=4.* needs "
+                                         r"\d+ bytes of shared memory at D=128, Dv=128"):
+        flash_forward(*args, config=MosaicFlashConfig(block_k=128, num_stages=4), **kw)
+    with pytest.raises(ValueError, match="prefetch_q=True.* needs"):
+        flash_backward_dq(q, k, v, q, jnp.zeros((1, 128, 2)), q, None, args[3],
+                          config=MosaicFlashConfig(block_k=128, prefetch_q=True), **kw)
 
 
 def test_dkv_kernel_refuses_other_blocks():

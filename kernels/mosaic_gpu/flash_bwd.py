@@ -26,9 +26,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from nsa_jax.kernels.common import (LOG2E, BlockTable, Launch, MaskRule, ReverseTable,
                                     query_range, share_of)
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
-                                                  Ring, RowBuffers, Units, check_table, launch,
-                                                  multiprocessors, persistent_kernel, swizzled,
-                                                  visible, walk_plan, with_table)
+                                                  Ring, RowBuffers, Units, check_smem,
+                                                  check_table, launch, multiprocessors,
+                                                  persistent_kernel, swizzled, visible,
+                                                  walk_plan, with_table)
 from nsa_jax.kernels.triton.flash_bwd import HEAVY_BLOCKS, HEAVY_SPLITS, backward_rows
 
 
@@ -177,12 +178,15 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
     smem_2d = lambda lead, rows, width: swizzled((lead, rows, width), dtype)
     sets = COMPUTE_WGS * (2 if config.prefetch_q else 1)  # row buffers: `RowBuffers`
 
+    smem = (smem_2d(sets, ROWS, lay.D_p), smem_2d(sets, ROWS, lay.Dv_p),
+            plgpu.SMEM((sets, ROWS), jnp.float32), plgpu.SMEM((sets, ROWS), jnp.float32),
+            smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
+            smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None,
+            smem_2d(COMPUTE_WGS, ROWS, lay.D_p) if config.prefetch_q else None)
+    # ds_smem (the interpreter's staging of dS) is not on the GPU.
+    check_smem(smem[:6] + smem[7:], config, lay.D_p, lay.Dv_p)
+
     def body(off_ref, plan_ref, tab_ref, q_ref, do_ref, lse_ref, dl_ref, k_ref, v_ref, dq_ref):
-        smem = (smem_2d(sets, ROWS, lay.D_p), smem_2d(sets, ROWS, lay.Dv_p),
-                plgpu.SMEM((sets, ROWS), jnp.float32), plgpu.SMEM((sets, ROWS), jnp.float32),
-                smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
-                smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None,
-                smem_2d(COMPUTE_WGS, ROWS, lay.D_p) if config.prefetch_q else None)
         ring_bars = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
@@ -477,14 +481,16 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
 
     smem_2d = lambda lead, rows, width: swizzled((*lead, rows, width), dtype)
 
+    ring_smem = (smem_2d((stages,), ROWS, lay.D_p), smem_2d((stages,), ROWS, lay.Dv_p),
+                 plgpu.SMEM((stages, ROWS), jnp.float32), plgpu.SMEM((stages, ROWS), jnp.float32))
+    smem = (smem_2d((COMPUTE_WGS,), ROWS, lay.D_p), smem_2d((COMPUTE_WGS,), ROWS, lay.Dv_p),
+            plgpu.SMEM((COMPUTE_WGS, ROWS, CHANNELS), jnp.float32), None, ring_smem)
+    check_smem(smem, config, lay.D_p, lay.Dv_p)
+    if interpret:  # the interpreter's wgmma takes P and dS from shared memory
+        smem = (*smem[:3], smem_2d((COMPUTE_WGS, 2), ROWS, ROWS), ring_smem)
+
     def body(off_ref, plan_ref, tab_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, dl_ref, dk_ref,
              dv_ref):
-        ring_smem = (smem_2d((stages,), ROWS, lay.D_p), smem_2d((stages,), ROWS, lay.Dv_p),
-                     plgpu.SMEM((stages, ROWS), jnp.float32),
-                     plgpu.SMEM((stages, ROWS), jnp.float32))
-        smem = (smem_2d((COMPUTE_WGS,), ROWS, lay.D_p), smem_2d((COMPUTE_WGS,), ROWS, lay.Dv_p),
-                plgpu.SMEM((COMPUTE_WGS, ROWS, CHANNELS), jnp.float32),
-                smem_2d((COMPUTE_WGS, 2), ROWS, ROWS) if interpret else None, ring_smem)
         # With a table each ring slot has one owner (see `_dkv_kernel`).
         owners = 1 if table else COMPUTE_WGS
         barriers = ((plgpu.Barrier(num_barriers=COMPUTE_WGS),) * 2,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,21 @@ def swizzled(shape: tuple[int, ...], dtype) -> plgpu.SMEM:
     transforms = (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
                   plgpu.SwizzleTransform(128))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+# Shared memory one CTA may use on sm90 (H100, H200).
+SMEM_BYTES = 232448
+
+
+def check_smem(buffers, config, D: int, Dv: int):
+    """ValueError when ``buffers`` (a tree of `plgpu.SMEM`) cannot fit one CTA's shared memory,
+    instead of the compiler's error at lowering. The compiler adds up to a few KiB (barriers,
+    alignment), so a tiling just under the limit may still fail there."""
+    need = sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in jax.tree.leaves(buffers))
+    if need > SMEM_BYTES:
+        raise ValueError(f"{config} needs {need} bytes of shared memory at D={D}, Dv={Dv}, over "
+                         f"the {SMEM_BYTES} of an sm90 multiprocessor; use fewer num_stages, "
+                         "block_k=64 or prefetch_q=False")
 
 
 def persistent_kernel(body, *, out_type, num_ctas: int, interpret, name: str):
@@ -518,12 +534,15 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     shared_qo = lay.D_p == lay.Dv_p and not config.prefetch_q
     q_buffers = COMPUTE_WGS * (2 if config.prefetch_q else 1)
 
+    smem = (smem_2d(q_buffers, ROWS, lay.D_p),
+            None if shared_qo else smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
+            smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
+            plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32))
+    check_smem(smem, config, lay.D_p, lay.Dv_p)
+    # The interpreter's wgmma takes P from shared memory.
+    smem = (*smem, smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
+
     def body(off_ref, plan_ref, tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-        smem = (smem_2d(q_buffers, ROWS, lay.D_p),
-                None if shared_qo else smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
-                smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
-                plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32),
-                smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
         barriers = (plgpu.Barrier(num_barriers=q_buffers),
                     plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),

@@ -177,6 +177,9 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
         if dq is not None and dk is not None:
             return dq, dk, dv
     if by_block:
+        if dq is not None or dk is not None:
+            raise NotImplementedError("the block-major selected backward has no Mosaic GPU "
+                                      "kernels; give it a Triton tiling")
         # The forward's block ids are the backward's: one kernel reads both.
         bwd = dataclasses.replace(bwd, block_k=block_k)
         return selected_by_block_backward(*args, *sel, rule=rule, scale=scale, config=bwd,
