@@ -97,9 +97,10 @@ def test_selected_branch_walks_the_table(monkeypatch, select_block, block_k, dq_
     """The forward, dQ and dK/dV (``selected_dq``, ``selected_dkv``) walk the table on Mosaic
     GPU: blocks of 128 keys whole or as two tiles of 64 (the forward's table reblocked for dQ);
     a 128-key tiling of 64-key blocks runs at 64; dK/dV with ``heavy`` of the 4 KV blocks of 64
-    keys cut into shares (all, some or none)."""
+    keys cut into 3 shares (all, some or none)."""
     from nsa_jax.kernels.mosaic_gpu import flash_bwd
     monkeypatch.setattr(flash_bwd, "HEAVY_BLOCKS", heavy)
+    monkeypatch.setattr(flash_bwd, "HEAVY_SPLITS", 3)  # shares of several table rows
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=select_block,
                             num_selected=3, select_q_tile=64)
     q, k, v = _inputs(200, 8, 2, 16, 16, 3)

@@ -414,6 +414,7 @@ def _dkv_table_plan(reverse: ReverseTable, n_kb: int, per: int):
     block = jnp.concatenate([jnp.broadcast_to(jnp.arange(n_kb, dtype=jnp.int32), (B, H, n_kb)),
                              jnp.repeat(heavy, HEAVY_SPLITS, axis=-1)], axis=-1)
     e_lo = jnp.concatenate([first, s_lo.reshape(B, H, -1)], axis=-1)
+    # A heavy block's own unit walks nothing: `_table_sums` replaces its sums by its shares'.
     e_hi = jnp.concatenate([jnp.where(is_heavy, first, last), s_hi.reshape(B, H, -1)], axis=-1)
     z = jnp.zeros_like(block)
     plan = jnp.stack([z, (e_hi - e_lo) * per, block, e_lo, z, z, z, z, z, z], axis=-1)
@@ -449,7 +450,8 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
         return jnp.zeros_like(k), jnp.zeros_like(v)
     if table:
         check_table(blocks, launch(q, k, v, ROWS))
-        # Whole selection tiles (the reverse map's unit) exist as rows.
+        # Whole selection tiles (the reverse map's unit) exist as rows. (Rows past the array
+        # would read as zeros and add nothing, but are not left to TMA's bounds.)
         lay = launch(q, k, v, ROWS, q_unit=blocks.q_tile)
     else:
         lay = launch(q, k, v, COMPUTE_WGS * ROWS)
@@ -458,6 +460,10 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
     offsets = offsets.astype(jnp.int32)
     if table:
         n_kb = lay.N_p // ROWS
+        if reverse.offsets.shape[-1] != n_kb + 1:
+            raise ValueError(f"reverse.offsets has {reverse.offsets.shape[-1]} entries per head; "
+                             f"a reverse map of {ROWS}-key blocks of {k.shape[1]} keys has "
+                             f"{n_kb + 1}")
         per = blocks.q_tile * lay.G_p // ROWS  # row tiles per table row; even
         plan, heavy = _dkv_table_plan(reverse, n_kb, per)
         splits, n_cta = 1, plan.shape[2]
@@ -502,6 +508,7 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
             step_map = lambda b, h, plan: lambda step: (
                 tab_ref[b, h, plan[3] + lax.div(step, jnp.int32(per))] * per
                 + lax.rem(step, jnp.int32(per)))
+        # With a table the heavy blocks' shares (the last units) go first.
         units = Units(lay, n_cta, table, num_ctas, plan_ref, step_map=step_map)
         pl.run_scoped(
             lambda smem, bars: _dkv_kernel(off_ref, units, (k_ref, v_ref),
