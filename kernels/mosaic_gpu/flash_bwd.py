@@ -319,14 +319,14 @@ def _dkv_kernel(off_ref, units: Units, kv_in, rows_in, dk_ref, dv_ref, smem, bar
 
             zeros = lambda width: plgpu.layout_cast(jnp.zeros((ROWS, width), jnp.float32),
                                                     plgpu.Layout.WGMMA)
-            carry = (zeros(lay.D_p), zeros(lay.Dv_p))
+            fresh = lambda: (zeros(lay.D_p), zeros(lay.Dv_p))
             if table:
                 # Units have an even number of steps, so a warpgroup's steps keep their parity.
                 dk, dv = lax.fori_loop(0, lax.div(u_hi - u_lo, 2), lambda i, carry: visit(
-                    u_lo + 2 * i + wg, carry, masked=True), carry)
+                    u_lo + 2 * i + wg, carry, masked=True), fresh())
             else:
                 lax.fori_loop(u_lo, lo, skip, None)
-                carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), carry)
+                carry = lax.fori_loop(lo, flo, functools.partial(visit, masked=True), fresh())
                 carry = lax.fori_loop(flo, fhi, functools.partial(visit, masked=False), carry)
                 dk, dv = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
                 lax.fori_loop(hi, u_hi, skip, None)
