@@ -28,8 +28,8 @@ from nsa_jax.kernels.common import (LOG2E, BlockTable, Launch, MaskRule, Reverse
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import (CHANNELS, COMPUTE_WGS, ROWS, MosaicFlashConfig,
                                                   Ring, RowBuffers, Units, check_smem,
                                                   check_table, launch, multiprocessors,
-                                                  persistent_kernel, swizzled, visible,
-                                                  walk_plan, with_table)
+                                                  persistent_kernel, swizzled, table_steps,
+                                                  visible, walk_plan, with_table)
 from nsa_jax.kernels.triton.flash_bwd import HEAVY_BLOCKS, HEAVY_SPLITS, backward_rows
 
 
@@ -192,8 +192,8 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
                      plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages))
         barriers = ((plgpu.Barrier(num_barriers=sets),) * 4, *ring_bars,
                     plgpu.Barrier(num_barriers=sets) if config.prefetch_q else None)
-        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref, tab_ref,
-                      0 if blocks is None else blocks.q_tile)
+        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref,
+                      table_steps(tab_ref, blocks, lay))
         pl.run_scoped(
             lambda smem, bars: _dq_kernel(off_ref, units, (q_ref, do_ref, lse_ref, dl_ref), k_ref,
                                           v_ref, dq_ref, smem, bars, rule=rule, scale=scale,
@@ -505,7 +505,7 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
         step_map = None
         if table:
             # Step s of a unit: row tile s % per of the table row in its entry s // per.
-            step_map = lambda b, h, plan: lambda step: (
+            step_map = lambda b, h, c, plan: lambda step: (
                 tab_ref[b, h, plan[3] + lax.div(step, jnp.int32(per))] * per
                 + lax.rem(step, jnp.int32(per)))
         # With a table the heavy blocks' shares (the last units) go first.

@@ -188,17 +188,14 @@ class Units:
     """The work units of a persistent launch: unit (b, h, c) is CTA tile c of KV head h of row b,
     and a CTA takes units ``num_ctas`` apart, in order of c, or from the last c when
     ``reverse`` (so that under a causal rule the tiles that walk most come first).
-    ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds each unit's steps (`walk_plan`); in table
-    mode step e is entry e of the head's table row ``tab_ref``, whose rows are ``q_tile``
-    queries; ``step_map(b, h, plan)``, if given, maps the steps instead."""
+    ``plan_ref`` int32 [B, 1 or H, n_cta, 10] holds each unit's steps (`walk_plan`); step e
+    is KV block e, or what ``step_map(b, h, c, plan)`` maps it to (`table_steps`)."""
 
     lay: Launch
     n_cta: int
     reverse: bool
     num_ctas: int
     plan_ref: object
-    tab_ref: object = None
-    q_tile: int = 0
     step_map: object = None
 
     def loop(self, init_carry):
@@ -227,14 +224,24 @@ class Units:
         if self.reverse:
             c = self.n_cta - 1 - c
         plan = self.plan_ref.at[b, h if self.plan_ref.shape[1] > 1 else 0, c]
-        if self.step_map is not None:
-            block_of = self.step_map(b, h, plan)
-        elif self.tab_ref is None:
+        if self.step_map is None:
             block_of = lambda step: step
         else:
-            row = (c * COMPUTE_WGS * lay.block_q) // self.q_tile
-            block_of = lambda step: self.tab_ref[b, h, row, step]
+            block_of = self.step_map(b, h, c, plan)
         return b, h, c, plan, block_of
+
+
+def table_steps(tab_ref, blocks: BlockTable | None, lay: Launch):
+    """`Units.step_map` of a table walk: step e of CTA tile c is entry e of the table row
+    holding the tile's queries; None without a table."""
+    if blocks is None:
+        return None
+
+    def step_map(b, h, c, plan):
+        row = (c * COMPUTE_WGS * lay.block_q) // blocks.q_tile
+        return lambda step: tab_ref[b, h, row, step]
+
+    return step_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,7 +456,7 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
             lax.fori_loop(hi, u_hi, skip, None)
             pl.when(wg == 0)(rendezvous)
-            if cfg.prefetch_q:
+            if prefetched is not None:
                 plgpu.barrier_arrive(q_free.at[qi])
                 # The previous unit's stores must have read the output buffers.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -464,12 +471,12 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, pl.ds(row0, ROWS)])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
-            if not cfg.prefetch_q:
+            if prefetched is None:
                 # The next unit overwrites these buffers.
                 plgpu.wait_smem_to_gmem(0)
             return done + u_hi - u_lo
 
-        if cfg.prefetch_q:
+        if prefetched is not None:
             plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -550,8 +557,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
                     plgpu.Barrier(num_arrivals=COMPUTE_WGS),
                     plgpu.Barrier(num_barriers=q_buffers) if config.prefetch_q else None)
 
-        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref, tab_ref,
-                      0 if blocks is None else blocks.q_tile)
+        units = Units(lay, n_cta, rule.causal, num_ctas, plan_ref,
+                      table_steps(tab_ref, blocks, lay))
 
         def run(smem, bars):
             q_smem, o_smem, *rest = smem

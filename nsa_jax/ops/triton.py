@@ -159,19 +159,12 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
         # given, the Triton kernels for the rest.
         dq_config, dkv_config, bwd = bwd
         if dq_config is not None:
-            table = None
-            if sel is not None:
-                table = _table(sel, q_tile, block_k, dq_config.block_k, k.shape[1])
-                table = BlockTable(table.indices, table.counts, q_tile=q_tile)
+            table, _ = _tables(sel, q_tile, block_k, dq_config.block_k, k.shape[1])
             dq = mosaic_flash_backward_dq(*args, rule=rule, scale=scale, config=dq_config,
                                           blocks=table, interpret=interpret)
         if dkv_config is not None:
-            table = rev = None
-            if sel is not None:
-                table = _table(sel, q_tile, block_k, dkv_config.block_k, k.shape[1])
-                rev = metadata.reverse_map(table, -(-k.shape[1] // dkv_config.block_k))
-                table = BlockTable(table.indices, table.counts, q_tile=q_tile)
-                rev = ReverseTable(rev.tiles, rev.offsets)
+            table, rev = _tables(sel, q_tile, block_k, dkv_config.block_k, k.shape[1],
+                                 reverse=True)
             dk, dv = mosaic_flash_backward_dkv(*args, rule=rule, scale=scale, config=dkv_config,
                                                blocks=table, reverse=rev, interpret=interpret)
         if dq is not None and dk is not None:
@@ -184,23 +177,26 @@ def _backward(q, k, v, o, lse, do, dlse, offsets, sel, bounds, rule, scale, bloc
         bwd = dataclasses.replace(bwd, block_k=block_k)
         return selected_by_block_backward(*args, *sel, rule=rule, scale=scale, config=bwd,
                                           bounds=bounds, interpret=interpret)
-    blocks = reverse = None
-    if sel is not None:
-        n_kb = -(-k.shape[1] // bwd.block_k)
-        table = _table(sel, q_tile, block_k, bwd.block_k, k.shape[1])
-        rev = metadata.reverse_map(table, n_kb)
-        blocks = BlockTable(table.indices, table.counts, q_tile=q_tile)
-        reverse = ReverseTable(rev.tiles, rev.offsets)
+    blocks, reverse = _tables(sel, q_tile, block_k, bwd.block_k, k.shape[1], reverse=True)
     tq, tk, tv = flash_backward(*args, rule=rule, scale=scale, config=bwd, blocks=blocks,
                                 reverse=reverse, bounds=bounds, interpret=interpret,
                                 with_dq=dq is None, with_dkv=dk is None)
     return (tq if dq is None else dq), *((tk, tv) if dk is None else (dk, dv))
 
 
-def _table(sel, q_tile: int, block_k: int, new_block_k: int, S: int) -> metadata.BlockSparseIndices:
-    """The forward's table ``sel`` (blocks of ``block_k`` keys) in blocks of ``new_block_k``."""
-    return metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile, block_size=block_k),
-                            new_block_k, -(-S // new_block_k))
+def _tables(sel, q_tile: int, block_k: int, new_block_k: int, S: int, reverse: bool = False):
+    """The forward's table ``sel`` (blocks of ``block_k`` keys) as a kernel's `BlockTable` in
+    blocks of ``new_block_k``, and (``reverse``) its `ReverseTable`; (None, None) without one."""
+    if sel is None:
+        return None, None
+    n_kb = -(-S // new_block_k)
+    table = metadata.reblock(metadata.BlockSparseIndices(*sel, q_tile=q_tile, block_size=block_k),
+                             new_block_k, n_kb)
+    rev = None
+    if reverse:
+        rev = metadata.reverse_map(table, n_kb)
+        rev = ReverseTable(rev.tiles, rev.offsets)
+    return BlockTable(table.indices, table.counts, q_tile=q_tile), rev
 
 
 def _no_second_order(*args):
