@@ -1,9 +1,9 @@
 """The branches' backward on one GPU: for the compressed and window branches Triton's kernels
 against the Mosaic GPU dQ and dK/dV kernels (each alone and both), for the selected branch
-(select_q_tile=64) Triton's against the opt-in Mosaic dQ and dK/dV (`MosaicTilings.selected_dq`,
-`selected_dkv`); the
-gradients of each variant against Triton's, and the whole layer's forward+backward with the
-Triton and the Mosaic backward, beside cuDNN.
+(select_q_tile=64) Triton's against the Mosaic dQ and dK/dV table walks
+(`MosaicTilings.selected_dq`, `selected_dkv`); the gradients of each variant against Triton's,
+and the whole layer's forward+backward with the Triton backward, the default and the default
+with the selected branch's Mosaic dK/dV, beside cuDNN.
 Writes mosaic_backward.json under $OUT (default: here).
 
 Usage on a Hopper GPU: python3 benchmarks/mosaic_backward.py [--layer-only] 65536 131072
@@ -27,21 +27,27 @@ from nsa_jax.tools.bench import ms_or_error
 DQ = MosaicFlashConfig(block_k=64, num_stages=2)
 DKV = MosaicFlashConfig(block_k=64, num_stages=2)
 DQ_PREFETCH = MosaicFlashConfig(block_k=64, num_stages=2, prefetch_q=True)
+# Every backward kernel named, so that no variant depends on the defaults of MosaicTilings.
+TRITON = MosaicTilings(compressed_dq=None, window_dq=None, compressed_dkv=None, window_dkv=None,
+                       selected_dq=None, selected_dkv=None)
 VARIANTS = {
-    "triton": MosaicTilings(compressed_dq=None, window_dq=None, compressed_dkv=None,
-                            window_dkv=None),
-    "mosaic_dq": MosaicTilings(compressed_dq=DQ, window_dq=DQ),
-    "mosaic_dkv": MosaicTilings(compressed_dkv=DKV, window_dkv=DKV),
-    "mosaic_both": MosaicTilings(),
-    "mosaic_both_dq_prefetch": MosaicTilings(compressed_dq=DQ_PREFETCH, window_dq=DQ_PREFETCH),
+    "triton": TRITON,
+    "mosaic_dq": dataclasses.replace(TRITON, compressed_dq=DQ, window_dq=DQ),
+    "mosaic_dkv": dataclasses.replace(TRITON, compressed_dkv=DKV, window_dkv=DKV),
+    "mosaic_both": dataclasses.replace(TRITON, compressed_dq=DQ, window_dq=DQ,
+                                       compressed_dkv=DKV, window_dkv=DKV),
+    "mosaic_both_dq_prefetch": dataclasses.replace(
+        TRITON, compressed_dq=DQ_PREFETCH, window_dq=DQ_PREFETCH, compressed_dkv=DKV,
+        window_dkv=DKV),
 }
 SELECTED_VARIANTS = {
-    "triton": MosaicTilings(),
-    "mosaic_dq": MosaicTilings(selected_dq=DQ),
-    "mosaic_dq_3stages": MosaicTilings(selected_dq=MosaicFlashConfig(block_k=64, num_stages=3)),
-    "mosaic_dq_prefetch": MosaicTilings(selected_dq=DQ_PREFETCH),
-    "mosaic_dkv": MosaicTilings(selected_dkv=DKV),
-    "mosaic_both": MosaicTilings(selected_dq=DQ, selected_dkv=DKV),
+    "triton": TRITON,
+    "mosaic_dq": dataclasses.replace(TRITON, selected_dq=DQ),
+    "mosaic_dq_3stages": dataclasses.replace(
+        TRITON, selected_dq=MosaicFlashConfig(block_k=64, num_stages=3)),
+    "mosaic_dq_prefetch": dataclasses.replace(TRITON, selected_dq=DQ_PREFETCH),
+    "mosaic_dkv": dataclasses.replace(TRITON, selected_dkv=DKV),
+    "mosaic_both": dataclasses.replace(TRITON, selected_dq=DQ, selected_dkv=DKV),
 }
 
 
@@ -95,8 +101,8 @@ def measure(shape: bench.Shape, T: int, layer_only: bool = False) -> dict:
             row(f"{branch}_bwd_{variant}_check", dict(
                 max_rel_err_vs_triton=_max_rel_err(grads, want),
                 any_nan=any(bool(jnp.isnan(x).any()) for x in grads)))
-    layer_variants = dict(triton=VARIANTS["triton"], mosaic_both=VARIANTS["mosaic_both"],
-                          mosaic_with_selected=SELECTED_VARIANTS["mosaic_both"])
+    layer_variants = dict(triton=TRITON, mosaic_default=MosaicTilings(),
+                          mosaic_selected_dkv=MosaicTilings(selected_dkv=DKV))
     for variant, tilings in layer_variants.items():
         layer = lambda q, k, v, g, t=tilings: api.nsa_attention(q, k, v, g, config=cfg,
                                                                 implementation="mosaic",

@@ -130,9 +130,10 @@ def test_selected_branch_walks_the_table(monkeypatch, select_block, block_k, dq_
            ("q", "k", "v"))
 
 
-def test_selected_branch_defaults_to_the_triton_forward_and_takes_triton_tilings():
-    """By default (measured faster) the selected branch runs the Triton forward; a
-    `TritonTilings` given to "mosaic" tiles the Triton kernels it runs."""
+def test_selected_branch_defaults_and_takes_triton_tilings():
+    """By default (measured faster) the selected branch runs the Mosaic forward and dQ and the
+    Triton dK/dV; ``selected=None`` gives it the Triton forward; a `TritonTilings` given to
+    "mosaic" tiles the Triton kernels it runs."""
     from nsa_jax import ops
     cfg = nsa_jax.NSAConfig(compress_block=32, compress_stride=16, select_block=64,
                             num_selected=2, num_local=1, select_q_tile=64)
@@ -140,6 +141,13 @@ def test_selected_branch_defaults_to_the_triton_forward_and_takes_triton_tilings
     sel = nsa_jax.BlockSparseIndices(jnp.zeros((1, 2, 1, 2), jnp.int32).at[..., 1].set(-1),
                                      jnp.ones((1, 2, 1), jnp.int32), q_tile=64, block_size=64)
     fn = lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, **MOSAIC)
+    assert _kernels(fn, q, k, v) == {"nsa_mosaic_flash_fwd"}
+    names = _gradient_kernels(fn, q, k, v)
+    assert {"nsa_mosaic_flash_bwd_dq", "nsa_flash_bwd_dkv"} <= names
+    assert not {"nsa_flash_bwd_dq", "nsa_mosaic_flash_bwd_dkv"} & names
+    off = dataclasses.replace(nsa_jax.MosaicTilings(), selected=None)
+    fn = lambda q, k, v: nsa_jax.selected_attention(q, k, v, sel, config=cfg, tilings=off,
+                                                    **MOSAIC)
     assert _kernels(fn, q, k, v) == {"nsa_flash_fwd"}
     triton = nsa_jax.TritonTilings(window=nsa_jax.Tiling(rows=32))
     assert ops.get("mosaic").tilings_from(triton) == nsa_jax.MosaicTilings(triton=triton)

@@ -2,8 +2,8 @@
 
 Its forward branches run the Mosaic GPU flash kernel (`MosaicFlashConfig` each), tiled block
 scoring the Mosaic GPU compressed-mass kernel (`MosaicScoringConfig`), and the compressed and
-window backward the Mosaic GPU dQ and dK/dV kernels; the selected branch's backward (unless its
-Mosaic kernels are opted into: ``selected_dq``, ``selected_dkv``) and the calls those kernels do
+window backward the Mosaic GPU dQ and dK/dV kernels, the selected branch's dQ the Mosaic GPU
+table walk (its dK/dV there is opt-in: ``selected_dkv``); the rest and the calls those kernels do
 not serve run the Triton-lowered kernels, tiled by ``triton``.
 """
 
@@ -28,16 +28,22 @@ class MosaicTilings:
     # selected (tiles of 64 queries) 7.49 at 64/3, 7.60 at 64/2, 7.52 at 64/4; window 4.78 at
     # 64/3, 4.80 at 64/2, 5.04 at 128/2. Then, at these block sizes, with / without ping-pong:
     # compressed 9.35 / 9.74, selected 7.16 / 7.19, window 4.80 / 4.51.
-    # The selected branch stays on the Triton forward by default: 6.98 ms there against 7.16 at
-    # its best here (and behind at every length of the 8k-128k table).
+    # Without Q prefetch the selected branch's forward was behind Triton's (6.98 ms there against
+    # 7.16 at its best here, and behind at every length of the 8k-128k table).
     # Scoring (the compressed-mass kernel alone, select_q_tile=64), 64k / 128k, HQ64/H4 (ms):
     # rows=256 4 stages 5.12 / 18.2, 2 stages 5.52 / 19.4; rows=128 6.20 / 22.6 (4 stages) and
     # 6.63 / 23.8 (2); 6 stages at 256 rows exceed shared memory. Ping-pong meetings between
     # the compute warpgroups (as in the flash kernel) made 256/4 slower: 5.39 / 19.3. Triton's
     # kernel: 8.19 / 29.2. HQ32/H8 ranks the same.
     compressed: MosaicFlashConfig = MosaicFlashConfig(block_k=128, num_stages=2)
-    selected: MosaicFlashConfig | None = None
-    window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=3, pingpong=False)
+    # With `prefetch_q` (H200, 2026-12-03, 64k, ms, HQ64/H4 and HQ32/H8): selected at 64/2 with
+    # ping-pong 6.66 / 3.84 against Triton's 6.88 / 4.10 (7.09 / 3.98 without prefetch, 6.72 /
+    # 3.86 at 3 stages); window at 64/2 4.29 / 2.53 against 4.49 / 2.81 at the earlier 64/3
+    # without prefetch (64/3 with it: 4.48 / 2.47; with ping-pong too: 4.34 / 2.50).
+    selected: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2,
+                                                           pingpong=True, prefetch_q=True)
+    window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=2, pingpong=False,
+                                                  prefetch_q=True)
     scoring: MosaicScoringConfig | None = MosaicScoringConfig()
     # The Mosaic GPU dQ and dK/dV kernels of the compressed and window backward (`flash_bwd.py`;
     # dK/dV takes block_k=64; None runs the Triton one). H200, T=65536, bf16, 2 stages each,
@@ -49,8 +55,11 @@ class MosaicTilings:
     compressed_dkv: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
     window_dkv: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=2)
     # The selected branch's dQ and dK/dV on the Mosaic GPU kernels (their table walks; dK/dV
-    # takes block_k=64 and an even num_stages). Off until measured on a GPU.
-    selected_dq: MosaicFlashConfig | None = None
+    # takes block_k=64 and an even num_stages). Branch backward at 64k, ms, HQ64/H4 and HQ32/H8
+    # (2026-12-03): Triton 24.4 / 13.6; Mosaic dQ at 64/3 20.8 / 11.8 (64/2 21.3 / 12.1);
+    # Mosaic dK/dV 27.4 / 14.6, slower than Triton's (whose heavy-block shares run wider), so
+    # it stays opt-in.
+    selected_dq: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=3)
     selected_dkv: MosaicFlashConfig | None = None
     triton: TritonTilings = SM90
 

@@ -8,8 +8,8 @@ one it serves (`mosaic_serves`):
 - at least one CTA of rows (T * G_p >= 128; decode steps run Triton);
 - for the selected branch, selection rows of whole CTAs and blocks of a multiple of 64 keys.
 
-`MosaicTilings.selected` is None by default: on the H200 the Triton forward of that branch is
-still faster.
+Every branch's forward, the selected one included, is on by default (`MosaicTilings`); a
+tiling set to None runs that branch on Triton.
 
 Block scoring runs `kernels/mosaic_gpu/block_scores.py` (`scoring_config`) when the forward's
 first three conditions hold, selection is per tile (``select_q_tile > 1``), a CTA gets 64 to 256
@@ -17,8 +17,9 @@ rows (`block_scores.serves`) and `MosaicTilings.scoring` is set.
 
 The compressed and window branches' backward runs the Mosaic GPU dQ and dK/dV kernels of
 `kernels/mosaic_gpu/flash_bwd.py` where the forward's conditions hold and
-`MosaicTilings.*_dq` / `*_dkv` are set (the default); the selected branch's dQ and dK/dV run
-there when `MosaicTilings.selected_dq` / `selected_dkv` are set (opt-in). Other calls and the
+`MosaicTilings.*_dq` / `*_dkv` are set (the default); the selected branch's dQ runs there by
+default (`selected_dq`), its dK/dV when `selected_dkv` is set (opt-in: slower than Triton's on
+the H200). Other calls and the
 rest of the backward run the Triton-lowered kernels of the "triton" backend. Every forward feeds
 the same `custom_vjp` (`ops.triton.flash`), whose backward needs only the inputs, o and lse, so
 results agree with "triton" up to float rounding whichever kernel ran.
