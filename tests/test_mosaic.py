@@ -362,20 +362,28 @@ def test_scoring_kernel_has_no_shared_memory_races():
 
 
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
-@pytest.mark.parametrize("table,prefetch_q", [(False, False), (True, False), (False, True),
-                                              (True, True)])
-def test_no_shared_memory_races(table, prefetch_q):
+@pytest.mark.parametrize("table,prefetch_q,o_in_q", [
+    (False, False, False), (True, False, False), (False, True, False), (True, True, False),
+    (False, True, True), (True, True, True)])
+def test_no_shared_memory_races(monkeypatch, table, prefetch_q, o_in_q):
     """The interpreter's happens-before race detector on a window walk (warpgroups with
     different ranges, ping-pong meetings) and a table walk, three CTAs taking several units
     each; Q and O in one buffer, or (``prefetch_q``) an output buffer reused while its last
-    store may be in flight. The detector does not see wgmma's reads, so a Q buffer overwritten
-    too early is caught by values instead: with ``prefetch_q`` the table walk has units of zero
-    or one KV block (little time between a buffer's last read and its reload), and the output
-    must equal the one without prefetch bit for bit."""
+    store may be in flight, or (``o_in_q``: shared memory made too small for O's own buffers)
+    the output leaving through a prefetched Q buffer that goes back to the memory warpgroup
+    once its store has read it. The detector does not see wgmma's reads, so a Q buffer
+    overwritten too early is caught by values instead: with ``prefetch_q`` the table walk has
+    units of zero or one KV block (little time between a buffer's last read and its reload),
+    and the output must equal the one without prefetch bit for bit."""
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from nsa_jax.kernels.common import BlockTable, MaskRule
+    from nsa_jax.kernels.mosaic_gpu import flash_fwd
     from nsa_jax.kernels.mosaic_gpu.flash_fwd import flash_forward
+    if o_in_q:
+        # At D = Dv = 64, 2 stages of 64 keys: 66,048 bytes with O in Q's buffers, 82,432 with
+        # buffers of its own (and `SMEM_SLACK` for the compiler's).
+        monkeypatch.setattr(flash_fwd, "SMEM_BYTES", 80_000)
     q, k, v = _inputs(150, 8, 2, 64, 64, 6)
     blocks = None
     if table and prefetch_q:
@@ -448,6 +456,10 @@ def test_kernels_lower_for_an_h200():
         "forward-prefetch": (lambda q, k, off: flash_forward(
             q, k, k, off, rule=window, scale=0.1,
             config=dataclasses.replace(tilings.window, prefetch_q=True)), (q, k, offsets)),
+        # 128-key blocks with prefetch: the output leaves through the Q buffers.
+        "forward-prefetch-128": (lambda q, k, off: flash_forward(
+            q, k, k, off, rule=window, scale=0.1,
+            config=MosaicFlashConfig(block_k=128, prefetch_q=True)), (q, k, offsets)),
         "scoring": (lambda q, k_c, lse, off: compressed_mass(
             q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
             config=MosaicScoringConfig()), (q, k_c, lse, offsets)),

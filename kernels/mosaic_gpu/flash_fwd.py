@@ -56,7 +56,9 @@ class MosaicFlashConfig:
         output leaves through a buffer of its own whose store is awaited only before its next
         use; without it each unit waits for its rows' copies at the start and for its output's
         store at the end. Short walks (the window and selected branches: a few KV blocks per
-        unit) are where that wait weighs.
+        unit) are where that wait weighs. Where the forward's own output buffers would not fit
+        (128-key blocks) and D == Dv, its output leaves through the Q buffer it has just
+        finished with, which goes back to the memory warpgroup at the next unit's start.
     """
 
     block_k: int = 64
@@ -99,13 +101,21 @@ def swizzled(shape: tuple[int, ...], dtype) -> plgpu.SMEM:
 
 # Shared memory one CTA may use on sm90 (H100, H200).
 SMEM_BYTES = 232448
+# What the compiler adds to a kernel's buffers (barriers, alignment): 2,696 bytes for the
+# forward at 128-key blocks, 2 stages, prefetch and O buffers of its own.
+SMEM_SLACK = 4096
+
+
+def smem_bytes(buffers) -> int:
+    """Bytes of a tree of `plgpu.SMEM` buffers."""
+    return sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in jax.tree.leaves(buffers))
 
 
 def check_smem(buffers, config, D: int, Dv: int):
     """ValueError when ``buffers`` (a tree of `plgpu.SMEM`) cannot fit one CTA's shared memory,
     instead of the compiler's error at lowering. The compiler adds up to a few KiB (barriers,
     alignment), so a tiling just under the limit may still fail there."""
-    need = sum(math.prod(b.shape) * jnp.dtype(b.dtype).itemsize for b in jax.tree.leaves(buffers))
+    need = smem_bytes(buffers)
     if need > SMEM_BYTES:
         raise ValueError(f"{config} needs {need} bytes of shared memory at D={D}, Dv={Dv}, over "
                          f"the {SMEM_BYTES} of an sm90 multiprocessor; use fewer num_stages, "
@@ -348,9 +358,10 @@ class RowBuffers:
 
 
 def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, barriers, *,
-            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig):
+            rule: MaskRule, scale2: float, lay: Launch, cfg: MosaicFlashConfig, o_in_q: bool):
     """A persistent CTA of the forward (see `Units` and `Ring`): the memory warpgroup prefetches
-    the next unit's blocks while the compute warpgroups finish the current one.
+    the next unit's blocks while the compute warpgroups finish the current one. ``o_in_q``: the
+    output leaves through the unit's Q buffer (``o_smem`` is ``q_smem``).
 
     A unit's plan row holds the union [lo, hi) of KV steps, then per warpgroup its
     (lo, flo, fhi, hi) (`common.bounded_ranges`); in table mode (one plan per head) it holds
@@ -383,6 +394,15 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             first = off_ref[b] + tile * lay.block_q
             if prefetched is not None:
                 qi = prefetched.wait(units, u, wg)
+                if o_in_q:
+                    # The previous unit's output left through its Q buffer: once its store has
+                    # read it, the memory warpgroup may load the unit after next there.
+                    n = units.ordinal(u)
+
+                    @pl.when(n > 0)
+                    def _():
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        plgpu.barrier_arrive(q_free.at[RowBuffers.index(n - 1, wg)])
             else:
                 qi = wg
                 plgpu.copy_gmem_to_smem(q_ref.at[b, h, pl.ds(row0, ROWS)], q_smem.at[wg],
@@ -456,20 +476,20 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             acc, m, l = lax.fori_loop(fhi, hi, functools.partial(visit, masked=True), carry)
             lax.fori_loop(hi, u_hi, skip, None)
             pl.when(wg == 0)(rendezvous)
-            if prefetched is not None:
+            if prefetched is not None and not o_in_q:
                 plgpu.barrier_arrive(q_free.at[qi])
                 # The previous unit's stores must have read the output buffers.
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             has_key = l > 0.0
             l_safe = jnp.where(has_key, l, 1.0)
-            # Without prefetch and with D == Dv the output reuses Q's buffer: every product
-            # reading Q has completed.
-            o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(
-                o_smem.dtype)
+            # With ``o_in_q`` the output reuses Q's buffer: every product reading Q has completed.
+            o_smem.at[qi if o_in_q else wg][...] = (
+                acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
             lse_smem.at[wg][...] = jnp.where(has_key, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, h, pl.ds(row0, ROWS)])
+            plgpu.copy_smem_to_gmem(o_smem.at[qi if o_in_q else wg],
+                                    o_ref.at[b, h, pl.ds(row0, ROWS)])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
             if prefetched is None:
                 # The next unit overwrites these buffers.
@@ -478,6 +498,10 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
 
         if prefetched is not None:
             plgpu.wait_smem_to_gmem(0)
+            if o_in_q:
+                count = units.count()
+                pl.when(count > 0)(lambda: plgpu.barrier_arrive(
+                    q_free.at[RowBuffers.index(count - 1, wg)]))
 
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
@@ -538,13 +562,16 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
     n_units = n_cta * lay.H * lay.B
     # Under the interpreter a few CTAs, so that each runs several units as on a GPU.
     num_ctas = min(n_units, config.num_ctas or (3 if interpret else multiprocessors()))
-    shared_qo = lay.D_p == lay.Dv_p and not config.prefetch_q
     q_buffers = COMPUTE_WGS * (2 if config.prefetch_q else 1)
-
-    smem = (smem_2d(q_buffers, ROWS, lay.D_p),
-            None if shared_qo else smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
+    smem = [smem_2d(q_buffers, ROWS, lay.D_p), smem_2d(COMPUTE_WGS, ROWS, lay.Dv_p),
             smem_2d(stages, bk, lay.D_p), smem_2d(stages, bk, lay.Dv_p),
-            plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32))
+            plgpu.SMEM((COMPUTE_WGS, ROWS), jnp.float32)]
+    # Q and O share buffers without prefetch, and with it where O's own would not fit.
+    shared_qo = lay.D_p == lay.Dv_p and (
+        not config.prefetch_q or smem_bytes(smem) + SMEM_SLACK > SMEM_BYTES)
+    if shared_qo:
+        smem[1] = None
+    smem = tuple(smem)
     check_smem(smem, config, lay.D_p, lay.Dv_p)
     # The interpreter's wgmma takes P from shared memory.
     smem = (*smem, smem_2d(COMPUTE_WGS, ROWS, bk) if interpret else None)
@@ -564,7 +591,8 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
             q_smem, o_smem, *rest = smem
             _kernel(off_ref, units, q_ref, k_ref, v_ref, o_ref, lse_ref,
                     (q_smem, q_smem if o_smem is None else o_smem, *rest), bars,
-                    rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config)
+                    rule=rule, scale2=scale * LOG2E, lay=lay, cfg=config,
+                    o_in_q=config.prefetch_q and shared_qo)
 
         pl.run_scoped(run, smem, barriers, collective_axes="wg")
 
