@@ -1,7 +1,7 @@
 """The forward branches (compressed, window, and selected with select_q_tile=64) on one GPU at
 several Mosaic GPU tilings (block size, ring stages, ping-pong, `prefetch_q`), beside Triton's
-forward and cuDNN, each output checked against Triton's. Writes mosaic_forward_tilings.json under $OUT
-(default: here).
+forward and cuDNN, each output checked against Triton's. Writes mosaic_forward_tilings.json
+under $OUT (default: here).
 
 Usage on a Hopper GPU: python3 benchmarks/mosaic_forward_tilings.py 65536 131072
 """
