@@ -11,6 +11,7 @@ Kernels see only arrays and compact block metadata, never `NSAConfig`'s meaning.
   (dQ, and dK/dV without atomics), `block_scores` (compressed attention mass per query tile for
   block selection) and `tiling` (their frozen tilings, with a default per GPU generation).
 - `mosaic_gpu/`: Pallas Mosaic GPU kernels for Hopper on the same `common` pieces: `flash_fwd`
-  (the forward core, warp-specialised with a TMA ring and wgmma; runs under the Mosaic GPU
-  interpreter on CPU) and `tiling` (the "mosaic" backend's tilings).
+  (the forward core, warp-specialised with a TMA ring and wgmma), `flash_bwd` (dQ and dK/dV on
+  the same core), `block_scores` (the compressed mass of tiled scoring) and `tiling` (the
+  "mosaic" backend's tilings); all run under the Mosaic GPU interpreter on CPU.
 """

@@ -92,8 +92,9 @@ def compressed_attention(q, k_c, v_c, *, config: NSAConfig, kv_len=None, impleme
         sits at key position t + (S - T).
       implementation: None (per operation, the fastest backend that runs here and supports the
         call: "mosaic" on Hopper, "triton" on other GPUs, "xla" elsewhere), "xla", "triton",
-        "mosaic" (Mosaic GPU forward kernels where they serve the call, Triton kernels for the
-        rest) or "reference". An explicit backend that cannot serve the call raises, saying why.
+        "mosaic" (Mosaic GPU kernels for the forward, scoring and most of the backward where
+        they serve the call, Triton kernels for the rest) or "reference". An explicit backend
+        that cannot serve the call raises, saying why.
       interpret: run Pallas kernels in interpret mode (with an explicit Pallas implementation).
       tilings: a backend's tilings (`MosaicTilings`, `TritonTilings`, `XlaTilings`; speed
         only); None, or another backend's, means that backend's default for the device. Every
@@ -338,9 +339,10 @@ def nsa_attention(q, k, v, g=None, *, config: NSAConfig, segment_ids=None, compr
         each rounded up to lcm(d, l', select_q_tile) tokens.
       compress_params: parameters of phi for ``config.compress_method`` "linear"/"mlp".
       implementation: None (per operation, the fastest backend that runs here and supports the
-        call), "xla", "triton" (Pallas kernels, forward and backward), "mosaic" (Mosaic GPU
-        forward kernels on Hopper where they serve the call, Triton kernels for the rest) or
-        "reference". An explicit backend that cannot serve the call raises, saying why.
+        call), "xla", "triton" (Pallas kernels, forward and backward), "mosaic" (Hopper:
+        Mosaic GPU kernels for the forward, scoring and most of the backward where they serve
+        the call, Triton kernels for the rest) or "reference". An explicit backend that cannot
+        serve the call raises, saying why.
       interpret: run Pallas kernels in interpret mode.
       tilings: a backend's tilings (`MosaicTilings`, `TritonTilings`, `XlaTilings`); None: the
         device's default.

@@ -1,5 +1,6 @@
-"""The "mosaic" implementation: its Mosaic GPU forward kernel against the reference, on the GPU
-or under the Mosaic GPU interpreter (small shapes: seconds per kernel call)."""
+"""The "mosaic" implementation: its Mosaic GPU forward, scoring and backward kernels against the
+reference, on the GPU or under the Mosaic GPU interpreter (small shapes: seconds per kernel
+call)."""
 
 from __future__ import annotations
 
@@ -453,9 +454,12 @@ def test_kernels_lower_for_an_h200():
     calls = {
         "forward": (lambda q, k, off: flash_forward(q, k, k, off, rule=window, scale=0.1,
                                                     config=tilings.window), (q, k, offsets)),
-        "forward-prefetch": (lambda q, k, off: flash_forward(
+        "forward-no-prefetch": (lambda q, k, off: flash_forward(
             q, k, k, off, rule=window, scale=0.1,
-            config=dataclasses.replace(tilings.window, prefetch_q=True)), (q, k, offsets)),
+            config=dataclasses.replace(tilings.window, prefetch_q=False)), (q, k, offsets)),
+        "forward-compressed": (lambda q, k_c, off: flash_forward(
+            q, k_c, k_c, off, rule=compressed, scale=0.1, config=tilings.compressed),
+            (q, k_c, offsets)),
         # 128-key blocks with prefetch: the output leaves through the Q buffers.
         "forward-prefetch-128": (lambda q, k, off: flash_forward(
             q, k, k, off, rule=window, scale=0.1,
@@ -485,6 +489,13 @@ def test_kernels_lower_for_an_h200():
         q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
         config=MosaicFlashConfig(prefetch_q=True), blocks=BlockTable(ids, counts, q_tile=64)),
         (q, k, lse, offsets, *table_args[:2]))
+    calls["dq-table"] = (lambda q, k, lse, off, ids, counts: flash_backward_dq(
+        q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
+        config=tilings.selected_dq, blocks=BlockTable(ids, counts, q_tile=64)),
+        (q, k, lse, offsets, *table_args[:2]))
+    calls["forward-table"] = (lambda q, k, off, ids, counts: flash_forward(
+        q, k, k, off, rule=MaskRule(num_keys=T), scale=0.1, config=tilings.selected,
+        blocks=BlockTable(ids, counts, q_tile=64)), (q, k, offsets, *table_args[:2]))
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         for name, (fn, args) in calls.items():

@@ -1,5 +1,5 @@
-"""The "mosaic" backend: the three branches' forward, the compressed and window backward and
-tiled block scoring on Pallas Mosaic GPU kernels (Hopper).
+"""The "mosaic" backend: the three branches' forward, the compressed and window backward, the
+selected branch's dQ and tiled block scoring on Pallas Mosaic GPU kernels (Hopper).
 
 A branch's forward runs `kernels/mosaic_gpu/flash_fwd.py` when its tiling is set and the call is
 one it serves (`mosaic_serves`):
