@@ -481,21 +481,20 @@ def test_kernels_lower_for_an_h200():
     n_tiles, n_sel, n_kb = T // 64, 16, T // 64
     table_args = (arr((1, H, n_tiles, n_sel), jnp.int32), arr((1, H, n_tiles), jnp.int32),
                   arr((1, H, n_tiles * n_sel), jnp.int32), arr((1, H, n_kb + 1), jnp.int32))
+    full = MaskRule(num_keys=T)
+    table = lambda ids, counts: BlockTable(ids, counts, q_tile=64)
     calls["dkv-table"] = (lambda q, k, lse, off, ids, counts, tiles, starts: flash_backward_dkv(
-        q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
-        config=MosaicFlashConfig(), blocks=BlockTable(ids, counts, q_tile=64),
-        reverse=ReverseTable(tiles, starts)), (q, k, lse, offsets, *table_args))
-    calls["dq-table-prefetch"] = (lambda q, k, lse, off, ids, counts: flash_backward_dq(
-        q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
-        config=MosaicFlashConfig(prefetch_q=True), blocks=BlockTable(ids, counts, q_tile=64)),
-        (q, k, lse, offsets, *table_args[:2]))
-    calls["dq-table"] = (lambda q, k, lse, off, ids, counts: flash_backward_dq(
-        q, k, k, q, lse, q, None, off, rule=MaskRule(num_keys=T), scale=0.1,
-        config=tilings.selected_dq, blocks=BlockTable(ids, counts, q_tile=64)),
-        (q, k, lse, offsets, *table_args[:2]))
+        q, k, k, q, lse, q, None, off, rule=full, scale=0.1, config=MosaicFlashConfig(),
+        blocks=table(ids, counts), reverse=ReverseTable(tiles, starts)),
+        (q, k, lse, offsets, *table_args))
+    for name, config in (("dq-table-prefetch", MosaicFlashConfig(prefetch_q=True)),
+                         ("dq-table", tilings.selected_dq)):
+        calls[name] = (lambda q, k, lse, off, ids, counts, c=config: flash_backward_dq(
+            q, k, k, q, lse, q, None, off, rule=full, scale=0.1, config=c,
+            blocks=table(ids, counts)), (q, k, lse, offsets, *table_args[:2]))
     calls["forward-table"] = (lambda q, k, off, ids, counts: flash_forward(
-        q, k, k, off, rule=MaskRule(num_keys=T), scale=0.1, config=tilings.selected,
-        blocks=BlockTable(ids, counts, q_tile=64)), (q, k, offsets, *table_args[:2]))
+        q, k, k, off, rule=full, scale=0.1, config=tilings.selected, blocks=table(ids, counts)),
+        (q, k, offsets, *table_args[:2]))
     h200 = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=132)
     with jax.sharding.use_abstract_mesh(AbstractMesh((), (), abstract_device=h200)):
         for name, (fn, args) in calls.items():

@@ -202,7 +202,7 @@ def flash_backward_dq(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sca
 
     offsets = offsets.astype(jnp.int32)
     q_g, do_g, lse_g, delta = backward_rows(lay, q, o, lse, do, dlse)
-    entry, table_args = with_table(body, blocks)
+    entry, table_args = with_table(body, None if blocks is None else blocks.table)
     dq = persistent_kernel(
         entry, out_type=lay.rows_shape(dtype, lay.D_p), num_ctas=num_ctas, interpret=interpret,
         name="nsa_mosaic_flash_bwd_dq",
@@ -519,10 +519,7 @@ def flash_backward_dkv(q, k, v, o, lse, do, dlse, offsets, *, rule: MaskRule, sc
 
     rows = backward_rows(lay, q, o, lse, do, dlse)
     part = lambda width: jax.ShapeDtypeStruct((lay.B, lay.H, *slots, width), jnp.float32)
-    if table:
-        entry, table_args = body, (reverse.tiles.astype(jnp.int32),)
-    else:
-        entry, table_args = (lambda off, plan, *refs: body(off, plan, None, *refs)), ()
+    entry, table_args = with_table(body, reverse.tiles if table else None)
     dk, dv = persistent_kernel(
         entry, out_type=(part(lay.D_p), part(lay.Dv_p)), num_ctas=num_ctas, interpret=interpret,
         name="nsa_mosaic_flash_bwd_dkv",

@@ -140,12 +140,13 @@ def persistent_kernel(body, *, out_type, num_ctas: int, interpret, name: str):
     )
 
 
-def with_table(body, blocks: BlockTable | None):
-    """(kernel entry, its table operands): ``body(off, plan, tab_ref, *refs)`` takes the table
-    ref after the plan, or None without a table."""
-    if blocks is None:
+def with_table(body, table):
+    """(kernel entry, its table operands): ``body(off, plan, tab_ref, *refs)`` takes the ref of
+    ``table`` (an int array: a `BlockTable`'s table, a reverse map's tiles) after the plan, or
+    None without one."""
+    if table is None:
         return (lambda off, plan, *refs: body(off, plan, None, *refs)), ()
-    return body, (blocks.table.astype(jnp.int32),)
+    return body, (table.astype(jnp.int32),)
 
 
 def launch(q, k, v, block_k: int, q_unit: int | None = None) -> Launch:
@@ -484,12 +485,11 @@ def _kernel(off_ref, units: Units, q_ref, k_ref, v_ref, o_ref, lse_ref, smem, ba
             has_key = l > 0.0
             l_safe = jnp.where(has_key, l, 1.0)
             # With ``o_in_q`` the output reuses Q's buffer: every product reading Q has completed.
-            o_smem.at[qi if o_in_q else wg][...] = (
-                acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
+            o_out = o_smem.at[qi if o_in_q else wg]
+            o_out[...] = (acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])).astype(o_smem.dtype)
             lse_smem.at[wg][...] = jnp.where(has_key, m * LN2 + jnp.log(l_safe), -jnp.inf)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem.at[qi if o_in_q else wg],
-                                    o_ref.at[b, h, pl.ds(row0, ROWS)])
+            plgpu.copy_smem_to_gmem(o_out, o_ref.at[b, h, pl.ds(row0, ROWS)])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, pl.ds(row0, ROWS)])
             if prefetched is None:
                 # The next unit overwrites these buffers.
@@ -596,7 +596,7 @@ def flash_forward(q, k, v, offsets, *, rule: MaskRule, scale: float, config: Mos
 
         pl.run_scoped(run, smem, barriers, collective_axes="wg")
 
-    entry, table_args = with_table(body, blocks)
+    entry, table_args = with_table(body, None if blocks is None else blocks.table)
     o, lse = persistent_kernel(
         entry, out_type=(lay.rows_shape(dtype, lay.Dv_p), lay.rows_shape(jnp.float32)),
         num_ctas=num_ctas, interpret=interpret, name="nsa_mosaic_flash_fwd",
