@@ -25,7 +25,7 @@ BF16 = jnp.bfloat16
 
 def _kernels(fn, *args):
     """The forward kernels ``fn`` runs (each name once)."""
-    return set(re.findall(r"(nsa_mosaic_\w+|nsa_flash_fwd|nsa_compressed_mass)",
+    return set(re.findall(r"(nsa_mosaic_\w+|nsa_flash_fwd|nsa_compressed_mass|nsa_tile_top_blocks)",
                           str(jax.make_jaxpr(fn)(*args))))
 
 
@@ -326,7 +326,7 @@ def test_selection_runs_the_scoring_kernel_where_it_serves(monkeypatch):
     from nsa_jax.ops import triton as tri
     cfg, q, k_c, lse = _scoring_inputs(200, 8, 2, 16, 64, None, 9)
     fn = lambda q, k_c, lse: nsa_jax.select_blocks(q, k_c, config=cfg, lse=lse, **MOSAIC)
-    assert _kernels(fn, q, k_c, lse) == {"nsa_mosaic_compressed_mass"}
+    assert _kernels(fn, q, k_c, lse) == {"nsa_mosaic_compressed_mass", "nsa_tile_top_blocks"}
     ref = reference.select_blocks(*upcast((q, k_c)), config=cfg)
     whole = fn(q, k_c, lse)
     assert_same_selection(whole, ref, reference.block_scores(*upcast((q, k_c)), config=cfg))
@@ -341,7 +341,7 @@ def test_selection_runs_the_scoring_kernel_where_it_serves(monkeypatch):
     assert "nsa_mosaic_compressed_mass" not in _kernels(
         lambda q, k_c: nsa_jax.select_blocks(q, k_c, config=per_token, **MOSAIC), q, k_c)
     q32, k_c32 = upcast((q, k_c))
-    assert _kernels(fn, q32, k_c32, lse) == {"nsa_compressed_mass"}
+    assert _kernels(fn, q32, k_c32, lse) == {"nsa_compressed_mass", "nsa_tile_top_blocks"}
 
 
 @pytest.mark.skipif(ON_GPU, reason="the Mosaic GPU interpreter's race detector runs on CPU")
@@ -431,7 +431,18 @@ def test_scoring_config_validation(kwargs, match):
         nsa_jax.MosaicTilings(window_dq=nsa_jax.MosaicScoringConfig())
     with pytest.raises(ValueError, match="MosaicTilings.window_dkv.block_k=128 must be 64"):
         nsa_jax.MosaicTilings(window_dkv=MosaicFlashConfig(block_k=128))
+    with pytest.raises(TypeError, match="MosaicTilings.scoring_small_groups must be a "
+                                        "MosaicScoringConfig or None, got int"):
+        nsa_jax.MosaicTilings(scoring_small_groups=2)
     assert nsa_jax.MosaicTilings(scoring=None).scoring is None
+
+
+def test_scoring_tiling_by_group():
+    small, wide = nsa_jax.MosaicScoringConfig(num_stages=2), nsa_jax.MosaicScoringConfig()
+    t = nsa_jax.MosaicTilings(scoring=wide, scoring_small_groups=small)
+    assert [t.scoring_for(G) for G in (1, 3, 4, 5, 16)] == [small] * 3 + [wide] * 2
+    assert dataclasses.replace(t, scoring_small_groups=None).scoring_for(4) is wide
+    assert dataclasses.replace(t, scoring=None).scoring_for(4) is None
 
 
 def test_kernels_lower_for_an_h200():

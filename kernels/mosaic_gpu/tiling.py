@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from nsa_jax.kernels.common import pow2
 from nsa_jax.kernels.mosaic_gpu.block_scores import MosaicScoringConfig
 from nsa_jax.kernels.mosaic_gpu.flash_fwd import MosaicFlashConfig
 from nsa_jax.kernels.triton.tiling import SM90, TritonTilings
@@ -19,7 +20,8 @@ from nsa_jax.kernels.triton.tiling import SM90, TritonTilings
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicTilings:
     """One `MosaicFlashConfig` per forward branch (``selected=None``: that branch runs the
-    Triton forward), the scoring kernel's `MosaicScoringConfig` (None: Triton scores), those of
+    Triton forward), the scoring kernel's `MosaicScoringConfig` (None: Triton scores; groups of
+    up to 4 heads take ``scoring_small_groups`` where it is set), those of
     the compressed and window branches' dQ and dK/dV kernels (None: Triton's), and the
     `TritonTilings` of the kernels this backend takes from "triton"."""
 
@@ -35,7 +37,9 @@ class MosaicTilings:
     # 6.63 / 23.8 (2); 6 stages at 256 rows exceed shared memory. Ping-pong meetings between
     # the compute warpgroups (as in the flash kernel) made 256/4 slower: 5.39 / 19.3. Triton's
     # kernel: 8.19 / 29.2. HQ32/H8 ranks the same.
-    compressed: MosaicFlashConfig = MosaicFlashConfig(block_k=128, num_stages=2)
+    # With `prefetch_q` (H200, 2026-12-03, 64k): 8.90 / 4.58 ms against 9.20 / 4.76 without
+    # (HQ64/H4 and HQ32/H8); 64/3 with prefetch 10.22 / 5.43.
+    compressed: MosaicFlashConfig = MosaicFlashConfig(block_k=128, num_stages=2, prefetch_q=True)
     # With `prefetch_q` (H200, 2026-12-03, 64k, ms, HQ64/H4 and HQ32/H8): selected at 64/2 with
     # ping-pong 6.66 / 3.84 against Triton's 6.88 / 4.10 (7.09 / 3.98 without prefetch, 6.72 /
     # 3.86 at 3 stages); window at 64/2 4.29 / 2.53 against 4.49 / 2.81 at the earlier 64/3
@@ -45,6 +49,11 @@ class MosaicTilings:
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=2, pingpong=False,
                                                   prefetch_q=True)
     scoring: MosaicScoringConfig | None = MosaicScoringConfig()
+    # Groups of at most 4 heads (padded), where a CTA's 256 rows hold a whole 64-query tile:
+    # 2 stages took 2.64 and 2.72 ms against 4 stages' 2.89 and 3.05 in two leases (HQ32/H8,
+    # 64k). At HQ64/H4, 4 stages won twice (5.14 / 5.51 ms) and lost once (5.60 / 5.29).
+    # None: ``scoring`` serves these groups too; not used when ``scoring`` is None.
+    scoring_small_groups: MosaicScoringConfig | None = MosaicScoringConfig(num_stages=2)
     # The Mosaic GPU dQ and dK/dV kernels of the compressed and window backward (`flash_bwd.py`;
     # dK/dV takes block_k=64; None runs the Triton one). H200, T=65536, bf16, 2 stages each,
     # backward ms Triton / Mosaic dQ / Mosaic dK/dV / both: compressed 41.8 / 36.6 / 37.1 / 31.1
@@ -62,6 +71,12 @@ class MosaicTilings:
     selected_dq: MosaicFlashConfig | None = MosaicFlashConfig(block_k=64, num_stages=3)
     selected_dkv: MosaicFlashConfig | None = None
     triton: TritonTilings = SM90
+
+    def scoring_for(self, G: int) -> MosaicScoringConfig | None:
+        """The scoring tiling for groups of G query heads per KV head."""
+        if self.scoring is not None and pow2(G) <= 4 and self.scoring_small_groups is not None:
+            return self.scoring_small_groups
+        return self.scoring
 
     def __post_init__(self):
         optional = ("selected", "compressed_dq", "window_dq", "compressed_dkv", "window_dkv",
@@ -85,9 +100,11 @@ class MosaicTilings:
             raise ValueError(f"MosaicTilings.selected_dkv.num_stages="
                              f"{self.selected_dkv.num_stages} must be even (a table walk gives "
                              "each ring slot one warpgroup)")
-        if self.scoring is not None and not isinstance(self.scoring, MosaicScoringConfig):
-            raise TypeError(f"MosaicTilings.scoring must be a MosaicScoringConfig or None, got "
-                            f"{type(self.scoring).__name__}")
+        for name in ("scoring", "scoring_small_groups"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, MosaicScoringConfig):
+                raise TypeError(f"MosaicTilings.{name} must be a MosaicScoringConfig or None, "
+                                f"got {type(value).__name__}")
         if not isinstance(self.triton, TritonTilings):
             raise TypeError(f"MosaicTilings.triton must be a TritonTilings, got "
                             f"{type(self.triton).__name__}")

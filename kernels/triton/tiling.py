@@ -62,8 +62,9 @@ class TritonTilings:
     rows = gathered queries x G) and query-major otherwise (``selected_per_token``: a program owns
     one query, its rows are the group's heads; backward ``selected_bwd``); ``selected`` tiles it
     for query tiles. ``scoring_per_token`` tiles the fused per-token selection kernel, ``scoring``
-    the compressed-mass kernel of tiled selection; ``*_bwd`` tile both backward kernels (dQ and
-    dK/dV) of a branch."""
+    the compressed-mass kernel of tiled selection, ``scored`` the compressed forward that also
+    writes block sums (calls of a few queries: decode steps); ``*_bwd`` tile both backward
+    kernels (dQ and dK/dV) of a branch."""
 
     compressed: Tiling = Tiling()
     selected: Tiling = Tiling()
@@ -72,6 +73,7 @@ class TritonTilings:
     window: Tiling = Tiling()
     scoring: Tiling = Tiling()
     scoring_per_token: Tiling = Tiling()
+    scored: Tiling = Tiling()
     compressed_bwd: Tiling = Tiling()
     selected_bwd: Tiling = Tiling()
     selected_by_block_bwd: Tiling = Tiling()
@@ -98,6 +100,9 @@ SM90 = TritonTilings(
     # H200, T=65536, HQ=64/H=4 and HQ=32/H=8: 128 rows beat 64 by 2-5% and 32 by 2.3-2.6x;
     # 8 warps were 1.4-1.5x slower, 128-token chunks (at 64 rows) 5-9% slower.
     scoring_per_token=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
+    # H200, decode steps at B=32, HQ=64/H=4, 64k/128k (us a step): 2 stages 199/272, 3 187/258,
+    # 4 180/268; 128-key blocks 196 (8 warps 217), 256 at 8 warps 396.
+    scored=Tiling(rows=128, block_k=64, num_warps=4, num_stages=4),
     # Backward: `--tune --tune-length 16384` on an H100 80GB HBM3; 128 rows spill registers
     # (2x slower) and 8 warps with 3 stages exceed shared memory.
     compressed_bwd=Tiling(rows=64, block_k=64, num_warps=4, num_stages=3),

@@ -13,7 +13,8 @@ tiling set to None runs that branch on Triton.
 
 Block scoring runs `kernels/mosaic_gpu/block_scores.py` (`scoring_config`) when the forward's
 first three conditions hold, selection is per tile (``select_q_tile > 1``), a CTA gets 64 to 256
-rows (`block_scores.serves`) and `MosaicTilings.scoring` is set.
+rows (`block_scores.serves`) and `MosaicTilings.scoring` is set (``scoring_small_groups`` tiles
+groups of up to 4 heads).
 
 The compressed and window branches' backward runs the Mosaic GPU dQ and dK/dV kernels of
 `kernels/mosaic_gpu/flash_bwd.py` where the forward's conditions hold and
@@ -96,12 +97,13 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds, interpret, t: Mosa
 
 
 def scoring_config(q, k_c, cfg: NSAConfig, bounds, t: MosaicTilings):
-    """``t.scoring`` when the Mosaic GPU compressed-mass kernel serves the scoring call, else
-    None (the Triton kernels score)."""
-    qt = cfg.select_q_tile
-    if t.scoring is None or qt == 1 or not mosaic_serves(q, k_c, k_c, packed=bounds is not None):
+    """``t.scoring_for(G)`` when the Mosaic GPU compressed-mass kernel serves the scoring call,
+    else None (the Triton kernels score)."""
+    qt, G = cfg.select_q_tile, q.shape[2] // k_c.shape[2]
+    scoring = t.scoring_for(G)
+    if scoring is None or qt == 1 or not mosaic_serves(q, k_c, k_c, packed=bounds is not None):
         return None
-    return t.scoring if mosaic_scores.serves(q.shape[2] // k_c.shape[2], qt, t.scoring) else None
+    return scoring if mosaic_scores.serves(G, qt, scoring) else None
 
 
 def _hopper() -> bool:

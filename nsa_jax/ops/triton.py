@@ -396,7 +396,7 @@ def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, i
     N_c, H = k_c.shape[1], k_c.shape[2]
     G = HQ // H
     t = default_tilings() if tilings is None else tilings
-    fwd = t.compressed.flash(G, queries=T)
+    fwd = t.scored.flash(G, queries=T)
     # A KV block maps onto at least 16 selection blocks (the block map's matrix product).
     fwd = dataclasses.replace(fwd, block_k=max(fwd.block_k, 16 * rule.per_block))
     lay = Launch.of(q, k_c, v_c, block_q=fwd.block_q, block_k=fwd.block_k)

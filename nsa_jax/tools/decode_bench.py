@@ -84,8 +84,9 @@ def _filled_cache(B, S, S_max, H, D, config, dtype):
 
 
 def measure(S: int, B: int, HQ: int, H: int, D: int, *, config: NSAConfig, implementation,
-            reps: int, dtype=jnp.bfloat16) -> dict:
-    """One (context, batch, shape) point: NSA and dense step times in ms."""
+            reps: int, dtype=jnp.bfloat16, tilings=None, dense: bool = True) -> dict:
+    """One (context, batch, shape) point: NSA and (unless not ``dense``) dense step times in ms;
+    ``tilings`` as in `nsa_decode`."""
     S_max = -(-(S + (reps + 1) * STEPS) // CACHE_UNIT) * CACHE_UNIT  # as `init_cache` rounds it
     ks = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(ks[0], (B, 1, HQ, D), dtype)
@@ -95,7 +96,8 @@ def measure(S: int, B: int, HQ: int, H: int, D: int, *, config: NSAConfig, imple
     row = dict(S=S, B=B, HQ=HQ, H=H, D=D)
 
     def nsa_step(cache, q):
-        return nsa_decode(q, k, v, g, cache, config=config, implementation=implementation)
+        return nsa_decode(q, k, v, g, cache, config=config, implementation=implementation,
+                          tilings=tilings)
 
     cache = _filled_cache(B, S, S_max, H, D, config, dtype)
     row["nsa_ms"] = _ms_per_step(nsa_step, cache, q, reps)
@@ -112,7 +114,8 @@ def measure(S: int, B: int, HQ: int, H: int, D: int, *, config: NSAConfig, imple
             return o, (kc, vc, n + 1)
         return step
 
-    for impl in (("cudnn", "xla") if jax.default_backend() == "gpu" else ("xla",)):
+    impls = ("cudnn", "xla") if jax.default_backend() == "gpu" else ("xla",)
+    for impl in impls if dense else ():
         kc = jax.random.normal(ks[0], (B, S_max, H, D), dtype)
         vc = jax.random.normal(ks[1], (B, S_max, H, D), dtype)
         try:
@@ -121,8 +124,8 @@ def measure(S: int, B: int, HQ: int, H: int, D: int, *, config: NSAConfig, imple
         except Exception as err:  # cuDNN may refuse a shape
             row[f"dense_{impl}_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
         del kc, vc
-    dense = [row[k] for k in row if k.startswith("dense_") and k.endswith("_ms")]
-    row["dense_ms"] = min(dense) if dense else None
+    dense_ms = [row[k] for k in row if k.startswith("dense_") and k.endswith("_ms")]
+    row["dense_ms"] = min(dense_ms) if dense_ms else None
     item = jnp.dtype(dtype).itemsize
     row["nsa_bytes"] = nsa_bytes(config, S, B, H, D, D, item)
     row["dense_bytes"] = B * H * S * 2 * D * item
