@@ -1,5 +1,5 @@
 """Block scoring with select_q_tile=64, piece by piece, on one GPU: the compressed-mass kernels
-(Triton, and Mosaic GPU at several tilings: ring stages, a share of polynomial exp2), the XLA selection that follows them, the top-n
+(Triton, and Mosaic GPU at several tilings), the XLA selection that follows them, the top-n
 kernel `tile_top_blocks` on the same block scores, and `select_blocks` whole per backend, beside
 the compressed forward and cuDNN. Writes scoring_parts_<T>.json under $OUT (default: here).
 
@@ -24,8 +24,9 @@ from nsa_jax.ops import triton as tri
 from nsa_jax.tools import bench
 from nsa_jax.tools.bench import ms_or_error
 
-MOSAIC_TILINGS = tuple(mosaic_scores.MosaicScoringConfig(num_stages=stages, poly_exp2=poly)
-                       for stages, poly in ((4, 0), (2, 0), (4, 1), (4, 2), (2, 1), (2, 2)))
+MOSAIC_TILINGS = (mosaic_scores.MosaicScoringConfig(),
+                  mosaic_scores.MosaicScoringConfig(num_stages=2),
+                  mosaic_scores.MosaicScoringConfig(rows=128))
 
 
 def measure(shape: bench.Shape, T: int) -> dict:
@@ -54,7 +55,7 @@ def measure(shape: bench.Shape, T: int) -> dict:
     row("mass_triton", triton_mass, q, k_c, lse)
     want = jax.jit(triton_mass)(q, k_c, lse)
     for tc in MOSAIC_TILINGS:
-        name = f"mass_mosaic_rows{tc.rows}_stages{tc.num_stages}_poly{tc.poly_exp2}"
+        name = f"mass_mosaic_rows{tc.rows}_stages{tc.num_stages}"
         mosaic_mass = lambda q, kc, lse: mosaic_scores.compressed_mass(q, kc, lse, offsets,
                                                                       config=tc, **args)
         row(name, mosaic_mass, q, k_c, lse)

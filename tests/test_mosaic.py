@@ -285,15 +285,13 @@ def _scoring_inputs(T, HQ, H, D, qt, S, seed, causal=True):
 # G = 4 with D padded to 64 channels; G = 16 with queries after earlier keys, four CTAs per
 # selection tile; G = 1 with 64-row products; G = 3 (padded to 4) with 16-query tiles; 374
 # compressed tokens (six key blocks per unit, masked and whole, the ring and the Q buffers
-# reused across units); no causal rule; a share of the queries on the polynomial exp2 (all of
-# one kind of CTA, both parts masked). Odd lengths throughout.
-@pytest.mark.parametrize("T,HQ,H,D,qt,S,rows,causal,poly", [
-    (150, 4, 1, 24, 64, None, 256, True, 0), (131, 16, 1, 16, 32, 203, 128, True, 0),
-    (201, 2, 2, 16, 64, 1100, 64, True, 0), (131, 6, 2, 16, 16, None, 256, True, 0),
-    (150, 8, 2, 32, 64, 6000, 256, True, 0), (133, 4, 2, 16, 32, None, 128, False, 0),
-    (131, 16, 1, 16, 32, 203, 256, True, 2), (133, 4, 2, 16, 32, None, 128, False, 3)],
-    ids=["G4-D24", "G16-S>T", "G1", "G3", "six-blocks", "noncausal", "G16-poly", "G2-poly"])
-def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows, causal, poly):
+# reused across units); no causal rule. Odd lengths throughout.
+@pytest.mark.parametrize("T,HQ,H,D,qt,S,rows,causal", [
+    (150, 4, 1, 24, 64, None, 256, True), (131, 16, 1, 16, 32, 203, 128, True),
+    (201, 2, 2, 16, 64, 1100, 64, True), (131, 6, 2, 16, 16, None, 256, True),
+    (150, 8, 2, 32, 64, 6000, 256, True), (133, 4, 2, 16, 32, None, 128, False)],
+    ids=["G4-D24", "G16-S>T", "G1", "G3", "six-blocks", "noncausal"])
+def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows, causal):
     """The compressed mass per tile, mapped onto selection blocks, against the float32
     reference's block scores; the Triton kernel's mass; reruns bit-identical. Under the
     interpreter the output starts as NaN, so a block inside a CTA's range left unwritten fails
@@ -309,8 +307,7 @@ def test_scoring_kernel_against_the_reference(T, HQ, H, D, qt, S, rows, causal, 
     args = dict(rule=tri.compressed_rule(cfg, k_c.shape[1]), scale=cfg.softmax_scale(D), q_tile=qt)
     interpret = False if ON_GPU else plgpu.InterpretGPUParams(uninitialized_memory="nan")
     fn = jax.jit(lambda q, k_c, lse: compressed_mass(
-        q, k_c, lse, offsets, config=MosaicScoringConfig(rows=rows, poly_exp2=poly),
-        interpret=interpret, **args))
+        q, k_c, lse, offsets, config=MosaicScoringConfig(rows=rows), interpret=interpret, **args))
     mass = fn(q, k_c, lse)
     assert _kernels(fn, q, k_c, lse) == {"nsa_mosaic_compressed_mass"}
     scores = selection.block_scores(mass, cfg, -(-S // cfg.select_block))
@@ -481,9 +478,6 @@ def test_kernels_lower_for_an_h200():
         "scoring": (lambda q, k_c, lse, off: compressed_mass(
             q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
             config=MosaicScoringConfig()), (q, k_c, lse, offsets)),
-        "scoring-poly-exp2": (lambda q, k_c, lse, off: compressed_mass(
-            q, k_c, lse, off, rule=compressed, scale=0.1, q_tile=64,
-            config=MosaicScoringConfig(poly_exp2=2)), (q, k_c, lse, offsets)),
     }
     for block_k, stages, prefetch_q in ((64, 2, False), (128, 2, False), (64, 2, True)):
         calls[f"dq-{block_k}/{stages}/{prefetch_q}"] = (lambda q, k, lse, off, c=MosaicFlashConfig(

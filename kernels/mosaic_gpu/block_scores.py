@@ -47,16 +47,11 @@ class MosaicScoringConfig:
       num_stages: key blocks in flight (SMEM ring slots); even, so that each compute warpgroup
         always finds its blocks in the same slots.
       num_ctas: persistent CTAs; None: one per multiprocessor.
-      poly_exp2: eighths of a CTA's queries (rounded down to whole queries) whose probabilities
-        take exp2 as a polynomial on the FMA units instead of the special-function unit, which
-        the kernel otherwise waits on (it runs one exp2 per product element, as the forward
-        does, for half the forward's products). 0 to 4.
     """
 
     rows: int = 256
     num_stages: int = 4
     num_ctas: int | None = None
-    poly_exp2: int = 0
 
     def __post_init__(self):
         if self.rows not in (64, 128, 256):
@@ -68,35 +63,6 @@ class MosaicScoringConfig:
                                           or self.num_ctas < 1):
             raise ValueError(
                 f"MosaicScoringConfig.num_ctas={self.num_ctas!r} must be a positive int or None")
-        if not isinstance(self.poly_exp2, int) or not 0 <= self.poly_exp2 <= 4:
-            raise ValueError(
-                f"MosaicScoringConfig.poly_exp2={self.poly_exp2!r} must be an int from 0 to 4")
-
-
-# 2**f on [-1/2, 1/2] to 2.4e-7 relative (float32 Horner), fitted here for minimax relative error:
-# about the special-function unit's own exp2 error.
-_EXP2_COEFFS = (1.0000001192092896, 0.6931469440460205, 0.24022120237350464, 0.05550713092088699,
-                0.009675540961325169, 0.001327647129073739)
-
-
-def poly_exp2(x):
-    """exp2 of float32 ``x <= 0`` (any value, -inf included) with multiply-adds and integer ops:
-    2**round(x) from the exponent bits, 2**(x - round(x)) from `_EXP2_COEFFS`; 0 below 2**-126."""
-    x = jnp.maximum(x, -127.0)
-    n = lax.round(x, lax.RoundingMethod.TO_NEAREST_EVEN)
-    f = x - n
-    p = jnp.full_like(f, _EXP2_COEFFS[-1])
-    for c in _EXP2_COEFFS[-2::-1]:
-        p = p * f + c
-    scale = lax.bitcast_convert_type(lax.shift_left(n.astype(jnp.int32) + 127, 23), jnp.float32)
-    return jnp.where(n > -127.0, p * scale, 0.0)
-
-
-def poly_queries(queries: int, G_p: int, config: MosaicScoringConfig) -> int:
-    """Queries of a CTA whose exp2 runs as `poly_exp2`: whole queries, and both parts of the rows
-    whole wgmma widths (multiples of 8), else none."""
-    n = queries * config.poly_exp2 // 8
-    return n if n and n * G_p % 8 == 0 and (queries - n) * G_p % 8 == 0 else 0
 
 
 def cta_queries(G: int, q_tile: int, config: MosaicScoringConfig) -> int:
@@ -113,7 +79,7 @@ def serves(G: int, q_tile: int, config: MosaicScoringConfig) -> bool:
 
 def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *,
             rule: MaskRule, scale2: float, lay: Launch, R: int, n_cta: int, stages: int,
-            num_ctas: int, poly: int):
+            num_ctas: int):
     """A persistent CTA: it takes work units (b, h, c) — CTA c of KV head h of row b —
     ``num_ctas`` apart; the key blocks of all its units form one stream, so the ring runs on
     from unit to unit.
@@ -124,8 +90,6 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
     q_ready, l_ready, q_free, k_ready, k_free = barriers
     n_units = n_cta * lay.H * lay.B
     queries = R // lay.G_p
-    split = (queries - poly) * lay.G_p
-    parts = ((0, split), (split, R)) if poly else ((0, R),)
     wg = lax.axis_index("wg")
     first_unit = lax.axis_index("cta")
 
@@ -151,37 +115,29 @@ def _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem, barriers, *
             plgpu.barrier_wait(q_ready.at[buf])
             plgpu.barrier_wait(l_ready.at[buf])
             q = q_smem.at[buf]
-            # Columns [0, R_a) take the hardware exp2, [R_a, R) the polynomial.
-            lse2 = [plgpu.load(lse_smem.at[buf, pl.ds(c0, c1 - c0)],
-                               layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E for c0, c1 in parts]
+            lse2 = plgpu.load(lse_smem.at[buf], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
 
             def visit(step, masked: bool):
                 i = done + step - lo
                 slot = lax.rem(i, jnp.int32(stages))
                 plgpu.barrier_wait(k_ready.at[slot])
 
-                def kq(*accs):
-                    for acc_ref, (c0, c1) in zip(accs, parts):
-                        plgpu.wgmma(acc_ref, k_smem.at[slot],
-                                    q.at[pl.ds(c0, c1 - c0)].transpose((1, 0)))
-                    return [acc_ref[...] for acc_ref in accs]
+                def kq(acc_ref):
+                    plgpu.wgmma(acc_ref, k_smem.at[slot], q.transpose((1, 0)))
+                    return acc_ref[...]
 
-                scores = pl.run_scoped(kq, *(plgpu.ACC((BLOCK_K, c1 - c0), jnp.float32)
-                                             for c0, c1 in parts))  # [BK, R_a], [BK, R - R_a]
+                s = pl.run_scoped(kq, plgpu.ACC((BLOCK_K, R), jnp.float32))  # [BK, R]
                 plgpu.barrier_arrive(k_free.at[slot])
-                total = None
-                for s, l2, (c0, c1), exp2 in zip(scores, lse2, parts, (jnp.exp2, poly_exp2)):
-                    # Rows that must not count carry lse = +inf: their probabilities are 0.
-                    p = exp2(s * scale2 - lax.broadcast_in_dim(l2, s.shape, [1]))
-                    if masked:
-                        ok = visible(rule, first + c0 // lay.G_p, step * BLOCK_K,
-                                     lay.G_p.bit_length() - 1, (BLOCK_K, c1 - c0), key_axis=0)
-                        p = jnp.where(ok, p, 0.0)
-                    total = p.sum(axis=1) if total is None else total + p.sum(axis=1)  # [BK]
+                # Rows that must not count carry lse = +inf: their probabilities are 0.
+                p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(lse2, s.shape, [1]))
+                if masked:
+                    ok = visible(rule, first, step * BLOCK_K, lay.G_p.bit_length() - 1,
+                                 (BLOCK_K, R), key_axis=0)
+                    p = jnp.where(ok, p, 0.0)
                 out = o_smem.at[wg, lax.rem(lax.div(i, jnp.int32(2)), jnp.int32(2))]
                 # The store issued from this buffer two blocks ago must have read it.
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                out[...] = total
+                out[...] = p.sum(axis=1)  # [BK]
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(out, out_ref.at[b, h, c, pl.ds(step * BLOCK_K, BLOCK_K)])
 
@@ -309,8 +265,7 @@ def compressed_mass(q, k_c, lse, offsets, *, rule: MaskRule, scale: float, q_til
         pl.run_scoped(
             lambda smem, bars: _kernel(off_ref, plan_ref, q_ref, lse_ref, k_ref, out_ref, smem,
                                        bars, rule=rule, scale2=scale * LOG2E, lay=lay, R=R,
-                                       n_cta=n_cta, stages=stages, num_ctas=num_ctas,
-                                       poly=poly_queries(queries, lay.G_p, config)),
+                                       n_cta=n_cta, stages=stages, num_ctas=num_ctas),
             smem, barriers, collective_axes="wg")
 
     offsets = offsets.astype(jnp.int32)
