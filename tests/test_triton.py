@@ -336,7 +336,7 @@ def test_few_queries_select_in_the_compressed_pass(monkeypatch, select_q_tile):
     monkeypatch.setitem(pallas_triton.MIN_SHARE, "compressed", 1)
     monkeypatch.setitem(pallas_triton.MIN_SHARE, "window", 1)
     jax.clear_caches()
-    tilings = TritonTilings(compressed=Tiling(block_k=16), window=Tiling(block_k=16))
+    tilings = TritonTilings(scored=Tiling(block_k=16), window=Tiling(block_k=16))
     grids = _kernel_grids(lambda *a: run(*a, tilings=tilings), q, k, v)
     # Two shares per query tile: the compressed pass and the window have one tile of 8 queries,
     # the selected branch one per selection tile.
