@@ -49,9 +49,10 @@ class MosaicTilings:
     window: MosaicFlashConfig = MosaicFlashConfig(block_k=64, num_stages=2, pingpong=False,
                                                   prefetch_q=True)
     scoring: MosaicScoringConfig | None = MosaicScoringConfig()
-    # Groups of at most 4 heads (padded), where a CTA's 256 rows hold a whole 64-query tile:
-    # 2 stages took 2.64 and 2.72 ms against 4 stages' 2.89 and 3.05 in two leases (HQ32/H8,
-    # 64k). At HQ64/H4, 4 stages won twice (5.14 / 5.51 ms) and lost once (5.60 / 5.29).
+    # Groups of at most 4 heads (padded), where a CTA's rows hold a whole 64-query tile: 2
+    # stages took 2.64, 2.72 and 2.83 ms against 4 stages' 2.89, 3.05 and 2.88 in three leases
+    # (HQ32/H8, 64k; G = 1 and 2 not timed). At HQ64/H4, 4 stages won twice (5.14 / 5.51, 5.10 /
+    # 5.22 ms) and lost once (5.60 / 5.29).
     # None: ``scoring`` serves these groups too; not used when ``scoring`` is None.
     scoring_small_groups: MosaicScoringConfig | None = MosaicScoringConfig(num_stages=2)
     # The Mosaic GPU dQ and dK/dV kernels of the compressed and window backward (`flash_bwd.py`;

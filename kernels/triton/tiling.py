@@ -101,7 +101,8 @@ SM90 = TritonTilings(
     # 8 warps were 1.4-1.5x slower, 128-token chunks (at 64 rows) 5-9% slower.
     scoring_per_token=Tiling(rows=128, block_k=64, num_warps=4, num_stages=2),
     # H200, decode steps at B=32, HQ=64/H=4, 64k/128k (us a step): 2 stages 199/272, 3 187/258,
-    # 4 180/268; 128-key blocks 196 (8 warps 217), 256 at 8 warps 396.
+    # 4 180/268; 128-key blocks 196 (8 warps 217), 256 at 8 warps 396. A second lease at 64k: 2
+    # stages 193, 3 178, 4 189, 5 197, 6 184 (steps vary by about 10 us between runs).
     scored=Tiling(rows=128, block_k=64, num_warps=4, num_stages=4),
     # Backward: `--tune --tune-length 16384` on an H100 80GB HBM3; 128 rows spill registers
     # (2x slower) and 8 warps with 3 stages exceed shared memory.
