@@ -307,6 +307,14 @@ def sliding_window_attention(q, k, v, cfg: NSAConfig, bounds=None, interpret=Fal
     return o
 
 
+def _top_on_chip(scores, first, last, kv_blocks, rule: BlockRule, interpret):
+    """`tile_top_blocks` of each batch shard: (ids, counts) of unpacked rows' tiles."""
+    return _per_batch_shard(
+        lambda scores, first, last, kv_blocks: tile_top_blocks(
+            scores, first, last, kv_blocks, rule=rule, interpret=interpret),
+        scores, first, last, kv_blocks)
+
+
 def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=None,
                   interpret=False, tilings: TritonTilings | None = None, scoring=None):
     """``bounds``: optional `segments.KeyBounds` (packed rows in the aligned layout).
@@ -363,10 +371,8 @@ def select_blocks(q, k_c, cfg: NSAConfig, S: int, kv_len=None, lse=None, bounds=
         t0 = start + jnp.arange(chunk_tiles, dtype=jnp.int32) * qt
         first, last = selection.tile_span(t0, qt, T, offsets)
         if bounds is None and top_kernel:
-            return _per_batch_shard(
-                lambda scores, first, last, kv_blocks: tile_top_blocks(
-                    scores, first, last, kv_blocks, rule=block_rule, interpret=interpret),
-                scores, first, last, n_kv_blocks.reshape(B))
+            return _top_on_chip(scores, first, last, n_kv_blocks.reshape(B), block_rule,
+                                interpret)
         if bounds is None:
             return selection.choose_blocks(scores, first, last, cfg, n_kv_blocks)
         doc = selection.document_blocks(tuple(map(cut, bounds_p)), t0 - start, cfg)
@@ -421,10 +427,8 @@ def compressed_and_selection(q, k_c, v_c, cfg: NSAConfig, S: int, kv_len=None, i
     scores = jnp.pad(scores, ((0, 0), (0, 0), (0, 0), (0, N_s - scores.shape[-1])))
     first, last = selection.tile_span(jnp.arange(n_tiles, dtype=jnp.int32) * qt, qt, T,
                                       key_offsets(B, T, S, kv_len))
-    ids, counts = _per_batch_shard(
-        lambda scores, first, last, kv_blocks: tile_top_blocks(
-            scores, first, last, kv_blocks, rule=rule, interpret=interpret),
-        scores, first, last, selection.kv_blocks(B, S, cfg, kv_len).reshape(B))
+    ids, counts = _top_on_chip(scores, first, last,
+                               selection.kv_blocks(B, S, cfg, kv_len).reshape(B), rule, interpret)
     return o, lse, metadata.BlockSparseIndices(ids, counts, q_tile=qt, block_size=cfg.select_block)
 
 
